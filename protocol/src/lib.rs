@@ -1,0 +1,16 @@
+//! Weir's wire contracts, shared by every plane: the gRPC API (generated from
+//! `proto/`), validated ids, the signed token format, and the `Coordinator`
+//! trait that both planes talk to (implementations live in the planes).
+
+pub mod coordinator;
+pub mod ids;
+pub mod token;
+
+/// Generated protobuf and tonic code for `weir.v1`.
+#[allow(clippy::all, missing_docs, clippy::unwrap_used)]
+pub mod pb {
+    tonic::include_proto!("weir.v1");
+}
+
+pub use ids::{IdError, NodeId, RoomId, SessionId};
+pub use token::{Mode, TokenClaims, TokenError, TokenSigner, TokenVerifier};

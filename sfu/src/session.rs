@@ -1,0 +1,79 @@
+//! One WebRTC peer of the SFU: a publisher sending a room's media, or a
+//! subscriber receiving it.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use str0m::Rtc;
+use str0m::media::{MediaKind, Mid};
+use weir_protocol::{RoomId, SessionId};
+
+use crate::rebase::Rebase;
+use crate::sfu::Role;
+
+pub(crate) struct Session {
+    pub(crate) id: SessionId,
+    pub(crate) room: RoomId,
+    pub(crate) role: Role,
+    /// Token subject of whoever opened the session.
+    pub(crate) owner: String,
+    pub(crate) rtc: Rtc,
+    /// When the offer was answered.
+    pub(crate) created: Instant,
+    pub(crate) connected: bool,
+    pub(crate) next_timeout: Instant,
+    /// ICE username fragment the peer offered; a PATCH with another one is an
+    /// ICE restart.
+    pub(crate) remote_ufrag: Option<String>,
+    /// The SDP answer, until it is handed to the caller.
+    pub(crate) answer: Option<String>,
+
+    /// Publisher: the media it sends, by mid.
+    pub(crate) incoming: HashMap<Mid, MediaKind>,
+
+    /// Subscriber: where each kind of media goes (first m-line of that kind).
+    pub(crate) outgoing: Vec<(Mid, MediaKind)>,
+    /// Subscriber: video is only written from a keyframe on.
+    pub(crate) video_synced: bool,
+    pub(crate) first_frame_sent: bool,
+    pub(crate) rebase_audio: Rebase,
+    pub(crate) rebase_video: Rebase,
+}
+
+impl Session {
+    pub(crate) fn new(
+        id: SessionId,
+        room: RoomId,
+        role: Role,
+        owner: String,
+        rtc: Rtc,
+        now: Instant,
+        remote_ufrag: Option<String>,
+    ) -> Self {
+        Self {
+            id,
+            room,
+            role,
+            owner,
+            rtc,
+            created: now,
+            connected: false,
+            next_timeout: now,
+            remote_ufrag,
+            answer: None,
+            incoming: HashMap::new(),
+            outgoing: Vec::new(),
+            video_synced: false,
+            first_frame_sent: false,
+            rebase_audio: Rebase::default(),
+            rebase_video: Rebase::default(),
+        }
+    }
+
+    pub(crate) fn out_mid(&self, kind: MediaKind) -> Option<Mid> {
+        self.outgoing
+            .iter()
+            .find(|(_, k)| *k == kind)
+            .map(|(mid, _)| *mid)
+    }
+}

@@ -1,0 +1,749 @@
+//! The SFU state machine: sessions, rooms and the forwarding between them.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use str0m::change::SdpOffer;
+use str0m::media::{Direction, KeyframeRequestKind, MediaData, MediaKind, Mid, Rid};
+use str0m::net::{Protocol, Receive};
+use str0m::{Candidate, IceConnectionState, RtcConfig};
+use weir_protocol::{RoomId, SessionId};
+
+use crate::session::Session;
+
+/// Settings of one SFU (one shard).
+#[derive(Debug, Clone)]
+pub struct SfuConfig {
+    /// Addresses of the shard's UDP socket, offered as ICE host candidates.
+    pub local_addrs: Vec<SocketAddr>,
+    /// Keyframe requests to a publisher are coalesced to at most one per
+    /// interval, however many viewers ask.
+    pub keyframe_request_interval: Duration,
+}
+
+impl Default for SfuConfig {
+    fn default() -> Self {
+        Self {
+            local_addrs: Vec::new(),
+            keyframe_request_interval: Duration::from_millis(500),
+        }
+    }
+}
+
+/// Whether a session publishes or plays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// Sends the room's media (WHIP).
+    Publisher,
+    /// Receives the room's media (WHEP).
+    Subscriber,
+}
+
+impl Role {
+    /// Lower-case name, for logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Publisher => "publisher",
+            Role::Subscriber => "subscriber",
+        }
+    }
+}
+
+/// Input to the SFU.
+#[derive(Debug)]
+pub enum Input<'a> {
+    /// A datagram arrived on the shard's socket.
+    Receive {
+        now: Instant,
+        source: SocketAddr,
+        destination: SocketAddr,
+        contents: &'a [u8],
+    },
+    /// Time passed.
+    Timeout(Instant),
+}
+
+/// A datagram to send.
+#[derive(Debug)]
+pub struct Transmit {
+    pub source: SocketAddr,
+    pub destination: SocketAddr,
+    pub contents: Vec<u8>,
+}
+
+/// Why a session ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The client asked (WHIP/WHEP `DELETE`).
+    Requested,
+    /// ICE consent was lost (the peer went away).
+    Disconnected,
+    /// The same publisher reconnected and took over the room.
+    Replaced,
+    /// The WebRTC stack failed on this session.
+    Failed(String),
+}
+
+/// Something that happened, for the caller's logs and metrics.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// ICE and DTLS are up.
+    SessionConnected {
+        session: SessionId,
+        room: RoomId,
+        role: Role,
+    },
+    /// A session is gone.
+    SessionClosed {
+        session: SessionId,
+        room: RoomId,
+        role: Role,
+        reason: CloseReason,
+    },
+    /// A subscriber got its first video keyframe, `after` the answer.
+    FirstFrame {
+        session: SessionId,
+        room: RoomId,
+        after: Duration,
+    },
+}
+
+/// Output of the SFU; drain until `Timeout`.
+#[derive(Debug)]
+pub enum Output {
+    Transmit(Transmit),
+    Event(Event),
+    /// Nothing more until this time (or new input).
+    Timeout(Instant),
+}
+
+/// A WHIP/WHEP offer that was accepted.
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    pub session: SessionId,
+    pub answer_sdp: String,
+    /// The session this one replaced (a publisher taking over its own room).
+    pub replaced: Option<SessionId>,
+}
+
+/// Why a command was refused. Nothing changed in the SFU.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SfuError {
+    #[error("invalid SDP offer: {0}")]
+    InvalidOffer(String),
+    #[error("the offer has no {0}")]
+    NoUsableMedia(&'static str),
+    #[error("room {0} already has a publisher")]
+    RoomBusy(RoomId),
+    #[error("no such session in this room")]
+    UnknownSession,
+    #[error("invalid ICE candidate: {0}")]
+    InvalidCandidate(String),
+    #[error("ICE restart is not supported; start a new session")]
+    IceRestartUnsupported,
+}
+
+/// Monotonic counters of the SFU's work.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub datagrams_in: u64,
+    pub bytes_in: u64,
+    /// Datagrams that no session accepted, or that did not parse.
+    pub datagrams_dropped: u64,
+    pub datagrams_out: u64,
+    pub bytes_out: u64,
+    /// Media frames received from publishers.
+    pub frames_in: u64,
+    /// Media frames written to subscribers, and their payload bytes.
+    pub frames_forwarded: u64,
+    pub bytes_forwarded: u64,
+    /// Frames a subscriber could not take (its codecs do not match).
+    pub codec_mismatches: u64,
+    /// Keyframe requests sent to publishers (after coalescing).
+    pub keyframe_requests: u64,
+}
+
+/// A room as seen by this SFU.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomSummary {
+    pub room: RoomId,
+    /// A publisher is connected.
+    pub live: bool,
+    pub subscribers: u32,
+}
+
+#[derive(Default)]
+struct Room {
+    publisher: Option<SessionId>,
+    subscribers: Vec<SessionId>,
+    /// Bumped when the publisher changes; subscribers rebase timestamps on it.
+    generation: u64,
+    last_keyframe_request: Option<Instant>,
+    /// Simulcast layer forwarded (when the publisher sends several).
+    video_rid: Option<Rid>,
+}
+
+/// The forwarding core of one shard. See the crate docs for the drain rule.
+pub struct Sfu {
+    config: SfuConfig,
+    rtc_config: RtcConfig,
+    sessions: HashMap<SessionId, Session>,
+    rooms: HashMap<RoomId, Room>,
+    /// 5-tuple demultiplexing: which session a remote address belongs to.
+    by_addr: HashMap<SocketAddr, SessionId>,
+    out: VecDeque<Output>,
+    /// Sessions that need polling.
+    dirty: Vec<SessionId>,
+    counters: Counters,
+    next_generation: u64,
+    /// Latest time seen in any input.
+    last_now: Instant,
+}
+
+impl std::fmt::Debug for Sfu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sfu")
+            .field("sessions", &self.sessions.len())
+            .field("rooms", &self.rooms.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Sfu {
+    /// A new SFU. [`crate::install_crypto_provider`] must have run.
+    pub fn new(config: SfuConfig, now: Instant) -> Self {
+        let mut rtc_config = RtcConfig::new()
+            .set_ice_lite(true)
+            .clear_codecs()
+            .enable_opus(true, false)
+            .enable_vp8(true)
+            .enable_h264(true);
+        // One DTLS certificate for all sessions of the shard: generating one
+        // per session costs a key generation on the accept path.
+        if let Some(cert) = str0m::crypto::from_feature_flags()
+            .dtls_provider
+            .generate_certificate()
+        {
+            rtc_config = rtc_config.set_dtls_cert(cert);
+        }
+        Self {
+            config,
+            rtc_config,
+            sessions: HashMap::new(),
+            rooms: HashMap::new(),
+            by_addr: HashMap::new(),
+            out: VecDeque::new(),
+            dirty: Vec::new(),
+            counters: Counters::default(),
+            next_generation: 1,
+            last_now: now,
+        }
+    }
+
+    /// Counters since start.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// Number of sessions.
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// The room and role of a session.
+    pub fn session(&self, id: &SessionId) -> Option<(&RoomId, Role)> {
+        self.sessions.get(id).map(|s| (&s.room, s.role))
+    }
+
+    /// Rooms with their publisher state and subscriber count.
+    pub fn rooms(&self) -> Vec<RoomSummary> {
+        self.rooms
+            .iter()
+            .map(|(id, r)| RoomSummary {
+                room: id.clone(),
+                live: r
+                    .publisher
+                    .as_ref()
+                    .and_then(|p| self.sessions.get(p))
+                    .is_some_and(|s| s.connected),
+                subscribers: r.subscribers.len() as u32,
+            })
+            .collect()
+    }
+
+    /// Accepts a WHIP offer. If the room has a publisher with the same
+    /// `owner`, the new session takes over (an encoder reconnecting);
+    /// another owner is refused.
+    pub fn accept_publisher(
+        &mut self,
+        now: Instant,
+        room: RoomId,
+        owner: &str,
+        offer_sdp: &str,
+    ) -> Result<Accepted, SfuError> {
+        let replaced = match self.rooms.get(&room).and_then(|r| r.publisher.clone()) {
+            Some(p) if self.sessions.get(&p).is_some_and(|s| s.owner == owner) => Some(p),
+            Some(_) => return Err(SfuError::RoomBusy(room)),
+            None => None,
+        };
+        let id = self.accept(now, room.clone(), Role::Publisher, owner, offer_sdp)?;
+        if let Some(old) = &replaced {
+            self.close(old, CloseReason::Replaced);
+        }
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        let r = self.rooms.entry(room).or_default();
+        r.publisher = Some(id.clone());
+        r.generation = generation;
+        r.video_rid = None;
+        r.last_keyframe_request = None;
+        // Viewers stay attached and resume at the new publisher's first keyframe.
+        for sub in &r.subscribers {
+            if let Some(s) = self.sessions.get_mut(sub) {
+                s.video_synced = false;
+            }
+        }
+        self.run(now);
+        Ok(self.accepted(id, replaced))
+    }
+
+    /// Accepts a WHEP offer. The room need not be live yet: the viewer waits
+    /// for its publisher.
+    pub fn accept_subscriber(
+        &mut self,
+        now: Instant,
+        room: RoomId,
+        owner: &str,
+        offer_sdp: &str,
+    ) -> Result<Accepted, SfuError> {
+        let id = self.accept(now, room.clone(), Role::Subscriber, owner, offer_sdp)?;
+        self.rooms.entry(room).or_default().subscribers.push(id.clone());
+        self.run(now);
+        Ok(self.accepted(id, None))
+    }
+
+    fn accepted(&mut self, id: SessionId, replaced: Option<SessionId>) -> Accepted {
+        let answer_sdp = self
+            .sessions
+            .get_mut(&id)
+            .and_then(|s| s.answer.take())
+            .unwrap_or_default();
+        Accepted {
+            session: id,
+            answer_sdp,
+            replaced,
+        }
+    }
+
+    fn accept(
+        &mut self,
+        now: Instant,
+        room: RoomId,
+        role: Role,
+        owner: &str,
+        offer_sdp: &str,
+    ) -> Result<SessionId, SfuError> {
+        let offer = SdpOffer::from_sdp_string(offer_sdp)
+            .map_err(|e| SfuError::InvalidOffer(e.to_string()))?;
+        let mut rtc = self.rtc_config.clone().build(now);
+        for addr in &self.config.local_addrs {
+            if let Ok(c) = Candidate::host(*addr, "udp") {
+                rtc.add_local_candidate(c);
+            }
+        }
+        let answer = rtc
+            .sdp_api()
+            .accept_offer(offer)
+            .map_err(|e| SfuError::InvalidOffer(e.to_string()))?;
+        let id = SessionId::random();
+        let ufrag = offer_sdp
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("a=ice-ufrag:"))
+            .map(str::to_owned);
+        let mut session = Session::new(id.clone(), room, role, owner.to_owned(), rtc, now, ufrag);
+        session.answer = Some(answer.to_sdp_string());
+        // The negotiated media: what a publisher sends us, what we send a viewer.
+        for mid in offer_sdp.lines().filter_map(|l| l.trim().strip_prefix("a=mid:")) {
+            let Some(media) = session.rtc.media(Mid::from(mid)) else {
+                continue;
+            };
+            let (kind, dir) = (media.kind(), media.direction());
+            match role {
+                Role::Publisher if matches!(dir, Direction::RecvOnly | Direction::SendRecv) => {
+                    session.incoming.insert(media.mid(), kind);
+                }
+                Role::Subscriber if matches!(dir, Direction::SendOnly | Direction::SendRecv) => {
+                    session.outgoing.push((media.mid(), kind));
+                }
+                _ => {}
+            }
+        }
+        let usable = match role {
+            Role::Publisher => !session.incoming.is_empty(),
+            Role::Subscriber => !session.outgoing.is_empty(),
+        };
+        if !usable {
+            return Err(SfuError::NoUsableMedia(match role {
+                Role::Publisher => "audio or video to publish (need sendonly Opus, VP8 or H.264)",
+                Role::Subscriber => "audio or video to receive (need recvonly Opus, VP8 or H.264)",
+            }));
+        }
+        self.sessions.insert(id.clone(), session);
+        self.dirty.push(id.clone());
+        self.run(now);
+        Ok(id)
+    }
+
+    /// Ends a session at the client's request (`DELETE`). The session must
+    /// belong to `room`.
+    pub fn close_session(&mut self, room: &RoomId, id: &SessionId) -> Result<Role, SfuError> {
+        let role = match self.sessions.get(id) {
+            Some(s) if &s.room == room => s.role,
+            _ => return Err(SfuError::UnknownSession),
+        };
+        self.close(id, CloseReason::Requested);
+        Ok(role)
+    }
+
+    /// Adds trickled ICE candidates (a WHIP/WHEP `PATCH` body of type
+    /// `application/trickle-ice-sdpfrag`). Returns how many were added.
+    pub fn add_remote_candidates(
+        &mut self,
+        room: &RoomId,
+        id: &SessionId,
+        sdpfrag: &str,
+    ) -> Result<usize, SfuError> {
+        let session = match self.sessions.get_mut(id) {
+            Some(s) if &s.room == room => s,
+            _ => return Err(SfuError::UnknownSession),
+        };
+        let mut candidates = Vec::new();
+        for line in sdpfrag.lines().map(str::trim) {
+            if let Some(ufrag) = line.strip_prefix("a=ice-ufrag:") {
+                if session.remote_ufrag.as_deref().is_some_and(|u| u != ufrag) {
+                    return Err(SfuError::IceRestartUnsupported);
+                }
+            } else if let Some(c) = line.strip_prefix("a=") {
+                if c.starts_with("candidate:") {
+                    let c = Candidate::from_sdp_string(c)
+                        .map_err(|e| SfuError::InvalidCandidate(e.to_string()))?;
+                    candidates.push(c);
+                }
+            }
+        }
+        let n = candidates.len();
+        for c in candidates {
+            session.rtc.add_remote_candidate(c);
+        }
+        self.dirty.push(id.clone());
+        Ok(n)
+    }
+
+    /// Feeds input; then drain [`Sfu::poll_output`].
+    pub fn handle_input(&mut self, input: Input<'_>) {
+        match input {
+            Input::Receive {
+                now,
+                source,
+                destination,
+                contents,
+            } => self.receive(now, source, destination, contents),
+            Input::Timeout(now) => {
+                let due: Vec<SessionId> = self
+                    .sessions
+                    .values()
+                    .filter(|s| s.next_timeout <= now)
+                    .map(|s| s.id.clone())
+                    .collect();
+                for id in due {
+                    if let Some(s) = self.sessions.get_mut(&id) {
+                        if let Err(e) = s.rtc.handle_input(str0m::Input::Timeout(now)) {
+                            let reason = CloseReason::Failed(e.to_string());
+                            self.close(&id, reason);
+                            continue;
+                        }
+                    }
+                    self.dirty.push(id);
+                }
+                self.run(now);
+            }
+        }
+    }
+
+    /// Next output. Returns `Timeout` when there is nothing more to do.
+    pub fn poll_output(&mut self) -> Output {
+        if let Some(o) = self.out.pop_front() {
+            return o;
+        }
+        let next = self.sessions.values().map(|s| s.next_timeout).min();
+        // With no sessions, nothing is due; a second is as good as forever.
+        Output::Timeout(next.unwrap_or_else(|| self.idle_deadline()))
+    }
+
+    fn idle_deadline(&self) -> Instant {
+        self.last_now + Duration::from_secs(1)
+    }
+
+    fn receive(&mut self, now: Instant, source: SocketAddr, destination: SocketAddr, contents: &[u8]) {
+        self.last_now = now;
+        self.counters.datagrams_in += 1;
+        self.counters.bytes_in += contents.len() as u64;
+        let Ok(contents) = contents.try_into() else {
+            self.counters.datagrams_dropped += 1;
+            return;
+        };
+        let input = str0m::Input::Receive(
+            now,
+            Receive {
+                proto: Protocol::Udp,
+                source,
+                destination,
+                contents,
+            },
+        );
+        let known = self
+            .by_addr
+            .get(&source)
+            .filter(|id| self.sessions.get(*id).is_some_and(|s| s.rtc.accepts(&input)))
+            .cloned();
+        let id = match known {
+            Some(id) => id,
+            None => {
+                let Some(s) = self.sessions.values().find(|s| s.rtc.accepts(&input)) else {
+                    self.counters.datagrams_dropped += 1;
+                    return;
+                };
+                let id = s.id.clone();
+                self.by_addr.insert(source, id.clone());
+                id
+            }
+        };
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        if let Err(e) = s.rtc.handle_input(input) {
+            // A bad packet from the peer ends only its own session.
+            tracing::debug!(session = %id, error = %e, "session input failed");
+            self.close(&id, CloseReason::Failed(e.to_string()));
+            return;
+        }
+        self.dirty.push(id);
+        self.run(now);
+    }
+
+    /// Polls dirty sessions until none is left.
+    fn run(&mut self, now: Instant) {
+        self.last_now = self.last_now.max(now);
+        while let Some(id) = self.dirty.pop() {
+            let events = self.poll_session(&id);
+            for event in events {
+                self.handle_rtc_event(now, &id, event);
+            }
+            let dead = self.sessions.get(&id).is_some_and(|s| !s.rtc.is_alive());
+            if dead {
+                self.close(&id, CloseReason::Disconnected);
+            }
+        }
+    }
+
+    /// Drains one session's output: transmits go out, events are returned.
+    fn poll_session(&mut self, id: &SessionId) -> Vec<str0m::Event> {
+        let mut events = Vec::new();
+        let Some(s) = self.sessions.get_mut(id) else {
+            return events;
+        };
+        loop {
+            if !s.rtc.is_alive() {
+                break;
+            }
+            match s.rtc.poll_output() {
+                Ok(str0m::Output::Transmit(t)) => {
+                    self.counters.datagrams_out += 1;
+                    self.counters.bytes_out += t.contents.len() as u64;
+                    self.out.push_back(Output::Transmit(Transmit {
+                        source: t.source,
+                        destination: t.destination,
+                        contents: t.contents.into(),
+                    }));
+                }
+                Ok(str0m::Output::Timeout(at)) => {
+                    s.next_timeout = at;
+                    break;
+                }
+                Ok(str0m::Output::Event(e)) => events.push(e),
+                Err(e) => {
+                    tracing::debug!(session = %id, error = %e, "session poll failed");
+                    s.rtc.disconnect();
+                    break;
+                }
+            }
+        }
+        events
+    }
+
+    fn handle_rtc_event(&mut self, now: Instant, id: &SessionId, event: str0m::Event) {
+        let Some(s) = self.sessions.get_mut(id) else {
+            return;
+        };
+        match event {
+            str0m::Event::Connected => {
+                s.connected = true;
+                let (room, role) = (s.room.clone(), s.role);
+                self.out.push_back(Output::Event(Event::SessionConnected {
+                    session: id.clone(),
+                    room: room.clone(),
+                    role,
+                }));
+                if role == Role::Subscriber {
+                    self.request_keyframe(now, &room);
+                }
+            }
+            str0m::Event::IceConnectionStateChange(IceConnectionState::Disconnected) => {
+                s.rtc.disconnect();
+            }
+            str0m::Event::MediaData(data) => {
+                if s.role != Role::Publisher {
+                    return;
+                }
+                let Some(kind) = s.incoming.get(&data.mid).copied() else {
+                    return;
+                };
+                let room = s.room.clone();
+                self.counters.frames_in += 1;
+                if kind == MediaKind::Video && !data.contiguous {
+                    self.request_keyframe(now, &room);
+                }
+                self.forward(now, &room, kind, &data);
+            }
+            str0m::Event::KeyframeRequest(_) => {
+                let room = s.room.clone();
+                if s.role == Role::Subscriber {
+                    self.request_keyframe(now, &room);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Asks the room's publisher for a keyframe, at most once per interval.
+    fn request_keyframe(&mut self, now: Instant, room: &RoomId) {
+        let Some(r) = self.rooms.get_mut(room) else {
+            return;
+        };
+        if r
+            .last_keyframe_request
+            .is_some_and(|t| now.saturating_duration_since(t) < self.config.keyframe_request_interval)
+        {
+            return;
+        }
+        let Some(p) = r.publisher.as_ref().and_then(|p| self.sessions.get_mut(p)) else {
+            return;
+        };
+        if !p.connected {
+            return;
+        }
+        let rid = r.video_rid;
+        let mids: Vec<_> = p
+            .incoming
+            .iter()
+            .filter(|(_, k)| **k == MediaKind::Video)
+            .map(|(m, _)| *m)
+            .collect();
+        let mut sent = false;
+        for mid in mids {
+            if let Some(mut w) = p.rtc.writer(mid) {
+                sent |= w.request_keyframe(rid, KeyframeRequestKind::Pli).is_ok();
+            }
+        }
+        if sent {
+            r.last_keyframe_request = Some(now);
+            self.counters.keyframe_requests += 1;
+            self.dirty.push(p.id.clone());
+        }
+    }
+
+    fn forward(&mut self, now: Instant, room: &RoomId, kind: MediaKind, data: &MediaData) {
+        let Some(r) = self.rooms.get_mut(room) else {
+            return;
+        };
+        if kind == MediaKind::Video && data.rid.is_some() {
+            // Simulcast: forward one layer, the first one seen.
+            if r.video_rid.is_none() {
+                r.video_rid = data.rid;
+            }
+            if r.video_rid != data.rid {
+                return;
+            }
+        }
+        let generation = r.generation;
+        for sub in &r.subscribers {
+            let Some(s) = self.sessions.get_mut(sub) else {
+                continue;
+            };
+            if !s.connected {
+                continue;
+            }
+            let Some(mid) = s.out_mid(kind) else {
+                continue;
+            };
+            if kind == MediaKind::Video && !s.video_synced {
+                if !data.is_keyframe() {
+                    continue;
+                }
+                s.video_synced = true;
+            }
+            let rebase = match kind {
+                MediaKind::Audio => &mut s.rebase_audio,
+                MediaKind::Video => &mut s.rebase_video,
+            };
+            let time = rebase.map(generation, data.time, now);
+            let Some(writer) = s.rtc.writer(mid) else {
+                continue;
+            };
+            let Some(pt) = writer.match_params(data.params) else {
+                self.counters.codec_mismatches += 1;
+                continue;
+            };
+            if let Err(e) = writer.write(pt, data.network_time, time, data.data.clone()) {
+                tracing::debug!(session = %s.id, error = %e, "write failed");
+                continue;
+            }
+            self.counters.frames_forwarded += 1;
+            self.counters.bytes_forwarded += data.data.len() as u64;
+            if kind == MediaKind::Video && !s.first_frame_sent {
+                s.first_frame_sent = true;
+                self.out.push_back(Output::Event(Event::FirstFrame {
+                    session: s.id.clone(),
+                    room: room.clone(),
+                    after: now.saturating_duration_since(s.created),
+                }));
+            }
+            self.dirty.push(s.id.clone());
+        }
+    }
+
+    fn close(&mut self, id: &SessionId, reason: CloseReason) {
+        let Some(mut s) = self.sessions.remove(id) else {
+            return;
+        };
+        s.rtc.disconnect();
+        self.by_addr.retain(|_, v| v != id);
+        if let Some(r) = self.rooms.get_mut(&s.room) {
+            if r.publisher.as_ref() == Some(id) {
+                r.publisher = None;
+            }
+            r.subscribers.retain(|x| x != id);
+            if r.publisher.is_none() && r.subscribers.is_empty() {
+                self.rooms.remove(&s.room);
+            }
+        }
+        self.out.push_back(Output::Event(Event::SessionClosed {
+            session: s.id,
+            room: s.room,
+            role: s.role,
+            reason,
+        }));
+    }
+}

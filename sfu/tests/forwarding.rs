@@ -1,0 +1,469 @@
+//! The SFU driven in memory: str0m client peers (publishers and viewers)
+//! connected through one `Sfu` over a simulated network with a virtual clock.
+//! Nothing here opens a socket or sleeps.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use str0m::change::{SdpAnswer, SdpPendingOffer};
+use str0m::format::Codec;
+use str0m::media::{Direction, MediaKind, MediaTime, Mid};
+use str0m::net::{Protocol, Receive};
+use str0m::{Candidate, Event as RtcEvent, Rtc};
+use weir_protocol::{RoomId, SessionId};
+use weir_sfu::{CloseReason, Event, Input, Output, Role, Sfu, SfuConfig, SfuError};
+
+const SFU_ADDR: &str = "127.0.0.1:7100";
+const LATENCY: Duration = Duration::from_millis(5);
+
+struct Peer {
+    addr: SocketAddr,
+    rtc: Rtc,
+    next: Instant,
+    /// Received media: (kind, keyframe, time received).
+    media: Vec<(MediaKind, bool, Instant)>,
+    keyframe_requests: usize,
+    connected: bool,
+    audio: Option<Mid>,
+    video: Option<Mid>,
+    /// Whether this peer still takes part in the network.
+    online: bool,
+}
+
+struct Net {
+    now: Instant,
+    sfu: Sfu,
+    peers: Vec<Peer>,
+    /// (deliver at, from, to, bytes)
+    wire: VecDeque<(Instant, SocketAddr, SocketAddr, Vec<u8>)>,
+    events: Vec<Event>,
+    sfu_next: Instant,
+}
+
+fn room(name: &str) -> RoomId {
+    RoomId::parse(name).unwrap()
+}
+
+impl Net {
+    fn new() -> Self {
+        weir_sfu::install_crypto_provider();
+        // The one real clock reading: the origin of virtual time.
+        #[allow(clippy::disallowed_methods)]
+        let now = Instant::now();
+        let config = SfuConfig {
+            local_addrs: vec![SFU_ADDR.parse().unwrap()],
+            ..SfuConfig::default()
+        };
+        Self {
+            now,
+            sfu: Sfu::new(config, now),
+            peers: Vec::new(),
+            wire: VecDeque::new(),
+            events: Vec::new(),
+            sfu_next: now,
+        }
+    }
+
+    /// Creates a client peer with an offer for `dir` audio+video; returns its
+    /// index, the offer SDP and the pending state.
+    fn client(&mut self, dir: Direction) -> (usize, String, SdpPendingOffer) {
+        let addr: SocketAddr = format!("127.0.0.1:{}", 20000 + self.peers.len()).parse().unwrap();
+        let mut rtc = Rtc::builder().build(self.now);
+        rtc.add_local_candidate(Candidate::host(addr, "udp").unwrap());
+        let mut change = rtc.sdp_api();
+        let audio = change.add_media(MediaKind::Audio, dir, None, None, None);
+        let video = change.add_media(MediaKind::Video, dir, None, None, None);
+        let (offer, pending) = change.apply().unwrap();
+        self.peers.push(Peer {
+            addr,
+            rtc,
+            next: self.now,
+            media: Vec::new(),
+            keyframe_requests: 0,
+            connected: false,
+            audio: Some(audio),
+            video: Some(video),
+            online: true,
+        });
+        (self.peers.len() - 1, offer.to_sdp_string(), pending)
+    }
+
+    fn finish(&mut self, peer: usize, pending: SdpPendingOffer, answer: &str) {
+        let answer = SdpAnswer::from_sdp_string(answer).unwrap();
+        self.peers[peer].rtc.sdp_api().accept_answer(pending, answer).unwrap();
+    }
+
+    fn publish(&mut self, room_name: &str, owner: &str) -> Result<(usize, SessionId), SfuError> {
+        let (i, offer, pending) = self.client(Direction::SendOnly);
+        let accepted = self.sfu.accept_publisher(self.now, room(room_name), owner, &offer)?;
+        self.finish(i, pending, &accepted.answer_sdp);
+        self.drain_sfu();
+        Ok((i, accepted.session))
+    }
+
+    fn subscribe(&mut self, room_name: &str) -> (usize, SessionId) {
+        let (i, offer, pending) = self.client(Direction::RecvOnly);
+        let accepted = self.sfu.accept_subscriber(self.now, room(room_name), "viewer", &offer).unwrap();
+        self.finish(i, pending, &accepted.answer_sdp);
+        self.drain_sfu();
+        (i, accepted.session)
+    }
+
+    fn drain_sfu(&mut self) {
+        loop {
+            match self.sfu.poll_output() {
+                Output::Transmit(t) => {
+                    self.wire.push_back((self.now + LATENCY, t.source, t.destination, t.contents))
+                }
+                Output::Event(e) => self.events.push(e),
+                Output::Timeout(at) => {
+                    self.sfu_next = at;
+                    break;
+                }
+            }
+        }
+    }
+
+    fn drain_peer(&mut self, i: usize) {
+        let now = self.now;
+        let p = &mut self.peers[i];
+        if !p.online {
+            return;
+        }
+        loop {
+            match p.rtc.poll_output() {
+                Ok(str0m::Output::Transmit(t)) => {
+                    self.wire.push_back((now + LATENCY, t.source, t.destination, t.contents.into()))
+                }
+                Ok(str0m::Output::Timeout(at)) => {
+                    p.next = at;
+                    break;
+                }
+                Ok(str0m::Output::Event(e)) => match e {
+                    RtcEvent::Connected => p.connected = true,
+                    RtcEvent::MediaData(d) => {
+                        let kind = if Some(d.mid) == p.video { MediaKind::Video } else { MediaKind::Audio };
+                        p.media.push((kind, d.is_keyframe(), now));
+                    }
+                    RtcEvent::KeyframeRequest(_) => p.keyframe_requests += 1,
+                    _ => {}
+                },
+                Err(e) => panic!("peer {i} failed: {e}"),
+            }
+        }
+    }
+
+    /// Advances virtual time to `until`, delivering packets and timeouts.
+    fn run_until(&mut self, until: Instant, mut on_tick: impl FnMut(&mut Net)) {
+        let tick = Duration::from_millis(10);
+        let mut next_tick = self.now;
+        loop {
+            let mut next = until.min(self.sfu_next).min(next_tick);
+            for p in self.peers.iter().filter(|p| p.online) {
+                next = next.min(p.next);
+            }
+            if let Some((at, ..)) = self.wire.front() {
+                next = next.min(*at);
+            }
+            self.now = self.now.max(next);
+            if self.now >= until {
+                return;
+            }
+            if self.now >= next_tick {
+                next_tick = self.now + tick;
+                on_tick(self);
+            }
+            while self.wire.front().is_some_and(|(at, ..)| *at <= self.now) {
+                let (_, from, to, bytes) = self.wire.pop_front().unwrap();
+                self.deliver(from, to, &bytes);
+            }
+            if self.sfu_next <= self.now {
+                self.sfu.handle_input(Input::Timeout(self.now));
+                self.drain_sfu();
+            }
+            for i in 0..self.peers.len() {
+                if self.peers[i].online && self.peers[i].next <= self.now {
+                    let now = self.now;
+                    self.peers[i].rtc.handle_input(str0m::Input::Timeout(now)).unwrap();
+                    self.drain_peer(i);
+                }
+            }
+        }
+    }
+
+    fn deliver(&mut self, from: SocketAddr, to: SocketAddr, bytes: &[u8]) {
+        if to == SFU_ADDR.parse::<SocketAddr>().unwrap() {
+            self.sfu.handle_input(Input::Receive {
+                now: self.now,
+                source: from,
+                destination: to,
+                contents: bytes,
+            });
+            self.drain_sfu();
+        } else if let Some(i) = self.peers.iter().position(|p| p.addr == to && p.online) {
+            let input = str0m::Input::Receive(
+                self.now,
+                Receive {
+                    proto: Protocol::Udp,
+                    source: from,
+                    destination: to,
+                    contents: bytes.try_into().unwrap(),
+                },
+            );
+            self.peers[i].rtc.handle_input(input).unwrap();
+            self.drain_peer(i);
+        }
+    }
+
+    /// Writes one audio frame and, every third tick, one video frame from a
+    /// publisher. Keyframes only when asked for (`keyframe`).
+    fn send_media(&mut self, i: usize, frame: u64, keyframe: bool) {
+        let now = self.now;
+        let p = &mut self.peers[i];
+        if !p.connected || !p.online {
+            return;
+        }
+        if let Some(mid) = p.audio {
+            let w = p.rtc.writer(mid).unwrap();
+            let pt = w.payload_params().find(|pp| pp.spec().codec == Codec::Opus).unwrap().pt();
+            w.write(pt, now, MediaTime::new(frame * 480, str0m::media::Frequency::FORTY_EIGHT_KHZ), vec![0xfc; 60])
+                .unwrap();
+        }
+        if frame % 3 == 0 {
+            if let Some(mid) = p.video {
+                let w = p.rtc.writer(mid).unwrap();
+                let pt = w.payload_params().find(|pp| pp.spec().codec == Codec::Vp8).unwrap().pt();
+                // VP8: bit 0 of the first byte clear marks a keyframe.
+                let mut data = vec![0x55u8; if keyframe { 3000 } else { 800 }];
+                data[0] = if keyframe { 0x10 } else { 0x11 };
+                w.write(pt, now, MediaTime::new(frame * 900, str0m::media::Frequency::NINETY_KHZ), data)
+                    .unwrap();
+            }
+        }
+        self.drain_peer(i);
+    }
+
+    fn video_received(&self, i: usize) -> Vec<bool> {
+        self.peers[i].media.iter().filter(|m| m.0 == MediaKind::Video).map(|m| m.1).collect()
+    }
+
+    fn audio_received(&self, i: usize) -> usize {
+        self.peers[i].media.iter().filter(|m| m.0 == MediaKind::Audio).count()
+    }
+}
+
+/// A publisher that answers keyframe requests (and starts with a keyframe).
+fn drive_publisher(publisher: usize) -> impl FnMut(&mut Net) {
+    let mut frame = 0u64;
+    let mut answered = 0usize;
+    move |net: &mut Net| {
+        if !net.peers[publisher].connected {
+            return;
+        }
+        let asked = net.peers[publisher].keyframe_requests;
+        let keyframe = frame == 0 || asked > answered;
+        if keyframe && frame % 3 != 0 {
+            // Keyframes go on video ticks; come back next tick.
+        } else {
+            if keyframe {
+                answered = asked;
+            }
+            net.send_media(publisher, frame, keyframe);
+        }
+        frame += 1;
+    }
+}
+
+#[test]
+fn media_flows_from_publisher_to_every_subscriber() {
+    let mut net = Net::new();
+    let (p, _) = net.publish("r1", "alice").unwrap();
+    let (s1, _) = net.subscribe("r1");
+    let (s2, _) = net.subscribe("r1");
+    let end = net.now + Duration::from_secs(3);
+    net.run_until(end, drive_publisher(p));
+
+    for s in [s1, s2] {
+        let video = net.video_received(s);
+        assert!(video.len() > 20, "subscriber {s} got {} video frames", video.len());
+        assert!(video[0], "video to a subscriber starts with a keyframe");
+        assert!(net.audio_received(s) > 50, "subscriber {s} got {} audio frames", net.audio_received(s));
+    }
+    let c = net.sfu.counters();
+    assert!(c.frames_forwarded > 100 && c.bytes_forwarded > 0, "{c:?}");
+    assert_eq!(c.codec_mismatches, 0);
+    let connected = net
+        .events
+        .iter()
+        .filter(|e| matches!(e, Event::SessionConnected { .. }))
+        .count();
+    assert_eq!(connected, 3);
+    assert_eq!(net.events.iter().filter(|e| matches!(e, Event::FirstFrame { .. })).count(), 2);
+    let rooms = net.sfu.rooms();
+    assert_eq!(rooms.len(), 1);
+    assert!(rooms[0].live);
+    assert_eq!(rooms[0].subscribers, 2);
+}
+
+#[test]
+fn late_subscriber_gets_a_keyframe_through_a_coalesced_request() {
+    let mut net = Net::new();
+    let (p, _) = net.publish("r1", "alice").unwrap();
+    let mut drive = drive_publisher(p);
+    let t = net.now + Duration::from_secs(2);
+    net.run_until(t, &mut drive);
+    assert_eq!(net.peers[p].keyframe_requests, 0, "nobody asked for a keyframe yet");
+
+    // Three viewers join at once; one keyframe request reaches the publisher.
+    let late: Vec<usize> = (0..3).map(|_| net.subscribe("r1").0).collect();
+    let t = net.now + Duration::from_secs(2);
+    net.run_until(t, &mut drive);
+    for &s in &late {
+        let video = net.video_received(s);
+        assert!(!video.is_empty(), "late subscriber {s} got no video");
+        assert!(video[0], "late subscriber {s} starts at a keyframe");
+    }
+    assert_eq!(net.peers[p].keyframe_requests, 1, "requests from 3 viewers were coalesced");
+}
+
+#[test]
+fn a_subscriber_leaving_does_not_disturb_the_others() {
+    let mut net = Net::new();
+    let (p, _) = net.publish("r1", "alice").unwrap();
+    let (s1, id1) = net.subscribe("r1");
+    let (s2, _) = net.subscribe("r1");
+    let (s3, id3) = net.subscribe("r1");
+    let mut drive = drive_publisher(p);
+    let t = net.now + Duration::from_secs(1);
+    net.run_until(t, &mut drive);
+
+    // s1 leaves politely (DELETE), s3 vanishes without a word.
+    assert_eq!(net.sfu.close_session(&room("r1"), &id1), Ok(Role::Subscriber));
+    net.drain_sfu();
+    net.peers[s1].online = false;
+    net.peers[s3].online = false;
+    let before = net.video_received(s2).len();
+    let t = net.now + Duration::from_secs(40);
+    net.run_until(t, &mut drive);
+
+    assert!(net.video_received(s2).len() > before + 100, "s2 kept receiving");
+    let closed: Vec<_> = net
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::SessionClosed { session, reason, .. } => Some((session.clone(), reason.clone())),
+            _ => None,
+        })
+        .collect();
+    assert!(closed.contains(&(id1.clone(), CloseReason::Requested)), "{closed:?}");
+    assert!(closed.contains(&(id3.clone(), CloseReason::Disconnected)), "{closed:?}");
+    assert_eq!(net.sfu.rooms()[0].subscribers, 1);
+    assert_eq!(net.sfu.close_session(&room("r1"), &id1), Err(SfuError::UnknownSession));
+}
+
+#[test]
+fn publisher_leaving_keeps_viewers_and_the_same_owner_takes_over() {
+    let mut net = Net::new();
+    let (p1, id1) = net.publish("r1", "alice").unwrap();
+    let (s, _) = net.subscribe("r1");
+    let mut drive1 = drive_publisher(p1);
+    let t = net.now + Duration::from_secs(1);
+    net.run_until(t, &mut drive1);
+    assert!(!net.video_received(s).is_empty());
+
+    // Another streamer cannot take a live room.
+    assert_eq!(net.publish("r1", "mallory").unwrap_err(), SfuError::RoomBusy(room("r1")));
+
+    // Alice's encoder reconnects: the new session replaces the stale one at once.
+    net.peers[p1].online = false;
+    let before = net.video_received(s).len();
+    let (p2, id2) = net.publish("r1", "alice").unwrap();
+    assert!(net.events.iter().any(|e| matches!(e,
+        Event::SessionClosed { session, reason: CloseReason::Replaced, .. } if *session == id1)));
+    let mut drive2 = drive_publisher(p2);
+    let t = net.now + Duration::from_secs(2);
+    net.run_until(t, &mut drive2);
+    let video = net.video_received(s);
+    assert!(video.len() > before + 20, "viewer resumed with the new publisher");
+    assert!(video[before], "viewer resumed at a keyframe");
+
+    // The publisher leaves; the viewer stays attached to the room.
+    net.sfu.close_session(&room("r1"), &id2).unwrap();
+    net.drain_sfu();
+    let rooms = net.sfu.rooms();
+    assert_eq!(rooms.len(), 1);
+    assert!(!rooms[0].live);
+    assert_eq!(rooms[0].subscribers, 1);
+}
+
+#[test]
+fn bad_input_is_refused_and_changes_nothing() {
+    let mut net = Net::new();
+    let (p, _) = net.publish("r1", "alice").unwrap();
+    let (s, sid) = net.subscribe("r1");
+    let mut drive = drive_publisher(p);
+    let t = net.now + Duration::from_secs(1);
+    net.run_until(t, &mut drive);
+    let sessions = net.sfu.session_count();
+
+    assert!(matches!(
+        net.sfu.accept_publisher(net.now, room("r2"), "a", "not sdp at all"),
+        Err(SfuError::InvalidOffer(_))
+    ));
+    // A viewer's offer (recvonly) is no publication.
+    let (_, recv_offer, _) = net.client(Direction::RecvOnly);
+    assert!(matches!(
+        net.sfu.accept_publisher(net.now, room("r2"), "a", &recv_offer),
+        Err(SfuError::NoUsableMedia(_))
+    ));
+    // A publisher's offer (sendonly) gives a viewer nothing to receive.
+    let (_, send_offer, _) = net.client(Direction::SendOnly);
+    assert!(matches!(
+        net.sfu.accept_subscriber(net.now, room("r2"), "v", &send_offer),
+        Err(SfuError::NoUsableMedia(_))
+    ));
+    assert_eq!(net.sfu.session_count(), sessions);
+    assert_eq!(net.sfu.rooms().len(), 1, "refused offers leave no room behind");
+
+    // Session ids are checked against the room.
+    assert_eq!(net.sfu.close_session(&room("r2"), &sid), Err(SfuError::UnknownSession));
+    assert_eq!(
+        net.sfu.add_remote_candidates(&room("r1"), &sid, "a=ice-ufrag:other\r\n"),
+        Err(SfuError::IceRestartUnsupported)
+    );
+    assert!(matches!(
+        net.sfu.add_remote_candidates(&room("r1"), &sid, "a=candidate:garbage\r\n"),
+        Err(SfuError::InvalidCandidate(_))
+    ));
+
+    // Random datagrams, from strangers and from a known peer's address.
+    let mut seed = 0x1234_5678u64;
+    let from_known = net.peers[s].addr;
+    for n in 0..2000 {
+        let len = (n % 300) + 1;
+        let bytes: Vec<u8> = (0..len)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed as u8
+            })
+            .collect();
+        let from = if n % 2 == 0 { from_known } else { "127.0.0.9:4444".parse().unwrap() };
+        net.sfu.handle_input(Input::Receive {
+            now: net.now,
+            source: from,
+            destination: SFU_ADDR.parse().unwrap(),
+            contents: &bytes,
+        });
+        net.drain_sfu();
+    }
+    assert!(net.sfu.counters().datagrams_dropped > 0);
+    let before = net.video_received(s).len();
+    let t = net.now + Duration::from_secs(1);
+    net.run_until(t, &mut drive);
+    assert_eq!(net.sfu.session_count(), sessions, "no session was lost to garbage");
+    assert!(net.video_received(s).len() > before + 20, "media still flows");
+}
