@@ -1,0 +1,339 @@
+//! Placement as a pure function: from a snapshot of the cluster (nodes with
+//! their last load reports, room origins, the time) to a ranked list of nodes
+//! for a viewer or a publisher of a room. No I/O, no clock: the caller reads
+//! the coordinator and passes the snapshot in, so the rules are tested alone.
+
+use std::cmp::Ordering;
+use std::collections::BTreeMap;
+
+use weir_protocol::coordinator::NodeInfo;
+use weir_protocol::{NodeId, RoomId};
+
+/// A load report older than this marks its node as unhealthy.
+pub const FRESH_REPORT_MS: u64 = 3_000;
+
+/// What the scheduler decides from.
+#[derive(Debug, Clone, Copy)]
+pub struct Snapshot<'a> {
+    /// Nodes whose lease is alive, with their last report.
+    pub nodes: &'a [NodeInfo],
+    /// Origin node of each placed room.
+    pub origins: &'a [(RoomId, NodeId)],
+    /// The time the snapshot is judged at, Unix milliseconds.
+    pub now_ms: u64,
+}
+
+impl<'a> Snapshot<'a> {
+    /// Whether the node reported recently and is not draining.
+    pub fn is_healthy(&self, node: &NodeInfo) -> bool {
+        // A report from too far in the future (clock skew) is no better than
+        // an old one.
+        !node.draining && self.now_ms.abs_diff(node.load.reported_at_ms) <= FRESH_REPORT_MS
+    }
+
+    /// The room's origin, when it is a healthy node.
+    fn live_origin(&self, room: &RoomId) -> Option<&'a NodeInfo> {
+        let (_, origin) = self.origins.iter().find(|(r, _)| r == room)?;
+        self.nodes
+            .iter()
+            .find(|n| &n.id == origin)
+            .filter(|n| self.is_healthy(n))
+    }
+
+    /// Healthy nodes with room for one more session, best first: those in
+    /// `region` (when given) before the others, then the least loaded.
+    fn ranked(&self, region: Option<&str>) -> Vec<&'a NodeInfo> {
+        let region = region.filter(|r| !r.is_empty());
+        let mut nodes: Vec<&NodeInfo> = self
+            .nodes
+            .iter()
+            .filter(|n| self.is_healthy(n) && has_room(n))
+            .collect();
+        nodes.sort_by(|a, b| {
+            let in_region = |n: &NodeInfo| region.is_some_and(|r| n.region == r);
+            in_region(b)
+                .cmp(&in_region(a))
+                .then_with(|| compare_load(a, b))
+                .then_with(|| a.id.cmp(&b.id))
+        });
+        nodes
+    }
+}
+
+fn has_room(node: &NodeInfo) -> bool {
+    node.load.sessions < node.capacity
+}
+
+/// Compares sessions / capacity of two nodes exactly, by cross-multiplying.
+fn compare_load(a: &NodeInfo, b: &NodeInfo) -> Ordering {
+    let lhs = u64::from(a.load.sessions) * u64::from(b.capacity);
+    let rhs = u64::from(b.load.sessions) * u64::from(a.capacity);
+    lhs.cmp(&rhs)
+}
+
+/// Nodes where a viewer of `room` can play, best first; empty when none can.
+pub fn rank_for_viewer<'a>(
+    snapshot: &Snapshot<'a>,
+    room: &RoomId,
+    region: Option<&str>,
+) -> Vec<&'a NodeInfo> {
+    if let Some(origin) = snapshot.live_origin(room) {
+        // There is no relay between nodes yet, so only the origin carries the
+        // media of a live room: it is the one answer. When it is full the
+        // viewer is turned away rather than sent to a node without the room.
+        // With the relay, edges already carrying the room and then other
+        // healthy nodes will follow the origin in this list.
+        return if has_room(origin) {
+            vec![origin]
+        } else {
+            Vec::new()
+        };
+    }
+    snapshot.ranked(region)
+}
+
+/// Nodes where a publisher of `room` should publish, best first: the room's
+/// origin while it is live (even when full: the room lives there), otherwise
+/// the healthy nodes by the viewer ranking.
+pub fn rank_for_publisher<'a>(snapshot: &Snapshot<'a>, room: &RoomId) -> Vec<&'a NodeInfo> {
+    if let Some(origin) = snapshot.live_origin(room) {
+        return vec![origin];
+    }
+    snapshot.ranked(None)
+}
+
+/// One room as the cluster carries it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomSummary {
+    /// The room.
+    pub room: RoomId,
+    /// Its origin node, if placed.
+    pub origin_node: Option<NodeId>,
+    /// Whether a publisher is live on some node.
+    pub live: bool,
+    /// Subscribers over all nodes.
+    pub subscribers: u32,
+}
+
+/// Every room some node reports or some origin claim names, sorted by room.
+pub fn room_summaries(nodes: &[NodeInfo], origins: &[(RoomId, NodeId)]) -> Vec<RoomSummary> {
+    let mut rooms: BTreeMap<&RoomId, RoomSummary> = BTreeMap::new();
+    for (room, node) in origins {
+        rooms
+            .entry(room)
+            .or_insert_with(|| empty_summary(room))
+            .origin_node = Some(node.clone());
+    }
+    for node in nodes {
+        for load in &node.load.rooms {
+            let summary = rooms
+                .entry(&load.room)
+                .or_insert_with(|| empty_summary(&load.room));
+            summary.live |= load.live;
+            summary.subscribers = summary.subscribers.saturating_add(load.subscribers);
+        }
+    }
+    rooms.into_values().collect()
+}
+
+fn empty_summary(room: &RoomId) -> RoomSummary {
+    RoomSummary {
+        room: room.clone(),
+        origin_node: None,
+        live: false,
+        subscribers: 0,
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use weir_protocol::coordinator::{NodeLoad, RoomLoad};
+
+    const NOW: u64 = 1_000_000;
+
+    fn node(id: &str, region: &str, sessions: u32, capacity: u32) -> NodeInfo {
+        NodeInfo {
+            id: NodeId::parse(id).unwrap(),
+            region: region.into(),
+            zone: "z".into(),
+            http_url: format!("http://{id}"),
+            version: "1".into(),
+            capacity,
+            draining: false,
+            load: NodeLoad {
+                reported_at_ms: NOW - 500,
+                sessions,
+                egress_bps: 0,
+                rooms: Vec::new(),
+            },
+        }
+    }
+
+    fn room(id: &str) -> RoomId {
+        RoomId::parse(id).unwrap()
+    }
+
+    fn ids(nodes: &[&NodeInfo]) -> Vec<String> {
+        nodes.iter().map(|n| n.id.to_string()).collect()
+    }
+
+    fn snap<'a>(nodes: &'a [NodeInfo], origins: &'a [(RoomId, NodeId)]) -> Snapshot<'a> {
+        Snapshot {
+            nodes,
+            origins,
+            now_ms: NOW,
+        }
+    }
+
+    #[test]
+    fn nothing_healthy_gives_nothing() {
+        assert!(rank_for_viewer(&snap(&[], &[]), &room("r"), None).is_empty());
+        assert!(rank_for_publisher(&snap(&[], &[]), &room("r")).is_empty());
+    }
+
+    #[test]
+    fn stale_draining_and_full_nodes_are_skipped() {
+        let mut stale = node("stale", "eu", 0, 10);
+        stale.load.reported_at_ms = NOW - FRESH_REPORT_MS - 1;
+        let mut future = node("future", "eu", 0, 10);
+        future.load.reported_at_ms = NOW + FRESH_REPORT_MS + 1;
+        let mut draining = node("draining", "eu", 0, 10);
+        draining.draining = true;
+        let mut edge = node("edge", "eu", 0, 10);
+        edge.load.reported_at_ms = NOW - FRESH_REPORT_MS;
+        let nodes = [
+            stale,
+            future,
+            draining,
+            node("full", "eu", 10, 10),
+            node("over", "eu", 11, 10),
+            node("zero", "eu", 0, 0),
+            node("ok", "eu", 9, 10),
+            edge,
+        ];
+        let s = snap(&nodes, &[]);
+        assert_eq!(ids(&rank_for_viewer(&s, &room("r"), None)), ["edge", "ok"]);
+        assert_eq!(ids(&rank_for_publisher(&s, &room("r"))), ["edge", "ok"]);
+    }
+
+    #[test]
+    fn region_first_then_load_ratio_then_id() {
+        let nodes = [
+            node("us-busy", "us", 50, 100),
+            node("eu-busy", "eu", 90, 100),
+            node("eu-idle", "eu", 1, 100),
+            node("us-idle", "us", 1, 10),
+            node("us-idle2", "us", 10, 1000),
+            node("b-tie", "ap", 5, 10),
+            node("a-tie", "ap", 5, 10),
+        ];
+        let s = snap(&nodes, &[]);
+        assert_eq!(
+            ids(&rank_for_viewer(&s, &room("r"), Some("eu"))),
+            [
+                "eu-idle", "eu-busy", "us-idle2", "us-idle", "a-tie", "b-tie", "us-busy"
+            ]
+        );
+        // No region, or an empty one: load alone.
+        let plain = [
+            "eu-idle", "us-idle2", "us-idle", "a-tie", "b-tie", "us-busy", "eu-busy",
+        ];
+        assert_eq!(ids(&rank_for_viewer(&s, &room("r"), None)), plain);
+        assert_eq!(ids(&rank_for_viewer(&s, &room("r"), Some(""))), plain);
+        assert_eq!(ids(&rank_for_publisher(&s, &room("r"))), plain);
+    }
+
+    #[test]
+    fn a_live_room_is_served_by_its_origin_only() {
+        let nodes = [node("idle", "eu", 0, 100), node("origin", "us", 80, 100)];
+        let origins = [(room("r"), NodeId::parse("origin").unwrap())];
+        let s = snap(&nodes, &origins);
+        assert_eq!(
+            ids(&rank_for_viewer(&s, &room("r"), Some("eu"))),
+            ["origin"]
+        );
+        assert_eq!(ids(&rank_for_publisher(&s, &room("r"))), ["origin"]);
+        // Other rooms are placed as usual.
+        assert_eq!(
+            ids(&rank_for_viewer(&s, &room("q"), None)),
+            ["idle", "origin"]
+        );
+    }
+
+    #[test]
+    fn a_full_origin_turns_viewers_away_but_keeps_its_publisher() {
+        let nodes = [node("idle", "eu", 0, 100), node("origin", "us", 100, 100)];
+        let origins = [(room("r"), NodeId::parse("origin").unwrap())];
+        let s = snap(&nodes, &origins);
+        assert!(rank_for_viewer(&s, &room("r"), None).is_empty());
+        assert_eq!(ids(&rank_for_publisher(&s, &room("r"))), ["origin"]);
+    }
+
+    #[test]
+    fn an_unhealthy_origin_does_not_count() {
+        let mut origin = node("origin", "us", 0, 100);
+        origin.draining = true;
+        let nodes = [node("idle", "eu", 5, 100), origin];
+        let origins = [
+            (room("r"), NodeId::parse("origin").unwrap()),
+            (room("gone"), NodeId::parse("vanished").unwrap()),
+        ];
+        let s = snap(&nodes, &origins);
+        assert_eq!(ids(&rank_for_viewer(&s, &room("r"), None)), ["idle"]);
+        assert_eq!(ids(&rank_for_publisher(&s, &room("r"))), ["idle"]);
+        assert_eq!(ids(&rank_for_publisher(&s, &room("gone"))), ["idle"]);
+    }
+
+    #[test]
+    fn room_summaries_merge_reports_and_origins() {
+        let mut a = node("a", "eu", 0, 10);
+        a.load.rooms = vec![
+            RoomLoad {
+                room: room("r"),
+                live: true,
+                subscribers: 3,
+            },
+            RoomLoad {
+                room: room("idle"),
+                live: false,
+                subscribers: 1,
+            },
+        ];
+        let mut b = node("b", "eu", 0, 10);
+        b.load.rooms = vec![RoomLoad {
+            room: room("r"),
+            live: false,
+            subscribers: u32::MAX,
+        }];
+        let origins = [
+            (room("r"), NodeId::parse("a").unwrap()),
+            (room("placed"), NodeId::parse("b").unwrap()),
+        ];
+        let got = room_summaries(&[a, b], &origins);
+        assert_eq!(
+            got,
+            vec![
+                RoomSummary {
+                    room: room("idle"),
+                    origin_node: None,
+                    live: false,
+                    subscribers: 1
+                },
+                RoomSummary {
+                    room: room("placed"),
+                    origin_node: Some(NodeId::parse("b").unwrap()),
+                    live: false,
+                    subscribers: 0
+                },
+                RoomSummary {
+                    room: room("r"),
+                    origin_node: Some(NodeId::parse("a").unwrap()),
+                    live: true,
+                    subscribers: u32::MAX
+                },
+            ]
+        );
+    }
+}

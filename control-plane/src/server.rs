@@ -1,0 +1,109 @@
+//! The control plane's one listener: gRPC (HTTP/2, prior knowledge) and the
+//! HTTP/1.1 or HTTP/2 JSON gateway share a port, told apart by path. Also the
+//! operational endpoints: `/healthz`, `/readyz`, `/metrics`.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use weir_protocol::pb::scheduler_server::SchedulerServer;
+use weir_protocol::pb::tokens_server::TokensServer;
+
+use crate::service::grpc::{SchedulerApi, TokensApi};
+use crate::service::http::{self as gateway, HttpError};
+use crate::service::{ControlState, ErrorKind};
+
+/// Renders the process's metrics in the Prometheus text format. The root
+/// binary owns the recorder; this crate only serves what it renders.
+pub type RenderMetrics = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// Every route of the control plane's port.
+pub async fn router(state: Arc<ControlState>, render_metrics: RenderMetrics) -> Router {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<SchedulerServer<SchedulerApi>>().await;
+    health.set_serving::<TokensServer<TokensApi>>().await;
+
+    let grpc =
+        tonic::service::Routes::new(SchedulerServer::new(SchedulerApi::new(Arc::clone(&state))))
+            .add_service(TokensServer::new(TokensApi::new(Arc::clone(&state))))
+            .add_service(health_service)
+            .into_axum_router();
+
+    let ops = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .with_state(Arc::clone(&state))
+        .merge(
+            Router::new()
+                .route("/metrics", get(metrics))
+                .with_state(render_metrics),
+        );
+
+    grpc.merge(gateway::routes(state))
+        .merge(ops)
+        // Replaces tonic's fallback, which answers everything as gRPC.
+        .fallback(not_found)
+}
+
+/// Serves the control plane on `listener` until `shutdown` completes, then
+/// lets requests in flight finish.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: ControlState,
+    render_metrics: RenderMetrics,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let addr = listener.local_addr()?;
+    let app = router(Arc::new(state), render_metrics).await;
+    tracing::info!(%addr, "control plane serving gRPC and HTTP");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(|e| anyhow::anyhow!("control plane server on {addr} failed: {e}"))
+}
+
+async fn readyz(State(state): State<Arc<ControlState>>) -> Response {
+    match state.ready().await {
+        Ok(()) => (StatusCode::OK, "ready").into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
+    }
+}
+
+async fn metrics(State(render): State<RenderMetrics>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        render(),
+    )
+        .into_response()
+}
+
+async fn not_found(request: Request) -> Response {
+    let is_grpc = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    if is_grpc {
+        let status =
+            tonic::Status::unimplemented(format!("no gRPC method at {}", request.uri().path()));
+        let (parts, ()) = status.into_http::<()>().into_parts();
+        return Response::from_parts(parts, axum::body::Body::empty());
+    }
+    HttpError {
+        status: StatusCode::NOT_FOUND,
+        kind: ErrorKind::NotFound,
+        message: format!(
+            "no such path: {} {}",
+            request.method(),
+            request.uri().path()
+        ),
+    }
+    .into_response()
+}

@@ -1,0 +1,149 @@
+//! The node's agent: registers the node under a lease, reports its load every
+//! second, and claims room origins. The data plane never waits on it for
+//! media: when the coordinator is unreachable the node keeps serving and says
+//! so in its metrics.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::watch;
+use weir_protocol::coordinator::{CoordError, Coordinator, LeaseId, NODE_TTL, NodeInfo, NodeLoad, RoomLoad};
+use weir_protocol::{NodeId, RoomId};
+
+use crate::shard::ShardHandle;
+
+/// Registration and placement on behalf of one node.
+pub struct Agent {
+    coordinator: Arc<dyn Coordinator>,
+    info: Mutex<NodeInfo>,
+    lease: Mutex<Option<LeaseId>>,
+}
+
+/// Why a node may not take a room.
+#[derive(Debug, thiserror::Error)]
+pub enum ClaimError {
+    #[error("room {room} is live on node {origin}")]
+    ElsewhereLive { room: RoomId, origin: NodeId },
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Agent {
+    pub fn new(coordinator: Arc<dyn Coordinator>, info: NodeInfo) -> Self {
+        Self {
+            coordinator,
+            info: Mutex::new(info),
+            lease: Mutex::new(None),
+        }
+    }
+
+    fn node_id(&self) -> Option<NodeId> {
+        self.info.lock().ok().map(|i| i.id.clone())
+    }
+
+    fn lease(&self) -> Option<LeaseId> {
+        self.lease.lock().ok().and_then(|l| *l)
+    }
+
+    /// Makes this node the origin of `room`. Allowed when the coordinator
+    /// cannot be reached (a node keeps admitting valid tokens on its own).
+    pub async fn claim_room(&self, room: &RoomId) -> Result<(), ClaimError> {
+        let (Some(node), Some(lease)) = (self.node_id(), self.lease()) else {
+            tracing::warn!(%room, "not registered with the coordinator; admitting publisher anyway");
+            return Ok(());
+        };
+        match self.coordinator.claim_room(room, &node, lease).await {
+            Ok(origin) if origin == node => Ok(()),
+            Ok(origin) => Err(ClaimError::ElsewhereLive {
+                room: room.clone(),
+                origin,
+            }),
+            Err(e) => {
+                tracing::warn!(%room, error = %e, "coordinator unavailable for placement; admitting publisher");
+                metrics::counter!("weir_coordinator_errors_total", "op" => "claim_room").increment(1);
+                Ok(())
+            }
+        }
+    }
+
+    /// Registers, then reports load every second until `shutdown`; revokes
+    /// the lease on the way out so the node leaves answers at once.
+    pub async fn run(self: Arc<Self>, shard: ShardHandle, mut shutdown: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut claimed: Vec<RoomId> = Vec::new();
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.changed() => break,
+            }
+            let stats = shard.stats();
+            let load = NodeLoad {
+                reported_at_ms: unix_ms(),
+                sessions: stats.publishers + stats.subscribers,
+                egress_bps: stats.egress_bps,
+                rooms: stats
+                    .rooms
+                    .iter()
+                    .map(|r| RoomLoad {
+                        room: r.room.clone(),
+                        live: r.live,
+                        subscribers: r.subscribers,
+                    })
+                    .collect(),
+            };
+            let info = match self.info.lock() {
+                Ok(mut i) => {
+                    i.load = load;
+                    i.clone()
+                }
+                Err(_) => return,
+            };
+            let ok = self.report(info).await;
+            metrics::gauge!("weir_coordinator_connected").set(if ok { 1.0 } else { 0.0 });
+            // Give up origins of rooms no longer published here.
+            if ok {
+                let live: Vec<RoomId> = stats.rooms.iter().filter(|r| r.live).map(|r| r.room.clone()).collect();
+                for room in claimed.iter().filter(|r| !live.contains(r)) {
+                    if let Some(node) = self.node_id() {
+                        let _ = self.coordinator.release_room(room, &node).await;
+                    }
+                }
+                claimed = live;
+            }
+        }
+        if let Some(lease) = self.lease() {
+            if let Err(e) = self.coordinator.revoke(lease).await {
+                tracing::warn!(error = %e, "could not revoke the node lease");
+            }
+        }
+    }
+
+    async fn report(&self, info: NodeInfo) -> bool {
+        let lease = self.lease();
+        let result = match lease {
+            Some(lease) => self.coordinator.keep_alive(lease, info.clone()).await,
+            None => Err(CoordError::Unavailable("not registered".into())),
+        };
+        match result {
+            Ok(()) => true,
+            Err(_) => match self.coordinator.register_node(info, NODE_TTL).await {
+                Ok(lease) => {
+                    tracing::info!(lease = lease.0, "registered with the coordinator");
+                    if let Ok(mut l) = self.lease.lock() {
+                        *l = Some(lease);
+                    }
+                    true
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "coordinator unreachable; serving what we have");
+                    false
+                }
+            },
+        }
+    }
+}

@@ -1,0 +1,224 @@
+//! `weir loadtest`: synthetic WebRTC viewers (WHEP, on str0m) that play a
+//! room and measure join time, time to first frame, received media and
+//! freezes, reported as percentiles (hdrhistogram) in a table or JSON.
+//! Bounded in viewers and time; it sends only to the URLs it is given.
+
+pub mod http;
+pub mod viewer;
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+pub use viewer::{Target, ViewerReport};
+
+/// Most viewers one run may start.
+pub const MAX_VIEWERS: u32 = 5000;
+/// Longest run.
+pub const MAX_DURATION_SECS: u64 = 3600;
+
+/// `weir loadtest` options.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LoadtestArgs {
+    /// Control plane to ask for the WHEP endpoint and a play token.
+    #[arg(long, env = "WEIR_CONTROL", default_value = "http://127.0.0.1:7000")]
+    pub control: String,
+    /// Room to play (it should have a publisher).
+    #[arg(long)]
+    pub room: String,
+    /// Number of viewers (at most 5000).
+    #[arg(long, default_value_t = 10)]
+    pub viewers: u32,
+    /// How long each viewer plays, in seconds (at most 3600).
+    #[arg(long, default_value_t = 10)]
+    pub duration: u64,
+    /// Pause between starting two viewers, in milliseconds.
+    #[arg(long, default_value_t = 10)]
+    pub ramp_ms: u64,
+    /// Local address the viewers' UDP sockets bind to.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub bind: IpAddr,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Percentiles of one measure.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Percentiles {
+    pub count: u64,
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+}
+
+/// The outcome of a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub room: String,
+    pub viewers: u32,
+    pub failed: u32,
+    pub errors: Vec<String>,
+    pub join_ms: Option<Percentiles>,
+    pub first_frame_ms: Option<Percentiles>,
+    pub video_fps: Option<Percentiles>,
+    pub received_kbps: Option<Percentiles>,
+    pub freezes: u64,
+    pub viewers_without_video: u32,
+}
+
+fn percentiles(h: &Histogram<u64>, scale: f64) -> Option<Percentiles> {
+    (!h.is_empty()).then(|| Percentiles {
+        count: h.len(),
+        p50: h.value_at_quantile(0.5) as f64 / scale,
+        p90: h.value_at_quantile(0.9) as f64 / scale,
+        p99: h.value_at_quantile(0.99) as f64 / scale,
+        p999: h.value_at_quantile(0.999) as f64 / scale,
+        max: h.max() as f64 / scale,
+    })
+}
+
+/// Folds viewer reports into percentiles.
+pub fn summarize(room: &str, reports: &[ViewerReport]) -> anyhow::Result<Summary> {
+    let mut join = Histogram::<u64>::new(3)?;
+    let mut first = Histogram::<u64>::new(3)?;
+    let mut fps = Histogram::<u64>::new(3)?;
+    let mut kbps = Histogram::<u64>::new(3)?;
+    let mut errors = Vec::new();
+    let mut without_video = 0;
+    for r in reports {
+        if let Some(e) = &r.error {
+            if errors.len() < 10 {
+                errors.push(e.clone());
+            }
+        }
+        if let Some(j) = r.join {
+            join.record(j.as_micros() as u64)?;
+        }
+        match r.first_frame {
+            Some(f) => first.record(f.as_micros() as u64)?,
+            None => without_video += 1,
+        }
+        let secs = r.played.as_secs_f64();
+        if secs > 0.5 {
+            fps.record((r.video_frames as f64 / secs * 100.0) as u64)?;
+            kbps.record((r.media_bytes as f64 * 8.0 / secs) as u64)?;
+        }
+    }
+    Ok(Summary {
+        room: room.to_owned(),
+        viewers: reports.len() as u32,
+        failed: reports.iter().filter(|r| r.error.is_some()).count() as u32,
+        errors,
+        join_ms: percentiles(&join, 1000.0),
+        first_frame_ms: percentiles(&first, 1000.0),
+        video_fps: percentiles(&fps, 100.0),
+        received_kbps: percentiles(&kbps, 1000.0),
+        freezes: reports.iter().map(|r| r.freezes).sum(),
+        viewers_without_video: without_video,
+    })
+}
+
+/// Asks the control plane for the room's WHEP endpoint and a play token.
+pub async fn assign_viewer(control: &str, room: &str) -> anyhow::Result<Target> {
+    let url = format!("{}/v1/assign-viewer", control.trim_end_matches('/'));
+    let body = serde_json::json!({ "room": room }).to_string();
+    let res = http::request(
+        "POST",
+        &url,
+        &[("Content-Type", "application/json")],
+        body.as_bytes(),
+        Duration::from_secs(10),
+    )
+    .await?;
+    if res.status != 200 {
+        bail!("assign-viewer answered {}: {}", res.status, res.text().trim());
+    }
+    let v: serde_json::Value = serde_json::from_slice(&res.body).context("assign-viewer: bad JSON")?;
+    let token = v["token"].as_str().context("assign-viewer: no token")?.to_owned();
+    let whep_url = v["endpoints"]
+        .as_array()
+        .and_then(|e| e.iter().find(|e| e["kind"] == "whep"))
+        .and_then(|e| e["url"].as_str())
+        .context("assign-viewer: no WHEP endpoint")?
+        .to_owned();
+    Ok(Target { whep_url, token })
+}
+
+/// Runs the viewers and returns their reports.
+pub async fn run_viewers(target: Target, args: &LoadtestArgs) -> Vec<ViewerReport> {
+    let mut tasks = Vec::with_capacity(args.viewers as usize);
+    let duration = Duration::from_secs(args.duration);
+    for _ in 0..args.viewers {
+        let target = target.clone();
+        let bind = args.bind;
+        let deadline = Instant::now() + duration;
+        tasks.push(tokio::spawn(async move { viewer::run(&target, bind, deadline).await }));
+        tokio::time::sleep(Duration::from_millis(args.ramp_ms)).await;
+    }
+    let mut reports = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        reports.push(t.await.unwrap_or_else(|e| ViewerReport {
+            error: Some(format!("viewer task failed: {e}")),
+            ..ViewerReport::default()
+        }));
+    }
+    reports
+}
+
+/// Entry point of `weir loadtest`; returns the exit code (0 when every
+/// viewer played video).
+pub async fn run(args: LoadtestArgs) -> anyhow::Result<i32> {
+    if args.viewers == 0 || args.viewers > MAX_VIEWERS {
+        bail!("--viewers must be between 1 and {MAX_VIEWERS}");
+    }
+    if args.duration == 0 || args.duration > MAX_DURATION_SECS {
+        bail!("--duration must be between 1 and {MAX_DURATION_SECS} seconds");
+    }
+    weir_protocol::RoomId::parse(&args.room).map_err(|e| anyhow::anyhow!("--room: {e}"))?;
+    str0m::crypto::from_feature_flags().install_process_default();
+    let target = assign_viewer(&args.control, &args.room).await?;
+    let reports = run_viewers(target, &args).await;
+    let summary = summarize(&args.room, &reports)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&summary)?);
+    } else {
+        print_table(&summary);
+    }
+    Ok(if summary.failed == 0 && summary.viewers_without_video == 0 { 0 } else { 1 })
+}
+
+fn print_table(s: &Summary) {
+    println!(
+        "room {}: {} viewers, {} failed, {} without video, {} freezes (> {} ms)",
+        s.room,
+        s.viewers,
+        s.failed,
+        s.viewers_without_video,
+        s.freezes,
+        viewer::FREEZE_GAP.as_millis()
+    );
+    println!("{:<18} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9}", "measure", "count", "p50", "p90", "p99", "p99.9", "max");
+    for (name, p) in [
+        ("join (ms)", &s.join_ms),
+        ("first frame (ms)", &s.first_frame_ms),
+        ("video fps", &s.video_fps),
+        ("received kbit/s", &s.received_kbps),
+    ] {
+        match p {
+            Some(p) => println!(
+                "{:<18} {:>8} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1}",
+                name, p.count, p.p50, p.p90, p.p99, p.p999, p.max
+            ),
+            None => println!("{name:<18} {:>8}", 0),
+        }
+    }
+    for e in &s.errors {
+        println!("error: {e}");
+    }
+}

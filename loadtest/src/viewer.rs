@@ -1,0 +1,150 @@
+//! One synthetic WHEP viewer: a str0m peer on its own UDP socket that plays a
+//! room for a while and records what a person would notice.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use str0m::change::SdpAnswer;
+use str0m::media::{Direction, MediaKind};
+use str0m::net::{Protocol, Receive};
+use str0m::{Candidate, Event, Input, Output, Rtc};
+use tokio::net::UdpSocket;
+
+use crate::http;
+
+/// A gap between video frames longer than this is a freeze.
+pub const FREEZE_GAP: Duration = Duration::from_millis(500);
+
+/// Where and how to play.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub whep_url: String,
+    pub token: String,
+}
+
+/// What one viewer saw.
+#[derive(Debug, Default, Clone)]
+pub struct ViewerReport {
+    /// WHEP POST to 201.
+    pub join: Option<Duration>,
+    /// Start to first video keyframe.
+    pub first_frame: Option<Duration>,
+    pub video_frames: u64,
+    pub audio_frames: u64,
+    pub media_bytes: u64,
+    pub freezes: u64,
+    /// How long media was played (first frame to end).
+    pub played: Duration,
+    pub error: Option<String>,
+}
+
+/// Plays `target` until `deadline`, then leaves with `DELETE`.
+pub async fn run(target: &Target, bind: IpAddr, deadline: Instant) -> ViewerReport {
+    let mut report = ViewerReport::default();
+    if let Err(e) = play(target, bind, deadline, &mut report).await {
+        report.error = Some(format!("{e:#}"));
+    }
+    report
+}
+
+async fn play(target: &Target, bind: IpAddr, deadline: Instant, report: &mut ViewerReport) -> anyhow::Result<()> {
+    let socket = UdpSocket::bind(SocketAddr::new(bind, 0)).await?;
+    let local = socket.local_addr()?;
+    let start = Instant::now();
+    let mut rtc = Rtc::builder().build(start);
+    rtc.add_local_candidate(Candidate::host(local, "udp")?);
+    let mut change = rtc.sdp_api();
+    change.add_media(MediaKind::Audio, Direction::RecvOnly, None, None, None);
+    let video = change.add_media(MediaKind::Video, Direction::RecvOnly, None, None, None);
+    let (offer, pending) = change.apply().context("no offer")?;
+
+    let auth = format!("Bearer {}", target.token);
+    let res = http::request(
+        "POST",
+        &target.whep_url,
+        &[("Content-Type", "application/sdp"), ("Authorization", &auth)],
+        offer.to_sdp_string().as_bytes(),
+        Duration::from_secs(10),
+    )
+    .await?;
+    if res.status != 201 {
+        bail!("WHEP answered {}: {}", res.status, res.text().trim());
+    }
+    report.join = Some(start.elapsed());
+    let location = res.header("location").map(str::to_owned);
+    let answer = SdpAnswer::from_sdp_string(&res.text()).context("bad SDP answer")?;
+    rtc.sdp_api().accept_answer(pending, answer)?;
+
+    let mut buf = vec![0u8; 2048];
+    let mut last_video: Option<Instant> = None;
+    let mut first: Option<Instant> = None;
+    let result: anyhow::Result<()> = async {
+        loop {
+            let timeout = loop {
+                match rtc.poll_output()? {
+                    Output::Transmit(t) => {
+                        let _ = socket.send_to(&t.contents, t.destination).await;
+                    }
+                    Output::Timeout(t) => break t,
+                    Output::Event(Event::MediaData(d)) => {
+                        let now = Instant::now();
+                        report.media_bytes += d.data.len() as u64;
+                        if d.mid == video {
+                            if first.is_none() {
+                                if !d.is_keyframe() {
+                                    continue;
+                                }
+                                first = Some(now);
+                                report.first_frame = Some(now - start);
+                            }
+                            if last_video.is_some_and(|l| now - l > FREEZE_GAP) {
+                                report.freezes += 1;
+                            }
+                            last_video = Some(now);
+                            report.video_frames += 1;
+                        } else {
+                            report.audio_frames += 1;
+                        }
+                    }
+                    Output::Event(Event::IceConnectionStateChange(s))
+                        if s == str0m::IceConnectionState::Disconnected =>
+                    {
+                        bail!("ICE disconnected");
+                    }
+                    Output::Event(_) => {}
+                }
+            };
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(());
+            }
+            let wake = timeout.min(deadline).max(now);
+            tokio::select! {
+                r = socket.recv_from(&mut buf) => {
+                    let (n, source) = r?;
+                    let Ok(contents) = buf[..n].try_into() else { continue };
+                    let input = Input::Receive(Instant::now(), Receive { proto: Protocol::Udp, source, destination: local, contents });
+                    if rtc.accepts(&input) {
+                        rtc.handle_input(input)?;
+                    }
+                }
+                _ = tokio::time::sleep_until(wake.into()) => {
+                    rtc.handle_input(Input::Timeout(Instant::now()))?;
+                }
+            }
+        }
+    }
+    .await;
+    if let Some(f) = first {
+        report.played = Instant::now().saturating_duration_since(f);
+    }
+    if let Some(loc) = location {
+        // Leave politely; the node would notice the silence anyway.
+        if let Ok((authority, _)) = http::split_url(&target.whep_url) {
+            let url = format!("http://{authority}{loc}");
+            let _ = http::request("DELETE", &url, &[("Authorization", &auth)], b"", Duration::from_secs(5)).await;
+        }
+    }
+    result
+}

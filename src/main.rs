@@ -1,0 +1,314 @@
+//! `weir`: the one binary users run. `weir dev` runs everything on one
+//! machine; `weir node` and `weir control` run the planes apart; `weir ctl`
+//! is the operator CLI; `weir loadtest` generates load.
+
+mod observability;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use weir_control_plane::{ControlConfig, ControlState, LocalCoordinator, TokenIssuer};
+use weir_data_plane::{Node, NodeConfig};
+use weir_protocol::coordinator::Coordinator;
+use weir_protocol::{NodeId, TokenVerifier};
+
+use crate::observability::LogFormat;
+
+/// Exit code for invalid configuration or usage (sysexits EX_USAGE).
+const EXIT_USAGE: u8 = 64;
+
+#[derive(Parser)]
+#[command(name = "weir", version, about = "Weir: live streaming over WebRTC (WHIP/WHEP)", long_about = None)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, env = "WEIR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the control plane and one media node in one process, on embedded
+    /// defaults (in-process coordinator, keys under --data-dir).
+    Dev(DevArgs),
+    /// Run a standalone media node (WHIP/WHEP over WebRTC).
+    Node(NodeArgs),
+    /// Run a standalone control plane (gRPC and its JSON gateway).
+    Control(ControlArgs),
+    /// Operator CLI: talk to a control plane over gRPC.
+    Ctl(weir_control_plane::ctl::CtlArgs),
+    /// Generate load against a node: WHEP viewers measuring join time,
+    /// time to first frame and received media.
+    Loadtest(weir_loadtest::LoadtestArgs),
+}
+
+#[derive(Args)]
+struct DevArgs {
+    /// Node HTTP listen address (WHIP, WHEP, pages, metrics).
+    #[arg(long, env = "WEIR_HTTP", default_value = "127.0.0.1:8080")]
+    http: SocketAddr,
+    /// Control-plane listen address (gRPC and JSON gateway).
+    #[arg(long, env = "WEIR_GRPC", default_value = "127.0.0.1:7000")]
+    grpc: SocketAddr,
+    /// WebRTC UDP listen address (also the ICE candidate offered).
+    #[arg(long, env = "WEIR_UDP", default_value = "127.0.0.1:7100")]
+    udp: SocketAddr,
+    /// Where keys (and later the SQLite file and HLS segments) live.
+    #[arg(long, env = "WEIR_DATA_DIR", default_value = "weir-data")]
+    data_dir: PathBuf,
+    /// Room used in the printed page URLs.
+    #[arg(long, env = "WEIR_ROOM", default_value = "demo")]
+    room: String,
+}
+
+#[derive(Args)]
+struct NodeArgs {
+    /// HTTP listen address.
+    #[arg(long, env = "WEIR_HTTP", default_value = "0.0.0.0:8080")]
+    http: SocketAddr,
+    /// WebRTC UDP listen address.
+    #[arg(long, env = "WEIR_UDP", default_value = "0.0.0.0:7100")]
+    udp: SocketAddr,
+    /// Address peers reach this node's UDP port at (required when --udp binds a wildcard).
+    #[arg(long, env = "WEIR_PUBLIC_IP")]
+    public_ip: Option<IpAddr>,
+    /// Base URL of this node's HTTP surface as clients see it.
+    #[arg(long, env = "WEIR_PUBLIC_URL")]
+    public_url: Option<String>,
+    /// Node id (letters, digits, '-', '_', '.').
+    #[arg(long, env = "WEIR_NODE_ID", default_value = "node-1")]
+    node_id: String,
+    #[arg(long, env = "WEIR_REGION", default_value = "local")]
+    region: String,
+    #[arg(long, env = "WEIR_ZONE", default_value = "local-a")]
+    zone: String,
+    /// Most sessions this node should carry.
+    #[arg(long, env = "WEIR_CAPACITY", default_value_t = 1000)]
+    capacity: u32,
+    /// Control-plane URL the web pages use.
+    #[arg(long, env = "WEIR_CONTROL_URL", default_value = "http://127.0.0.1:7000")]
+    control_url: String,
+    /// Public key that verifies tokens (base64url, as `weir control` prints it).
+    #[arg(long, env = "WEIR_TOKEN_PUBLIC_KEY")]
+    token_public_key: String,
+}
+
+#[derive(Args)]
+struct ControlArgs {
+    /// gRPC and JSON gateway listen address.
+    #[arg(long, env = "WEIR_GRPC", default_value = "0.0.0.0:7000")]
+    grpc: SocketAddr,
+    /// Where the token signing key lives (created on first start).
+    #[arg(long, env = "WEIR_DATA_DIR", default_value = "weir-data")]
+    data_dir: PathBuf,
+    /// Hand out arbitrary tokens through MintToken (for testing only).
+    #[arg(long, env = "WEIR_ALLOW_TOKEN_MINTING")]
+    allow_token_minting: bool,
+    /// The user who owns every room until rooms are stored (subject of publish tokens).
+    #[arg(long, env = "WEIR_DEFAULT_OWNER", default_value = "owner")]
+    default_owner: String,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    observability::init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("weir: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Dev(a) => dev(a).await.map(|()| 0),
+            Command::Node(a) => node(a).await.map(|()| 0),
+            Command::Control(a) => control(a).await.map(|()| 0),
+            Command::Ctl(a) => weir_control_plane::ctl::run(a).await,
+            Command::Loadtest(a) => weir_loadtest::run(a).await,
+        }
+    });
+    match result {
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "weir failed");
+            eprintln!("weir: {e:#}");
+            if e.downcast_ref::<ConfigError>().is_some() {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+/// Invalid configuration: reported before any port is bound, exit 64.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct ConfigError(String);
+
+fn config_error(e: impl std::fmt::Display) -> anyhow::Error {
+    ConfigError(e.to_string()).into()
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+    tracing::info!("shutting down");
+}
+
+async fn dev(a: DevArgs) -> anyhow::Result<()> {
+    let room = weir_protocol::RoomId::parse(&a.room).map_err(|e| config_error(format!("--room: {e}")))?;
+    weir_data_plane::install_crypto_provider();
+    let render = observability::init_metrics()?;
+    let issuer = TokenIssuer::load_or_create(&weir_control_plane::tokens::key_path(&a.data_dir))
+        .with_context(|| format!("cannot prepare the token key under {}", a.data_dir.display()))?;
+    let verifier = issuer.verifier();
+    let coordinator: Arc<dyn Coordinator> = Arc::new(LocalCoordinator::new());
+    let control = ControlState::new(
+        coordinator.clone(),
+        issuer,
+        ControlConfig {
+            default_owner: "dev".into(),
+            allow_token_minting: true,
+            ..ControlConfig::default()
+        },
+    )
+    .map_err(config_error)?;
+    let grpc = tokio::net::TcpListener::bind(a.grpc)
+        .await
+        .with_context(|| format!("cannot listen for the control plane on {}", a.grpc))?;
+    let control_addr = grpc.local_addr()?;
+    let node = Node::bind(
+        NodeConfig {
+            node_id: NodeId::parse("dev").map_err(config_error)?,
+            region: "local".into(),
+            zone: "local-a".into(),
+            http: a.http,
+            udp: a.udp,
+            public_ip: None,
+            public_url: None,
+            control_url: format!("http://{control_addr}"),
+            capacity: 1000,
+        },
+        coordinator,
+        verifier,
+        render.clone(),
+    )
+    .await?;
+    let http = node.public_url().to_owned();
+    println!("Weir dev is running: control plane and one media node in this process.");
+    println!("publish page  {http}/publish/{room}");
+    println!("play page     {http}/play/{room}");
+    println!("WHIP          {http}/whip/{{room}}");
+    println!("WHEP          {http}/whep/{{room}}");
+    println!("control API   http://{control_addr}  (gRPC; JSON under /v1/)");
+    println!("metrics       {http}/metrics");
+    println!("control stats http://{control_addr}/metrics");
+    println!("WebRTC UDP    {}", node.udp_addr());
+    println!("Press Ctrl-C to stop.");
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|v| *v).await;
+    };
+    let control_task = tokio::spawn(weir_control_plane::serve(grpc, control, render, wait(stop_rx.clone())));
+    let node_task = tokio::spawn(node.serve(wait(stop_rx)));
+    shutdown_signal().await;
+    let _ = stop_tx.send(true);
+    let stopped = tokio::time::timeout(Duration::from_secs(10), async {
+        let n = node_task.await;
+        let c = control_task.await;
+        (n, c)
+    })
+    .await;
+    match stopped {
+        Ok((Ok(n), Ok(c))) => {
+            n?;
+            c?;
+        }
+        Ok(_) => anyhow::bail!("a server task panicked"),
+        Err(_) => anyhow::bail!("did not stop within 10 s"),
+    }
+    println!("Weir dev stopped.");
+    Ok(())
+}
+
+async fn node(a: NodeArgs) -> anyhow::Result<()> {
+    let node_id = NodeId::parse(&a.node_id).map_err(|e| config_error(format!("--node-id: {e}")))?;
+    let verifier = TokenVerifier::from_base64(&a.token_public_key)
+        .map_err(|e| config_error(format!("--token-public-key: {e}")))?;
+    weir_data_plane::install_crypto_provider();
+    let render = observability::init_metrics()?;
+    // Until the etcd coordinator lands, a standalone node keeps its own
+    // in-process registry: it serves on its own, without a cluster.
+    let coordinator: Arc<dyn Coordinator> = Arc::new(LocalCoordinator::new());
+    let node = Node::bind(
+        NodeConfig {
+            node_id,
+            region: a.region,
+            zone: a.zone,
+            http: a.http,
+            udp: a.udp,
+            public_ip: a.public_ip,
+            public_url: a.public_url,
+            control_url: a.control_url,
+            capacity: a.capacity,
+        },
+        coordinator,
+        verifier,
+        render,
+    )
+    .await?;
+    println!("{}/whip/{{room}}", node.public_url());
+    println!("{}/whep/{{room}}", node.public_url());
+    println!("{}/metrics", node.public_url());
+    node.serve(shutdown_signal()).await
+}
+
+async fn control(a: ControlArgs) -> anyhow::Result<()> {
+    let render = observability::init_metrics()?;
+    let issuer = TokenIssuer::load_or_create(&weir_control_plane::tokens::key_path(&a.data_dir))
+        .with_context(|| format!("cannot prepare the token key under {}", a.data_dir.display()))?;
+    let public_key = issuer.verifier().to_base64();
+    let coordinator: Arc<dyn Coordinator> = Arc::new(LocalCoordinator::new());
+    let state = ControlState::new(
+        coordinator,
+        issuer,
+        ControlConfig {
+            default_owner: a.default_owner,
+            allow_token_minting: a.allow_token_minting,
+            ..ControlConfig::default()
+        },
+    )
+    .map_err(config_error)?;
+    let listener = tokio::net::TcpListener::bind(a.grpc)
+        .await
+        .with_context(|| format!("cannot listen on {}", a.grpc))?;
+    println!("http://{}", listener.local_addr()?);
+    println!("token public key (give it to nodes as --token-public-key): {public_key}");
+    weir_control_plane::serve(listener, state, render, shutdown_signal()).await
+}
