@@ -92,7 +92,11 @@ struct NodeArgs {
     #[arg(long, env = "WEIR_CAPACITY", default_value_t = 1000)]
     capacity: u32,
     /// Control-plane URL the web pages use.
-    #[arg(long, env = "WEIR_CONTROL_URL", default_value = "http://127.0.0.1:7000")]
+    #[arg(
+        long,
+        env = "WEIR_CONTROL_URL",
+        default_value = "http://127.0.0.1:7000"
+    )]
     control_url: String,
     /// Public key that verifies tokens (base64url, as `weir control` prints it).
     #[arg(long, env = "WEIR_TOKEN_PUBLIC_KEY")]
@@ -116,9 +120,23 @@ struct ControlArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            // --help and --version are not errors; bad usage exits 64.
+            return if e.use_stderr() {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     observability::init_logging(cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("weir: cannot start the runtime: {e}");
@@ -181,11 +199,17 @@ async fn shutdown_signal() {
 }
 
 async fn dev(a: DevArgs) -> anyhow::Result<()> {
-    let room = weir_protocol::RoomId::parse(&a.room).map_err(|e| config_error(format!("--room: {e}")))?;
+    let room =
+        weir_protocol::RoomId::parse(&a.room).map_err(|e| config_error(format!("--room: {e}")))?;
     weir_data_plane::install_crypto_provider();
     let render = observability::init_metrics()?;
     let issuer = TokenIssuer::load_or_create(&weir_control_plane::tokens::key_path(&a.data_dir))
-        .with_context(|| format!("cannot prepare the token key under {}", a.data_dir.display()))?;
+        .with_context(|| {
+            format!(
+                "cannot prepare the token key under {}",
+                a.data_dir.display()
+            )
+        })?;
     let verifier = issuer.verifier();
     let coordinator: Arc<dyn Coordinator> = Arc::new(LocalCoordinator::new());
     let control = ControlState::new(
@@ -235,7 +259,12 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
     let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|v| *v).await;
     };
-    let control_task = tokio::spawn(weir_control_plane::serve(grpc, control, render, wait(stop_rx.clone())));
+    let control_task = tokio::spawn(weir_control_plane::serve(
+        grpc,
+        control,
+        render,
+        wait(stop_rx.clone()),
+    ));
     let node_task = tokio::spawn(node.serve(wait(stop_rx)));
     shutdown_signal().await;
     let _ = stop_tx.send(true);
@@ -292,7 +321,12 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
 async fn control(a: ControlArgs) -> anyhow::Result<()> {
     let render = observability::init_metrics()?;
     let issuer = TokenIssuer::load_or_create(&weir_control_plane::tokens::key_path(&a.data_dir))
-        .with_context(|| format!("cannot prepare the token key under {}", a.data_dir.display()))?;
+        .with_context(|| {
+            format!(
+                "cannot prepare the token key under {}",
+                a.data_dir.display()
+            )
+        })?;
     let public_key = issuer.verifier().to_base64();
     let coordinator: Arc<dyn Coordinator> = Arc::new(LocalCoordinator::new());
     let state = ControlState::new(

@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
-use weir_protocol::coordinator::{CoordError, Coordinator, LeaseId, NODE_TTL, NodeInfo, NodeLoad, RoomLoad};
+use weir_protocol::coordinator::{
+    CoordError, Coordinator, LeaseId, NODE_TTL, NodeInfo, NodeLoad, RoomLoad,
+};
 use weir_protocol::{NodeId, RoomId};
 
 use crate::shard::ShardHandle;
@@ -65,7 +67,8 @@ impl Agent {
             }),
             Err(e) => {
                 tracing::warn!(%room, error = %e, "coordinator unavailable for placement; admitting publisher");
-                metrics::counter!("weir_coordinator_errors_total", "op" => "claim_room").increment(1);
+                metrics::counter!("weir_coordinator_errors_total", "op" => "claim_room")
+                    .increment(1);
                 Ok(())
             }
         }
@@ -107,7 +110,12 @@ impl Agent {
             metrics::gauge!("weir_coordinator_connected").set(if ok { 1.0 } else { 0.0 });
             // Give up origins of rooms no longer published here.
             if ok {
-                let live: Vec<RoomId> = stats.rooms.iter().filter(|r| r.live).map(|r| r.room.clone()).collect();
+                let live: Vec<RoomId> = stats
+                    .rooms
+                    .iter()
+                    .filter(|r| r.live)
+                    .map(|r| r.room.clone())
+                    .collect();
                 for room in claimed.iter().filter(|r| !live.contains(r)) {
                     if let Some(node) = self.node_id() {
                         let _ = self.coordinator.release_room(room, &node).await;
@@ -116,10 +124,10 @@ impl Agent {
                 claimed = live;
             }
         }
-        if let Some(lease) = self.lease() {
-            if let Err(e) = self.coordinator.revoke(lease).await {
-                tracing::warn!(error = %e, "could not revoke the node lease");
-            }
+        if let Some(lease) = self.lease()
+            && let Err(e) = self.coordinator.revoke(lease).await
+        {
+            tracing::warn!(error = %e, "could not revoke the node lease");
         }
     }
 

@@ -13,7 +13,6 @@ use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use tower_http::cors::{Any, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 use weir_protocol::{Mode, RoomId, SessionId, TokenError, TokenVerifier};
@@ -86,19 +85,6 @@ fn unavailable() -> ApiError {
 }
 
 pub(crate) fn router(state: AppState) -> Router {
-    let cors = CorsLayer::new()
-        .allow_origin(Any)
-        .allow_methods([Method::GET, Method::POST, Method::PATCH, Method::DELETE, Method::OPTIONS])
-        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, header::IF_MATCH, REQUEST_ID])
-        .expose_headers([
-            header::LOCATION,
-            header::ETAG,
-            header::LINK,
-            HeaderName::from_static("accept-patch"),
-            HeaderName::from_static("accept-post"),
-            REQUEST_ID,
-        ])
-        .max_age(Duration::from_secs(600));
     let trace = TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
         let request_id = req
             .headers()
@@ -118,11 +104,15 @@ pub(crate) fn router(state: AppState) -> Router {
     Router::new()
         .route(
             "/whip/{room}",
-            post(whip_post).options(options_collection).fallback(not_allowed_collection),
+            post(whip_post)
+                .options(options_collection)
+                .fallback(not_allowed_collection),
         )
         .route(
             "/whep/{room}",
-            post(whep_post).options(options_collection).fallback(not_allowed_collection),
+            post(whep_post)
+                .options(options_collection)
+                .fallback(not_allowed_collection),
         )
         .route(
             "/whip/{room}/{session}",
@@ -146,11 +136,43 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .layer(DefaultBodyLimit::max(MAX_SDP_BYTES))
-        .layer(cors)
+        .layer(axum::middleware::from_fn(cors))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(trace)
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
         .with_state(state)
+}
+
+/// CORS for browsers on other origins (players embedded elsewhere). Done
+/// here rather than with a generic layer so that a plain `OPTIONS` still
+/// reaches the WHIP/WHEP handlers, which answer it with `Accept-Post`.
+async fn cors(req: Request<axum::body::Body>, next: axum::middleware::Next) -> Response {
+    let preflight = req.method() == Method::OPTIONS;
+    let mut res = next.run(req).await;
+    let h = res.headers_mut();
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_EXPOSE_HEADERS,
+        HeaderValue::from_static("location, etag, link, accept-patch, accept-post, x-request-id"),
+    );
+    if preflight {
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_METHODS,
+            HeaderValue::from_static("GET, POST, PATCH, DELETE, OPTIONS"),
+        );
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_HEADERS,
+            HeaderValue::from_static("authorization, content-type, if-match, x-request-id"),
+        );
+        h.insert(
+            header::ACCESS_CONTROL_MAX_AGE,
+            HeaderValue::from_static("600"),
+        );
+    }
+    res
 }
 
 fn unix_now() -> u64 {
@@ -161,23 +183,40 @@ fn unix_now() -> u64 {
 }
 
 fn parse_room(room: &str) -> Result<RoomId, ApiError> {
-    RoomId::parse(room).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("bad room in URL: {e}")))
+    RoomId::parse(room)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("bad room in URL: {e}")))
 }
 
 /// Checks the Bearer token for `mode` in `room`; returns its subject.
-fn authorize(state: &AppState, headers: &HeaderMap, room: &RoomId, mode: Mode) -> Result<String, ApiError> {
+fn authorize(
+    state: &AppState,
+    headers: &HeaderMap,
+    room: &RoomId,
+    mode: Mode,
+) -> Result<String, ApiError> {
     let Some(value) = headers.get(header::AUTHORIZATION) else {
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
-            format!("missing Authorization: Bearer <token> (a {} token for this room)", mode.as_str()),
+            format!(
+                "missing Authorization: Bearer <token> (a {} token for this room)",
+                mode.as_str()
+            ),
         ));
     };
     let token = value
         .to_str()
         .ok()
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
         .map(str::trim)
-        .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "Authorization must be 'Bearer <token>'"))?;
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "Authorization must be 'Bearer <token>'",
+            )
+        })?;
     match state.verifier.authorize(token, room, mode, unix_now()) {
         Ok(claims) => Ok(claims.sub),
         Err(e @ (TokenError::WrongRoom { .. } | TokenError::WrongMode { .. })) => {
@@ -195,7 +234,11 @@ fn content_type_is(headers: &HeaderMap, want: &str) -> bool {
         .is_some_and(|v| v.trim().eq_ignore_ascii_case(want))
 }
 
-fn body_text(headers: &HeaderMap, body: Result<Bytes, BytesRejection>, want: &str) -> Result<String, ApiError> {
+fn body_text(
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    want: &str,
+) -> Result<String, ApiError> {
     if !content_type_is(headers, want) {
         return Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -210,7 +253,8 @@ fn body_text(headers: &HeaderMap, body: Result<Bytes, BytesRejection>, want: &st
             ApiError::new(status, format!("cannot read body: {e}"))
         }
     })?;
-    String::from_utf8(body.to_vec()).map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "body is not UTF-8"))
+    String::from_utf8(body.to_vec())
+        .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "body is not UTF-8"))
 }
 
 async fn whip_post(
@@ -234,7 +278,12 @@ async fn whip_post(
     if let Some(old) = &accepted.replaced {
         tracing::info!(%room, replaced = %old, "publisher reconnected and took over its session");
     }
-    Ok(created("whip", &room, &accepted.session, accepted.answer_sdp))
+    Ok(created(
+        "whip",
+        &room,
+        &accepted.session,
+        accepted.answer_sdp,
+    ))
 }
 
 async fn whep_post(
@@ -252,7 +301,12 @@ async fn whep_post(
         .play(room.clone(), viewer, offer)
         .await
         .map_err(|_| unavailable())??;
-    Ok(created("whep", &room, &accepted.session, accepted.answer_sdp))
+    Ok(created(
+        "whep",
+        &room,
+        &accepted.session,
+        accepted.answer_sdp,
+    ))
 }
 
 fn created(kind: &str, room: &RoomId, session: &SessionId, answer: String) -> Response {
@@ -274,7 +328,11 @@ fn created(kind: &str, room: &RoomId, session: &SessionId, answer: String) -> Re
 
 /// `/whip/{room}/{session}` or `/whep/...`: which mode its token must have.
 fn session_mode(uri_path: &str) -> Mode {
-    if uri_path.starts_with("/whip/") { Mode::Publish } else { Mode::Play }
+    if uri_path.starts_with("/whip/") {
+        Mode::Publish
+    } else {
+        Mode::Play
+    }
 }
 
 fn parse_session(room: &str, session: &str) -> Result<(RoomId, SessionId), ApiError> {
@@ -332,7 +390,10 @@ async fn options_collection() -> Response {
 async fn options_session() -> Response {
     let mut res = StatusCode::NO_CONTENT.into_response();
     let h = res.headers_mut();
-    h.insert(header::ALLOW, HeaderValue::from_static("PATCH, DELETE, OPTIONS"));
+    h.insert(
+        header::ALLOW,
+        HeaderValue::from_static("PATCH, DELETE, OPTIONS"),
+    );
     h.insert("accept-patch", HeaderValue::from_static(SDPFRAG));
     res
 }
@@ -343,7 +404,8 @@ fn not_allowed(allow: &'static str, method: &Method) -> Response {
         format!("{method} is not allowed here; allowed: {allow}\n"),
     )
         .into_response();
-    res.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
+    res.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allow));
     res
 }
 

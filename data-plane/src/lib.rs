@@ -12,9 +12,9 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use tokio::sync::watch;
+use weir_protocol::NodeId;
 use weir_protocol::TokenVerifier;
 use weir_protocol::coordinator::{Coordinator, NodeInfo, NodeLoad};
-use weir_protocol::NodeId;
 
 pub use http::{MAX_SDP_BYTES, RenderMetrics};
 pub use shard::ShardStats;
@@ -75,8 +75,12 @@ impl Node {
             (None, ip) => ip,
         };
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
-        let (shard, shard_thread) = shard::spawn(udp, SocketAddr::new(candidate_ip, udp_addr.port()), shutdown_rx)
-            .context("cannot start the media shard")?;
+        let (shard, shard_thread) = shard::spawn(
+            udp,
+            SocketAddr::new(candidate_ip, udp_addr.port()),
+            shutdown_rx,
+        )
+        .context("cannot start the media shard")?;
         let public_url = config
             .public_url
             .clone()
@@ -132,7 +136,10 @@ impl Node {
 
     /// Serves until `shutdown` resolves, then stops the shard and leaves the
     /// cluster.
-    pub async fn serve(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    pub async fn serve(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
         let Node {
             http_listener,
             shard,

@@ -13,35 +13,50 @@ const PLAY_HTML: &str = include_str!("../assets/play.html");
 
 /// Static assets by file name, with their content type.
 const ASSETS: &[(&str, &str, &str)] = &[
-    ("weir.css", "text/css; charset=utf-8", include_str!("../assets/weir.css")),
-    ("weir.js", "text/javascript; charset=utf-8", include_str!("../assets/weir.js")),
-    ("publish.js", "text/javascript; charset=utf-8", include_str!("../assets/publish.js")),
-    ("play.js", "text/javascript; charset=utf-8", include_str!("../assets/play.js")),
+    (
+        "weir.css",
+        "text/css; charset=utf-8",
+        include_str!("../assets/weir.css"),
+    ),
+    (
+        "weir.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../assets/weir.js"),
+    ),
+    (
+        "publish.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../assets/publish.js"),
+    ),
+    (
+        "play.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../assets/play.js"),
+    ),
 ];
 
-fn valid_room(room: &str) -> Result<(), Response> {
-    weir_protocol::RoomId::parse(room)
-        .map(|_| ())
-        .map_err(|e| (StatusCode::BAD_REQUEST, format!("bad room in URL: {e}\n")).into_response())
+/// The page, or a 400 when the room in the URL is not a valid room id.
+fn page(room: &str, html: &'static str) -> Response {
+    match weir_protocol::RoomId::parse(room) {
+        Ok(_) => Html(html).into_response(),
+        Err(e) => (StatusCode::BAD_REQUEST, format!("bad room in URL: {e}\n")).into_response(),
+    }
 }
 
 pub(crate) async fn publish(Path(room): Path<String>) -> Response {
-    match valid_room(&room) {
-        Ok(()) => Html(PUBLISH_HTML).into_response(),
-        Err(e) => e,
-    }
+    page(&room, PUBLISH_HTML)
 }
 
 pub(crate) async fn play(Path(room): Path<String>) -> Response {
-    match valid_room(&room) {
-        Ok(()) => Html(PLAY_HTML).into_response(),
-        Err(e) => e,
-    }
+    page(&room, PLAY_HTML)
 }
 
 pub(crate) async fn asset(State(state): State<AppState>, Path(file): Path<String>) -> Response {
     let (content_type, body): (&str, String) = if file == "config.js" {
-        ("text/javascript; charset=utf-8", state.page_config.to_string())
+        (
+            "text/javascript; charset=utf-8",
+            state.page_config.to_string(),
+        )
     } else if let Some((_, ct, body)) = ASSETS.iter().find(|(name, _, _)| *name == file) {
         (ct, (*body).to_owned())
     } else {

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot, watch};
 use weir_protocol::{RoomId, SessionId};
-use weir_sfu::{Accepted, Counters, Event, Input, Output, Role, RoomSummary, Sfu, SfuConfig, SfuError};
+use weir_sfu::{
+    Accepted, Counters, Event, Input, Output, Role, RoomSummary, Sfu, SfuConfig, SfuError,
+};
 
 /// Largest datagram read; WebRTC stays under the path MTU, so 2 KiB is ample.
 const RECV_BUF: usize = 2048;
@@ -85,7 +87,16 @@ impl ShardHandle {
         offer: String,
     ) -> Result<Result<Accepted, SfuError>, ShardGone> {
         let (reply, rx) = oneshot::channel();
-        self.send(Command::Publish { room, owner, offer, reply }, rx).await
+        self.send(
+            Command::Publish {
+                room,
+                owner,
+                offer,
+                reply,
+            },
+            rx,
+        )
+        .await
     }
 
     pub async fn play(
@@ -95,7 +106,16 @@ impl ShardHandle {
         offer: String,
     ) -> Result<Result<Accepted, SfuError>, ShardGone> {
         let (reply, rx) = oneshot::channel();
-        self.send(Command::Play { room, owner, offer, reply }, rx).await
+        self.send(
+            Command::Play {
+                room,
+                owner,
+                offer,
+                reply,
+            },
+            rx,
+        )
+        .await
     }
 
     pub async fn close(
@@ -104,7 +124,15 @@ impl ShardHandle {
         session: SessionId,
     ) -> Result<Result<Role, SfuError>, ShardGone> {
         let (reply, rx) = oneshot::channel();
-        self.send(Command::Close { room, session, reply }, rx).await
+        self.send(
+            Command::Close {
+                room,
+                session,
+                reply,
+            },
+            rx,
+        )
+        .await
     }
 
     pub async fn trickle(
@@ -114,7 +142,16 @@ impl ShardHandle {
         sdpfrag: String,
     ) -> Result<Result<usize, SfuError>, ShardGone> {
         let (reply, rx) = oneshot::channel();
-        self.send(Command::Trickle { room, session, sdpfrag, reply }, rx).await
+        self.send(
+            Command::Trickle {
+                room,
+                session,
+                sdpfrag,
+                reply,
+            },
+            rx,
+        )
+        .await
     }
 
     async fn send<T>(&self, cmd: Command, rx: oneshot::Receiver<T>) -> Result<T, ShardGone> {
@@ -142,7 +179,10 @@ pub fn spawn(
     let thread = std::thread::Builder::new()
         .name("weir-shard-0".into())
         .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot start the shard runtime");
@@ -234,16 +274,35 @@ fn handle_command(sfu: &mut Sfu, cmd: Command) {
     let now = Instant::now();
     // A caller that gave up (client went away) simply misses the reply.
     match cmd {
-        Command::Publish { room, owner, offer, reply } => {
+        Command::Publish {
+            room,
+            owner,
+            offer,
+            reply,
+        } => {
             let _ = reply.send(sfu.accept_publisher(now, room, &owner, &offer));
         }
-        Command::Play { room, owner, offer, reply } => {
+        Command::Play {
+            room,
+            owner,
+            offer,
+            reply,
+        } => {
             let _ = reply.send(sfu.accept_subscriber(now, room, &owner, &offer));
         }
-        Command::Close { room, session, reply } => {
+        Command::Close {
+            room,
+            session,
+            reply,
+        } => {
             let _ = reply.send(sfu.close_session(&room, &session));
         }
-        Command::Trickle { room, session, sdpfrag, reply } => {
+        Command::Trickle {
+            room,
+            session,
+            sdpfrag,
+            reply,
+        } => {
             let _ = reply.send(sfu.add_remote_candidates(&room, &session, &sdpfrag));
         }
     }
@@ -251,11 +310,21 @@ fn handle_command(sfu: &mut Sfu, cmd: Command) {
 
 fn record_event(e: Event) {
     match e {
-        Event::SessionConnected { session, room, role } => {
+        Event::SessionConnected {
+            session,
+            room,
+            role,
+        } => {
             tracing::info!(%room, %session, role = role.as_str(), "session connected");
-            metrics::counter!("weir_sessions_connected_total", "role" => role.as_str()).increment(1);
+            metrics::counter!("weir_sessions_connected_total", "role" => role.as_str())
+                .increment(1);
         }
-        Event::SessionClosed { session, room, role, reason } => {
+        Event::SessionClosed {
+            session,
+            room,
+            role,
+            reason,
+        } => {
             let reason = match reason {
                 weir_sfu::CloseReason::Requested => "requested".to_owned(),
                 weir_sfu::CloseReason::Disconnected => "disconnected".to_owned(),
@@ -269,7 +338,11 @@ fn record_event(e: Event) {
             metrics::counter!("weir_sessions_closed_total", "role" => role.as_str(), "reason" => reason)
                 .increment(1);
         }
-        Event::FirstFrame { session, room, after } => {
+        Event::FirstFrame {
+            session,
+            room,
+            after,
+        } => {
             tracing::debug!(%room, %session, ms = after.as_millis() as u64, "first frame sent");
             metrics::histogram!("weir_time_to_first_frame_seconds", "side" => "server")
                 .record(after.as_secs_f64());

@@ -58,7 +58,12 @@ pub async fn request(
         .with_context(|| format!("{method} {url} timed out after {timeout:?}"))?
 }
 
-async fn request_inner(method: &str, url: &str, headers: &[(&str, &str)], body: &[u8]) -> anyhow::Result<Response> {
+async fn request_inner(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> anyhow::Result<Response> {
     let (authority, path) = split_url(url)?;
     let mut stream = TcpStream::connect(&authority)
         .await
@@ -99,13 +104,17 @@ fn parse(raw: &[u8]) -> anyhow::Result<Response> {
         .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
         .collect();
     let mut body = raw[end + 4..].to_vec();
-    let chunked = headers
-        .iter()
-        .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked"));
+    let chunked = headers.iter().any(|(k, v)| {
+        k.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked")
+    });
     if chunked {
         body = dechunk(&body)?;
     }
-    Ok(Response { status, headers, body })
+    Ok(Response {
+        status,
+        headers,
+        body,
+    })
 }
 
 fn dechunk(mut data: &[u8]) -> anyhow::Result<Vec<u8>> {
@@ -115,7 +124,10 @@ fn dechunk(mut data: &[u8]) -> anyhow::Result<Vec<u8>> {
             .windows(2)
             .position(|w| w == b"\r\n")
             .context("bad chunk")?;
-        let size_hex = std::str::from_utf8(&data[..line_end])?.split(';').next().unwrap_or("0");
+        let size_hex = std::str::from_utf8(&data[..line_end])?
+            .split(';')
+            .next()
+            .unwrap_or("0");
         let size = usize::from_str_radix(size_hex.trim(), 16).context("bad chunk size")?;
         data = &data[line_end + 2..];
         if size == 0 {
@@ -136,14 +148,22 @@ mod tests {
 
     #[test]
     fn parses_plain_and_chunked_responses() {
-        let r = parse(b"HTTP/1.1 201 Created\r\nLocation: /whep/r/1\r\nContent-Length: 2\r\n\r\nok").unwrap();
+        let r =
+            parse(b"HTTP/1.1 201 Created\r\nLocation: /whep/r/1\r\nContent-Length: 2\r\n\r\nok")
+                .unwrap();
         assert_eq!(r.status, 201);
         assert_eq!(r.header("location"), Some("/whep/r/1"));
         assert_eq!(r.body, b"ok");
-        let r = parse(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n1\r\nc\r\n0\r\n\r\n").unwrap();
+        let r = parse(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n1\r\nc\r\n0\r\n\r\n",
+        )
+        .unwrap();
         assert_eq!(r.body, b"abc");
         assert!(parse(b"garbage").is_err());
         assert!(split_url("https://x/").is_err());
-        assert_eq!(split_url("http://a:1/b/c").unwrap(), ("a:1".into(), "/b/c".into()));
+        assert_eq!(
+            split_url("http://a:1/b/c").unwrap(),
+            ("a:1".into(), "/b/c".into())
+        );
     }
 }

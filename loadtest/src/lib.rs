@@ -92,10 +92,10 @@ pub fn summarize(room: &str, reports: &[ViewerReport]) -> anyhow::Result<Summary
     let mut errors = Vec::new();
     let mut without_video = 0;
     for r in reports {
-        if let Some(e) = &r.error {
-            if errors.len() < 10 {
-                errors.push(e.clone());
-            }
+        if let Some(e) = &r.error
+            && errors.len() < 10
+        {
+            errors.push(e.clone());
         }
         if let Some(j) = r.join {
             join.record(j.as_micros() as u64)?;
@@ -137,10 +137,18 @@ pub async fn assign_viewer(control: &str, room: &str) -> anyhow::Result<Target> 
     )
     .await?;
     if res.status != 200 {
-        bail!("assign-viewer answered {}: {}", res.status, res.text().trim());
+        bail!(
+            "assign-viewer answered {}: {}",
+            res.status,
+            res.text().trim()
+        );
     }
-    let v: serde_json::Value = serde_json::from_slice(&res.body).context("assign-viewer: bad JSON")?;
-    let token = v["token"].as_str().context("assign-viewer: no token")?.to_owned();
+    let v: serde_json::Value =
+        serde_json::from_slice(&res.body).context("assign-viewer: bad JSON")?;
+    let token = v["token"]
+        .as_str()
+        .context("assign-viewer: no token")?
+        .to_owned();
     let whep_url = v["endpoints"]
         .as_array()
         .and_then(|e| e.iter().find(|e| e["kind"] == "whep"))
@@ -158,7 +166,9 @@ pub async fn run_viewers(target: Target, args: &LoadtestArgs) -> Vec<ViewerRepor
         let target = target.clone();
         let bind = args.bind;
         let deadline = Instant::now() + duration;
-        tasks.push(tokio::spawn(async move { viewer::run(&target, bind, deadline).await }));
+        tasks.push(tokio::spawn(async move {
+            viewer::run(&target, bind, deadline).await
+        }));
         tokio::time::sleep(Duration::from_millis(args.ramp_ms)).await;
     }
     let mut reports = Vec::with_capacity(tasks.len());
@@ -190,7 +200,13 @@ pub async fn run(args: LoadtestArgs) -> anyhow::Result<i32> {
     } else {
         print_table(&summary);
     }
-    Ok(if summary.failed == 0 && summary.viewers_without_video == 0 { 0 } else { 1 })
+    Ok(
+        if summary.failed == 0 && summary.viewers_without_video == 0 {
+            0
+        } else {
+            1
+        },
+    )
 }
 
 fn print_table(s: &Summary) {
@@ -203,7 +219,10 @@ fn print_table(s: &Summary) {
         s.freezes,
         viewer::FREEZE_GAP.as_millis()
     );
-    println!("{:<18} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9}", "measure", "count", "p50", "p90", "p99", "p99.9", "max");
+    println!(
+        "{:<18} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "measure", "count", "p50", "p90", "p99", "p99.9", "max"
+    );
     for (name, p) in [
         ("join (ms)", &s.join_ms),
         ("first frame (ms)", &s.first_frame_ms),

@@ -48,7 +48,12 @@ pub async fn run(target: &Target, bind: IpAddr, deadline: Instant) -> ViewerRepo
     report
 }
 
-async fn play(target: &Target, bind: IpAddr, deadline: Instant, report: &mut ViewerReport) -> anyhow::Result<()> {
+async fn play(
+    target: &Target,
+    bind: IpAddr,
+    deadline: Instant,
+    report: &mut ViewerReport,
+) -> anyhow::Result<()> {
     let socket = UdpSocket::bind(SocketAddr::new(bind, 0)).await?;
     let local = socket.local_addr()?;
     let start = Instant::now();
@@ -63,7 +68,10 @@ async fn play(target: &Target, bind: IpAddr, deadline: Instant, report: &mut Vie
     let res = http::request(
         "POST",
         &target.whep_url,
-        &[("Content-Type", "application/sdp"), ("Authorization", &auth)],
+        &[
+            ("Content-Type", "application/sdp"),
+            ("Authorization", &auth),
+        ],
         offer.to_sdp_string().as_bytes(),
         Duration::from_secs(10),
     )
@@ -107,9 +115,9 @@ async fn play(target: &Target, bind: IpAddr, deadline: Instant, report: &mut Vie
                             report.audio_frames += 1;
                         }
                     }
-                    Output::Event(Event::IceConnectionStateChange(s))
-                        if s == str0m::IceConnectionState::Disconnected =>
-                    {
+                    Output::Event(Event::IceConnectionStateChange(
+                        str0m::IceConnectionState::Disconnected,
+                    )) => {
                         bail!("ICE disconnected");
                     }
                     Output::Event(_) => {}
@@ -143,7 +151,14 @@ async fn play(target: &Target, bind: IpAddr, deadline: Instant, report: &mut Vie
         // Leave politely; the node would notice the silence anyway.
         if let Ok((authority, _)) = http::split_url(&target.whep_url) {
             let url = format!("http://{authority}{loc}");
-            let _ = http::request("DELETE", &url, &[("Authorization", &auth)], b"", Duration::from_secs(5)).await;
+            let _ = http::request(
+                "DELETE",
+                &url,
+                &[("Authorization", &auth)],
+                b"",
+                Duration::from_secs(5),
+            )
+            .await;
         }
     }
     result

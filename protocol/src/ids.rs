@@ -113,13 +113,16 @@ mod tests {
     #[test]
     fn room_ids_are_validated() {
         assert!(RoomId::parse("lobby-1_a.b").is_ok());
-        assert_eq!(
-            RoomId::parse(""),
-            Err(IdError::Empty { kind: "room id" })
-        );
-        assert!(matches!(RoomId::parse("a/b"), Err(IdError::BadChar { found: '/', .. })));
+        assert_eq!(RoomId::parse(""), Err(IdError::Empty { kind: "room id" }));
+        assert!(matches!(
+            RoomId::parse("a/b"),
+            Err(IdError::BadChar { found: '/', .. })
+        ));
         assert!(matches!(RoomId::parse(".."), Err(IdError::BadChar { .. })));
-        assert!(matches!(RoomId::parse(&"x".repeat(65)), Err(IdError::TooLong { .. })));
+        assert!(matches!(
+            RoomId::parse(&"x".repeat(65)),
+            Err(IdError::TooLong { .. })
+        ));
         assert!(matches!(RoomId::parse("é"), Err(IdError::BadChar { .. })));
     }
 

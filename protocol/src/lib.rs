@@ -6,7 +6,8 @@ pub mod coordinator;
 pub mod ids;
 pub mod token;
 
-/// Generated protobuf and tonic code for `weir.v1`.
+/// Generated protobuf and tonic code for `weir.v1` (feature `grpc`).
+#[cfg(feature = "grpc")]
 #[allow(clippy::all, missing_docs, clippy::unwrap_used)]
 pub mod pb {
     tonic::include_proto!("weir.v1");

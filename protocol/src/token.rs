@@ -161,7 +161,8 @@ impl TokenVerifier {
         let bytes: [u8; 32] = bytes
             .try_into()
             .map_err(|_| TokenError::BadKey("expected 32 bytes".into()))?;
-        let key = VerifyingKey::from_bytes(&bytes).map_err(|e| TokenError::BadKey(e.to_string()))?;
+        let key =
+            VerifyingKey::from_bytes(&bytes).map_err(|e| TokenError::BadKey(e.to_string()))?;
         Ok(Self { key })
     }
 
@@ -194,8 +195,8 @@ impl TokenVerifier {
         let json = B64
             .decode(payload)
             .map_err(|_| TokenError::Malformed("claims are not base64url"))?;
-        let claims: TokenClaims =
-            serde_json::from_slice(&json).map_err(|_| TokenError::Malformed("claims are not valid"))?;
+        let claims: TokenClaims = serde_json::from_slice(&json)
+            .map_err(|_| TokenError::Malformed("claims are not valid"))?;
         if claims.exp <= now_unix {
             return Err(TokenError::Expired);
         }
@@ -270,17 +271,32 @@ mod tests {
         assert_eq!(other.verify(&t, 150), Err(TokenError::BadSignature));
 
         // Swap the claims for different ones, keep the signature.
-        let forged_claims = B64.encode(br#"{"room":"r1","mode":"publish","sub":"u1","iat":1,"exp":999}"#);
+        let forged_claims =
+            B64.encode(br#"{"room":"r1","mode":"publish","sub":"u1","iat":1,"exp":999}"#);
         let sig = t.rsplit('.').next().unwrap();
         let forged = format!("w1.{forged_claims}.{sig}");
-        assert_eq!(s.verifier().verify(&forged, 150), Err(TokenError::BadSignature));
+        assert_eq!(
+            s.verifier().verify(&forged, 150),
+            Err(TokenError::BadSignature)
+        );
     }
 
     #[test]
     fn garbage_is_malformed_not_a_panic() {
         let v = TokenSigner::generate().verifier();
-        for t in ["", "w1.", "w1..", "w1.abc.def", "x", "w1.!!!.???", &"w1.a".repeat(1000)] {
-            assert!(matches!(v.verify(t, 0), Err(TokenError::Malformed(_))), "{t}");
+        for t in [
+            "",
+            "w1.",
+            "w1..",
+            "w1.abc.def",
+            "x",
+            "w1.!!!.???",
+            &"w1.a".repeat(1000),
+        ] {
+            assert!(
+                matches!(v.verify(t, 0), Err(TokenError::Malformed(_))),
+                "{t}"
+            );
         }
     }
 

@@ -26,7 +26,8 @@ impl Rebase {
                 None => 0,
                 Some((last, at)) => {
                     let hz = i128::from(last.denom());
-                    let gap = now.saturating_duration_since(at).as_micros() as i128 * hz / 1_000_000;
+                    let gap =
+                        now.saturating_duration_since(at).as_micros() as i128 * hz / 1_000_000;
                     // At least one tick after the last one written.
                     let target = i128::from(last.numer()) + gap.max(1);
                     // One track keeps one clock, so both times share a frequency.
@@ -52,6 +53,7 @@ mod tests {
 
     #[test]
     fn first_publisher_passes_through_and_takeover_continues_the_timeline() {
+        #[allow(clippy::disallowed_methods)] // the origin of virtual time
         let t0 = Instant::now();
         let mut r = Rebase::default();
         let hz = Frequency::NINETY_KHZ;

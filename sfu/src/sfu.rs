@@ -319,7 +319,11 @@ impl Sfu {
         offer_sdp: &str,
     ) -> Result<Accepted, SfuError> {
         let id = self.accept(now, room.clone(), Role::Subscriber, owner, offer_sdp)?;
-        self.rooms.entry(room).or_default().subscribers.push(id.clone());
+        self.rooms
+            .entry(room)
+            .or_default()
+            .subscribers
+            .push(id.clone());
         self.run(now);
         Ok(self.accepted(id, None))
     }
@@ -365,7 +369,10 @@ impl Sfu {
         let mut session = Session::new(id.clone(), room, role, owner.to_owned(), rtc, now, ufrag);
         session.answer = Some(answer.to_sdp_string());
         // The negotiated media: what a publisher sends us, what we send a viewer.
-        for mid in offer_sdp.lines().filter_map(|l| l.trim().strip_prefix("a=mid:")) {
+        for mid in offer_sdp
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("a=mid:"))
+        {
             let Some(media) = session.rtc.media(Mid::from(mid)) else {
                 continue;
             };
@@ -425,12 +432,12 @@ impl Sfu {
                 if session.remote_ufrag.as_deref().is_some_and(|u| u != ufrag) {
                     return Err(SfuError::IceRestartUnsupported);
                 }
-            } else if let Some(c) = line.strip_prefix("a=") {
-                if c.starts_with("candidate:") {
-                    let c = Candidate::from_sdp_string(c)
-                        .map_err(|e| SfuError::InvalidCandidate(e.to_string()))?;
-                    candidates.push(c);
-                }
+            } else if let Some(c) = line.strip_prefix("a=")
+                && c.starts_with("candidate:")
+            {
+                let c = Candidate::from_sdp_string(c)
+                    .map_err(|e| SfuError::InvalidCandidate(e.to_string()))?;
+                candidates.push(c);
             }
         }
         let n = candidates.len();
@@ -458,12 +465,12 @@ impl Sfu {
                     .map(|s| s.id.clone())
                     .collect();
                 for id in due {
-                    if let Some(s) = self.sessions.get_mut(&id) {
-                        if let Err(e) = s.rtc.handle_input(str0m::Input::Timeout(now)) {
-                            let reason = CloseReason::Failed(e.to_string());
-                            self.close(&id, reason);
-                            continue;
-                        }
+                    if let Some(s) = self.sessions.get_mut(&id)
+                        && let Err(e) = s.rtc.handle_input(str0m::Input::Timeout(now))
+                    {
+                        let reason = CloseReason::Failed(e.to_string());
+                        self.close(&id, reason);
+                        continue;
                     }
                     self.dirty.push(id);
                 }
@@ -486,7 +493,13 @@ impl Sfu {
         self.last_now + Duration::from_secs(1)
     }
 
-    fn receive(&mut self, now: Instant, source: SocketAddr, destination: SocketAddr, contents: &[u8]) {
+    fn receive(
+        &mut self,
+        now: Instant,
+        source: SocketAddr,
+        destination: SocketAddr,
+        contents: &[u8],
+    ) {
         self.last_now = now;
         self.counters.datagrams_in += 1;
         self.counters.bytes_in += contents.len() as u64;
@@ -506,7 +519,11 @@ impl Sfu {
         let known = self
             .by_addr
             .get(&source)
-            .filter(|id| self.sessions.get(*id).is_some_and(|s| s.rtc.accepts(&input)))
+            .filter(|id| {
+                self.sessions
+                    .get(*id)
+                    .is_some_and(|s| s.rtc.accepts(&input))
+            })
             .cloned();
         let id = match known {
             Some(id) => id,
@@ -632,10 +649,9 @@ impl Sfu {
         let Some(r) = self.rooms.get_mut(room) else {
             return;
         };
-        if r
-            .last_keyframe_request
-            .is_some_and(|t| now.saturating_duration_since(t) < self.config.keyframe_request_interval)
-        {
+        if r.last_keyframe_request.is_some_and(|t| {
+            now.saturating_duration_since(t) < self.config.keyframe_request_interval
+        }) {
             return;
         }
         let Some(p) = r.publisher.as_ref().and_then(|p| self.sessions.get_mut(p)) else {

@@ -69,7 +69,9 @@ impl Net {
     /// Creates a client peer with an offer for `dir` audio+video; returns its
     /// index, the offer SDP and the pending state.
     fn client(&mut self, dir: Direction) -> (usize, String, SdpPendingOffer) {
-        let addr: SocketAddr = format!("127.0.0.1:{}", 20000 + self.peers.len()).parse().unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{}", 20000 + self.peers.len())
+            .parse()
+            .unwrap();
         let mut rtc = Rtc::builder().build(self.now);
         rtc.add_local_candidate(Candidate::host(addr, "udp").unwrap());
         let mut change = rtc.sdp_api();
@@ -92,12 +94,18 @@ impl Net {
 
     fn finish(&mut self, peer: usize, pending: SdpPendingOffer, answer: &str) {
         let answer = SdpAnswer::from_sdp_string(answer).unwrap();
-        self.peers[peer].rtc.sdp_api().accept_answer(pending, answer).unwrap();
+        self.peers[peer]
+            .rtc
+            .sdp_api()
+            .accept_answer(pending, answer)
+            .unwrap();
     }
 
     fn publish(&mut self, room_name: &str, owner: &str) -> Result<(usize, SessionId), SfuError> {
         let (i, offer, pending) = self.client(Direction::SendOnly);
-        let accepted = self.sfu.accept_publisher(self.now, room(room_name), owner, &offer)?;
+        let accepted = self
+            .sfu
+            .accept_publisher(self.now, room(room_name), owner, &offer)?;
         self.finish(i, pending, &accepted.answer_sdp);
         self.drain_sfu();
         Ok((i, accepted.session))
@@ -105,7 +113,10 @@ impl Net {
 
     fn subscribe(&mut self, room_name: &str) -> (usize, SessionId) {
         let (i, offer, pending) = self.client(Direction::RecvOnly);
-        let accepted = self.sfu.accept_subscriber(self.now, room(room_name), "viewer", &offer).unwrap();
+        let accepted = self
+            .sfu
+            .accept_subscriber(self.now, room(room_name), "viewer", &offer)
+            .unwrap();
         self.finish(i, pending, &accepted.answer_sdp);
         self.drain_sfu();
         (i, accepted.session)
@@ -115,7 +126,8 @@ impl Net {
         loop {
             match self.sfu.poll_output() {
                 Output::Transmit(t) => {
-                    self.wire.push_back((self.now + LATENCY, t.source, t.destination, t.contents))
+                    self.wire
+                        .push_back((self.now + LATENCY, t.source, t.destination, t.contents))
                 }
                 Output::Event(e) => self.events.push(e),
                 Output::Timeout(at) => {
@@ -135,7 +147,8 @@ impl Net {
         loop {
             match p.rtc.poll_output() {
                 Ok(str0m::Output::Transmit(t)) => {
-                    self.wire.push_back((now + LATENCY, t.source, t.destination, t.contents.into()))
+                    self.wire
+                        .push_back((now + LATENCY, t.source, t.destination, t.contents.into()))
                 }
                 Ok(str0m::Output::Timeout(at)) => {
                     p.next = at;
@@ -144,7 +157,11 @@ impl Net {
                 Ok(str0m::Output::Event(e)) => match e {
                     RtcEvent::Connected => p.connected = true,
                     RtcEvent::MediaData(d) => {
-                        let kind = if Some(d.mid) == p.video { MediaKind::Video } else { MediaKind::Audio };
+                        let kind = if Some(d.mid) == p.video {
+                            MediaKind::Video
+                        } else {
+                            MediaKind::Audio
+                        };
                         p.media.push((kind, d.is_keyframe(), now));
                     }
                     RtcEvent::KeyframeRequest(_) => p.keyframe_requests += 1,
@@ -186,7 +203,10 @@ impl Net {
             for i in 0..self.peers.len() {
                 if self.peers[i].online && self.peers[i].next <= self.now {
                     let now = self.now;
-                    self.peers[i].rtc.handle_input(str0m::Input::Timeout(now)).unwrap();
+                    self.peers[i]
+                        .rtc
+                        .handle_input(str0m::Input::Timeout(now))
+                        .unwrap();
                     self.drain_peer(i);
                 }
             }
@@ -227,30 +247,57 @@ impl Net {
         }
         if let Some(mid) = p.audio {
             let w = p.rtc.writer(mid).unwrap();
-            let pt = w.payload_params().find(|pp| pp.spec().codec == Codec::Opus).unwrap().pt();
-            w.write(pt, now, MediaTime::new(frame * 480, str0m::media::Frequency::FORTY_EIGHT_KHZ), vec![0xfc; 60])
-                .unwrap();
+            let pt = w
+                .payload_params()
+                .find(|pp| pp.spec().codec == Codec::Opus)
+                .unwrap()
+                .pt();
+            w.write(
+                pt,
+                now,
+                MediaTime::new(frame * 480, str0m::media::Frequency::FORTY_EIGHT_KHZ),
+                vec![0xfc; 60],
+            )
+            .unwrap();
         }
-        if frame % 3 == 0 {
-            if let Some(mid) = p.video {
-                let w = p.rtc.writer(mid).unwrap();
-                let pt = w.payload_params().find(|pp| pp.spec().codec == Codec::Vp8).unwrap().pt();
-                // VP8: bit 0 of the first byte clear marks a keyframe.
-                let mut data = vec![0x55u8; if keyframe { 3000 } else { 800 }];
-                data[0] = if keyframe { 0x10 } else { 0x11 };
-                w.write(pt, now, MediaTime::new(frame * 900, str0m::media::Frequency::NINETY_KHZ), data)
-                    .unwrap();
-            }
+        if frame.is_multiple_of(3)
+            && let Some(mid) = p.video
+        {
+            let w = p.rtc.writer(mid).unwrap();
+            let pt = w
+                .payload_params()
+                .find(|pp| pp.spec().codec == Codec::Vp8)
+                .unwrap()
+                .pt();
+            // VP8: bit 0 of the first byte clear marks a keyframe.
+            let mut data = vec![0x55u8; if keyframe { 3000 } else { 800 }];
+            data[0] = if keyframe { 0x10 } else { 0x11 };
+            w.write(
+                pt,
+                now,
+                MediaTime::new(frame * 900, str0m::media::Frequency::NINETY_KHZ),
+                data,
+            )
+            .unwrap();
         }
         self.drain_peer(i);
     }
 
     fn video_received(&self, i: usize) -> Vec<bool> {
-        self.peers[i].media.iter().filter(|m| m.0 == MediaKind::Video).map(|m| m.1).collect()
+        self.peers[i]
+            .media
+            .iter()
+            .filter(|m| m.0 == MediaKind::Video)
+            .map(|m| m.1)
+            .collect()
     }
 
     fn audio_received(&self, i: usize) -> usize {
-        self.peers[i].media.iter().filter(|m| m.0 == MediaKind::Audio).count()
+        self.peers[i]
+            .media
+            .iter()
+            .filter(|m| m.0 == MediaKind::Audio)
+            .count()
     }
 }
 
@@ -264,7 +311,7 @@ fn drive_publisher(publisher: usize) -> impl FnMut(&mut Net) {
         }
         let asked = net.peers[publisher].keyframe_requests;
         let keyframe = frame == 0 || asked > answered;
-        if keyframe && frame % 3 != 0 {
+        if keyframe && !frame.is_multiple_of(3) {
             // Keyframes go on video ticks; come back next tick.
         } else {
             if keyframe {
@@ -287,9 +334,17 @@ fn media_flows_from_publisher_to_every_subscriber() {
 
     for s in [s1, s2] {
         let video = net.video_received(s);
-        assert!(video.len() > 20, "subscriber {s} got {} video frames", video.len());
+        assert!(
+            video.len() > 20,
+            "subscriber {s} got {} video frames",
+            video.len()
+        );
         assert!(video[0], "video to a subscriber starts with a keyframe");
-        assert!(net.audio_received(s) > 50, "subscriber {s} got {} audio frames", net.audio_received(s));
+        assert!(
+            net.audio_received(s) > 50,
+            "subscriber {s} got {} audio frames",
+            net.audio_received(s)
+        );
     }
     let c = net.sfu.counters();
     assert!(c.frames_forwarded > 100 && c.bytes_forwarded > 0, "{c:?}");
@@ -300,7 +355,13 @@ fn media_flows_from_publisher_to_every_subscriber() {
         .filter(|e| matches!(e, Event::SessionConnected { .. }))
         .count();
     assert_eq!(connected, 3);
-    assert_eq!(net.events.iter().filter(|e| matches!(e, Event::FirstFrame { .. })).count(), 2);
+    assert_eq!(
+        net.events
+            .iter()
+            .filter(|e| matches!(e, Event::FirstFrame { .. }))
+            .count(),
+        2
+    );
     let rooms = net.sfu.rooms();
     assert_eq!(rooms.len(), 1);
     assert!(rooms[0].live);
@@ -314,7 +375,10 @@ fn late_subscriber_gets_a_keyframe_through_a_coalesced_request() {
     let mut drive = drive_publisher(p);
     let t = net.now + Duration::from_secs(2);
     net.run_until(t, &mut drive);
-    assert_eq!(net.peers[p].keyframe_requests, 0, "nobody asked for a keyframe yet");
+    assert_eq!(
+        net.peers[p].keyframe_requests, 0,
+        "nobody asked for a keyframe yet"
+    );
 
     // Three viewers join at once; one keyframe request reaches the publisher.
     let late: Vec<usize> = (0..3).map(|_| net.subscribe("r1").0).collect();
@@ -325,7 +389,10 @@ fn late_subscriber_gets_a_keyframe_through_a_coalesced_request() {
         assert!(!video.is_empty(), "late subscriber {s} got no video");
         assert!(video[0], "late subscriber {s} starts at a keyframe");
     }
-    assert_eq!(net.peers[p].keyframe_requests, 1, "requests from 3 viewers were coalesced");
+    assert_eq!(
+        net.peers[p].keyframe_requests, 1,
+        "requests from 3 viewers were coalesced"
+    );
 }
 
 #[test]
@@ -340,7 +407,10 @@ fn a_subscriber_leaving_does_not_disturb_the_others() {
     net.run_until(t, &mut drive);
 
     // s1 leaves politely (DELETE), s3 vanishes without a word.
-    assert_eq!(net.sfu.close_session(&room("r1"), &id1), Ok(Role::Subscriber));
+    assert_eq!(
+        net.sfu.close_session(&room("r1"), &id1),
+        Ok(Role::Subscriber)
+    );
     net.drain_sfu();
     net.peers[s1].online = false;
     net.peers[s3].online = false;
@@ -348,19 +418,33 @@ fn a_subscriber_leaving_does_not_disturb_the_others() {
     let t = net.now + Duration::from_secs(40);
     net.run_until(t, &mut drive);
 
-    assert!(net.video_received(s2).len() > before + 100, "s2 kept receiving");
+    assert!(
+        net.video_received(s2).len() > before + 100,
+        "s2 kept receiving"
+    );
     let closed: Vec<_> = net
         .events
         .iter()
         .filter_map(|e| match e {
-            Event::SessionClosed { session, reason, .. } => Some((session.clone(), reason.clone())),
+            Event::SessionClosed {
+                session, reason, ..
+            } => Some((session.clone(), reason.clone())),
             _ => None,
         })
         .collect();
-    assert!(closed.contains(&(id1.clone(), CloseReason::Requested)), "{closed:?}");
-    assert!(closed.contains(&(id3.clone(), CloseReason::Disconnected)), "{closed:?}");
+    assert!(
+        closed.contains(&(id1.clone(), CloseReason::Requested)),
+        "{closed:?}"
+    );
+    assert!(
+        closed.contains(&(id3.clone(), CloseReason::Disconnected)),
+        "{closed:?}"
+    );
     assert_eq!(net.sfu.rooms()[0].subscribers, 1);
-    assert_eq!(net.sfu.close_session(&room("r1"), &id1), Err(SfuError::UnknownSession));
+    assert_eq!(
+        net.sfu.close_session(&room("r1"), &id1),
+        Err(SfuError::UnknownSession)
+    );
 }
 
 #[test]
@@ -374,7 +458,10 @@ fn publisher_leaving_keeps_viewers_and_the_same_owner_takes_over() {
     assert!(!net.video_received(s).is_empty());
 
     // Another streamer cannot take a live room.
-    assert_eq!(net.publish("r1", "mallory").unwrap_err(), SfuError::RoomBusy(room("r1")));
+    assert_eq!(
+        net.publish("r1", "mallory").unwrap_err(),
+        SfuError::RoomBusy(room("r1"))
+    );
 
     // Alice's encoder reconnects: the new session replaces the stale one at once.
     net.peers[p1].online = false;
@@ -386,7 +473,10 @@ fn publisher_leaving_keeps_viewers_and_the_same_owner_takes_over() {
     let t = net.now + Duration::from_secs(2);
     net.run_until(t, &mut drive2);
     let video = net.video_received(s);
-    assert!(video.len() > before + 20, "viewer resumed with the new publisher");
+    assert!(
+        video.len() > before + 20,
+        "viewer resumed with the new publisher"
+    );
     assert!(video[before], "viewer resumed at a keyframe");
 
     // The publisher leaves; the viewer stays attached to the room.
@@ -409,32 +499,44 @@ fn bad_input_is_refused_and_changes_nothing() {
     let sessions = net.sfu.session_count();
 
     assert!(matches!(
-        net.sfu.accept_publisher(net.now, room("r2"), "a", "not sdp at all"),
+        net.sfu
+            .accept_publisher(net.now, room("r2"), "a", "not sdp at all"),
         Err(SfuError::InvalidOffer(_))
     ));
     // A viewer's offer (recvonly) is no publication.
     let (_, recv_offer, _) = net.client(Direction::RecvOnly);
     assert!(matches!(
-        net.sfu.accept_publisher(net.now, room("r2"), "a", &recv_offer),
+        net.sfu
+            .accept_publisher(net.now, room("r2"), "a", &recv_offer),
         Err(SfuError::NoUsableMedia(_))
     ));
     // A publisher's offer (sendonly) gives a viewer nothing to receive.
     let (_, send_offer, _) = net.client(Direction::SendOnly);
     assert!(matches!(
-        net.sfu.accept_subscriber(net.now, room("r2"), "v", &send_offer),
+        net.sfu
+            .accept_subscriber(net.now, room("r2"), "v", &send_offer),
         Err(SfuError::NoUsableMedia(_))
     ));
     assert_eq!(net.sfu.session_count(), sessions);
-    assert_eq!(net.sfu.rooms().len(), 1, "refused offers leave no room behind");
+    assert_eq!(
+        net.sfu.rooms().len(),
+        1,
+        "refused offers leave no room behind"
+    );
 
     // Session ids are checked against the room.
-    assert_eq!(net.sfu.close_session(&room("r2"), &sid), Err(SfuError::UnknownSession));
     assert_eq!(
-        net.sfu.add_remote_candidates(&room("r1"), &sid, "a=ice-ufrag:other\r\n"),
+        net.sfu.close_session(&room("r2"), &sid),
+        Err(SfuError::UnknownSession)
+    );
+    assert_eq!(
+        net.sfu
+            .add_remote_candidates(&room("r1"), &sid, "a=ice-ufrag:other\r\n"),
         Err(SfuError::IceRestartUnsupported)
     );
     assert!(matches!(
-        net.sfu.add_remote_candidates(&room("r1"), &sid, "a=candidate:garbage\r\n"),
+        net.sfu
+            .add_remote_candidates(&room("r1"), &sid, "a=candidate:garbage\r\n"),
         Err(SfuError::InvalidCandidate(_))
     ));
 
@@ -451,7 +553,11 @@ fn bad_input_is_refused_and_changes_nothing() {
                 seed as u8
             })
             .collect();
-        let from = if n % 2 == 0 { from_known } else { "127.0.0.9:4444".parse().unwrap() };
+        let from = if n % 2 == 0 {
+            from_known
+        } else {
+            "127.0.0.9:4444".parse().unwrap()
+        };
         net.sfu.handle_input(Input::Receive {
             now: net.now,
             source: from,
@@ -464,6 +570,13 @@ fn bad_input_is_refused_and_changes_nothing() {
     let before = net.video_received(s).len();
     let t = net.now + Duration::from_secs(1);
     net.run_until(t, &mut drive);
-    assert_eq!(net.sfu.session_count(), sessions, "no session was lost to garbage");
-    assert!(net.video_received(s).len() > before + 20, "media still flows");
+    assert_eq!(
+        net.sfu.session_count(),
+        sessions,
+        "no session was lost to garbage"
+    );
+    assert!(
+        net.video_received(s).len() > before + 20,
+        "media still flows"
+    );
 }

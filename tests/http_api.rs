@@ -1,0 +1,305 @@
+//! The node's WHIP/WHEP HTTP surface against bad input: each refusal is a
+//! clear 4xx with a message, and the node keeps serving afterwards.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{DevServer, Response, offer, request};
+
+const T: Duration = Duration::from_secs(10);
+
+async fn call(method: &str, url: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
+    request(method, url, headers, body, T).await.unwrap()
+}
+
+fn assert_refused(r: &Response, status: u16, needle: &str) {
+    assert_eq!(r.status, status, "body: {}", r.text());
+    assert!(
+        r.text().to_lowercase().contains(&needle.to_lowercase()),
+        "expected {needle:?} in {:?}",
+        r.text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn whip_and_whep_refuse_bad_input_clearly_and_keep_serving() {
+    weir_data_plane::install_crypto_provider();
+    let dev = DevServer::start();
+    let base = &dev.node;
+    let publish = dev.token("room1", "publish", "alice").await;
+    let play = dev.token("room1", "play", "v1").await;
+    let other_room = dev.token("room2", "publish", "alice").await;
+    let bearer = |t: &str| format!("Bearer {t}");
+    let (pb, vb, ob) = (bearer(&publish), bearer(&play), bearer(&other_room));
+    let sdp = ("Content-Type", "application/sdp");
+    let whip = format!("{base}/whip/room1");
+    let whep = format!("{base}/whep/room1");
+    let pub_offer = offer(true);
+
+    // Tokens.
+    let r = call("POST", &whip, &[sdp], pub_offer.as_bytes()).await;
+    assert_refused(&r, 401, "missing Authorization");
+    assert_eq!(r.header("www-authenticate"), Some("Bearer"));
+    let r = call(
+        "POST",
+        &whip,
+        &[sdp, ("Authorization", "Bearer w1.garbage.sig")],
+        pub_offer.as_bytes(),
+    )
+    .await;
+    assert_refused(&r, 401, "malformed");
+    let r = call(
+        "POST",
+        &whip,
+        &[sdp, ("Authorization", "Basic abc")],
+        pub_offer.as_bytes(),
+    )
+    .await;
+    assert_refused(&r, 401, "Bearer");
+    let r = call(
+        "POST",
+        &whip,
+        &[sdp, ("Authorization", &vb)],
+        pub_offer.as_bytes(),
+    )
+    .await;
+    assert_refused(&r, 403, "allows Play");
+    let r = call(
+        "POST",
+        &whip,
+        &[sdp, ("Authorization", &ob)],
+        pub_offer.as_bytes(),
+    )
+    .await;
+    assert_refused(&r, 403, "room2");
+
+    // Bodies.
+    let r = call(
+        "POST",
+        &whip,
+        &[("Content-Type", "text/plain"), ("Authorization", &pb)],
+        pub_offer.as_bytes(),
+    )
+    .await;
+    assert_refused(&r, 415, "application/sdp");
+    let r = call(
+        "POST",
+        &whip,
+        &[("Authorization", &pb)],
+        pub_offer.as_bytes(),
+    )
+    .await;
+    assert_refused(&r, 415, "application/sdp");
+    let big = vec![b'a'; 70 * 1024];
+    let r = call("POST", &whip, &[sdp, ("Authorization", &pb)], &big).await;
+    assert_refused(&r, 413, "larger than");
+    let r = call(
+        "POST",
+        &whip,
+        &[sdp, ("Authorization", &pb)],
+        b"v=0\r\nthis is not sdp",
+    )
+    .await;
+    assert_refused(&r, 400, "invalid SDP offer");
+    let r = call(
+        "POST",
+        &whip,
+        &[sdp, ("Authorization", &pb)],
+        &[0xff, 0xfe, 0x00],
+    )
+    .await;
+    assert_refused(&r, 400, "UTF-8");
+    // A viewer's offer sent to WHIP publishes nothing.
+    let r = call(
+        "POST",
+        &whip,
+        &[sdp, ("Authorization", &pb)],
+        offer(false).as_bytes(),
+    )
+    .await;
+    assert_refused(&r, 400, "no audio or video to publish");
+    let r = call(
+        "POST",
+        &format!("{base}/whip/bad%20room"),
+        &[sdp, ("Authorization", &pb)],
+        b"x",
+    )
+    .await;
+    assert_refused(&r, 400, "bad room");
+
+    // Sessions that do not exist.
+    let r = call(
+        "DELETE",
+        &format!("{whip}/0123456789abcdef"),
+        &[("Authorization", &pb)],
+        b"",
+    )
+    .await;
+    assert_refused(&r, 404, "no such session");
+    let r = call(
+        "DELETE",
+        &format!("{whip}/not%20an%20id"),
+        &[("Authorization", &pb)],
+        b"",
+    )
+    .await;
+    assert_refused(&r, 404, "no such session");
+    let r = call("DELETE", &format!("{whip}/0123456789abcdef"), &[], b"").await;
+    assert_refused(&r, 401, "missing Authorization");
+
+    // Methods.
+    let r = call("GET", &whip, &[], b"").await;
+    assert_refused(&r, 405, "not allowed");
+    assert_eq!(r.header("allow"), Some("POST, OPTIONS"));
+    let r = call("PUT", &format!("{whip}/0123456789abcdef"), &[], b"").await;
+    assert_refused(&r, 405, "not allowed");
+    let r = call("OPTIONS", &whip, &[], b"").await;
+    assert_eq!(r.status, 204);
+    assert_eq!(r.header("accept-post"), Some("application/sdp"));
+    // CORS preflight, as a browser on another origin sends it.
+    let r = call(
+        "OPTIONS",
+        &whep,
+        &[
+            ("Origin", "http://example.test"),
+            ("Access-Control-Request-Method", "POST"),
+            (
+                "Access-Control-Request-Headers",
+                "authorization,content-type",
+            ),
+        ],
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, 204);
+    assert_eq!(r.header("access-control-allow-origin"), Some("*"));
+    let allowed = r
+        .header("access-control-allow-headers")
+        .unwrap()
+        .to_lowercase();
+    assert!(
+        allowed.contains("authorization") && allowed.contains("content-type"),
+        "{allowed}"
+    );
+
+    // After all that, the real flow works: publish, play, PATCH, DELETE.
+    let r = call(
+        "POST",
+        &whip,
+        &[
+            sdp,
+            ("Authorization", &pb),
+            ("Origin", "http://example.test"),
+        ],
+        pub_offer.as_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert!(r.text().starts_with("v=0"));
+    assert_eq!(r.header("content-type"), Some("application/sdp"));
+    let expose = r
+        .header("access-control-expose-headers")
+        .unwrap()
+        .to_lowercase();
+    assert!(expose.contains("location"), "{expose}");
+    let location = r.header("location").unwrap().to_owned();
+    assert!(location.starts_with("/whip/room1/"), "{location}");
+
+    // Another streamer is refused while the room has a publisher; the owner takes over.
+    let mallory = bearer(&dev.token("room1", "publish", "mallory").await);
+    let r = call(
+        "POST",
+        &whip,
+        &[sdp, ("Authorization", &mallory)],
+        offer(true).as_bytes(),
+    )
+    .await;
+    assert_refused(&r, 409, "already has a publisher");
+    let r = call(
+        "POST",
+        &whip,
+        &[sdp, ("Authorization", &pb)],
+        offer(true).as_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, 201, "the same owner takes over: {}", r.text());
+    let r2 = call(
+        "DELETE",
+        &format!("{base}{location}"),
+        &[("Authorization", &pb)],
+        b"",
+    )
+    .await;
+    assert_refused(&r2, 404, "no such session");
+    let location = r.header("location").unwrap().to_owned();
+
+    let r = call(
+        "POST",
+        &whep,
+        &[sdp, ("Authorization", &vb)],
+        offer(false).as_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let viewer = r.header("location").unwrap().to_owned();
+    assert!(viewer.starts_with("/whep/room1/"));
+    let frag = ("Content-Type", "application/trickle-ice-sdpfrag");
+    let r = call(
+        "PATCH",
+        &format!("{base}{viewer}"),
+        &[sdp, ("Authorization", &vb)],
+        b"a=end-of-candidates\r\n",
+    )
+    .await;
+    assert_refused(&r, 415, "trickle-ice-sdpfrag");
+    let r = call(
+        "PATCH",
+        &format!("{base}{viewer}"),
+        &[frag, ("Authorization", &vb)],
+        b"a=ice-ufrag:zzzz\r\n",
+    )
+    .await;
+    assert_refused(&r, 422, "ICE restart");
+    let r = call(
+        "PATCH",
+        &format!("{base}{viewer}"),
+        &[frag, ("Authorization", &vb)],
+        b"a=candidate:1 1 udp 2130706431 127.0.0.1 9 typ host\r\n",
+    )
+    .await;
+    assert_eq!(r.status, 204, "{}", r.text());
+    // A viewer's token cannot end the publisher's session.
+    let r = call(
+        "DELETE",
+        &format!("{base}{location}"),
+        &[("Authorization", &vb)],
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, 403, "{}", r.text());
+    for loc in [&viewer, &location] {
+        let token = if loc.starts_with("/whip") { &pb } else { &vb };
+        let r = call(
+            "DELETE",
+            &format!("{base}{loc}"),
+            &[("Authorization", token)],
+            b"",
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let r = call(
+            "DELETE",
+            &format!("{base}{loc}"),
+            &[("Authorization", token)],
+            b"",
+        )
+        .await;
+        assert_eq!(r.status, 404, "a deleted session is gone");
+    }
+    let r = call("GET", &format!("{base}/readyz"), &[], b"").await;
+    assert_eq!(r.status, 200);
+    // Request ids come back on every answer.
+    assert!(r.header("x-request-id").is_some_and(|v| !v.is_empty()));
+}
