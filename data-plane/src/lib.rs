@@ -17,7 +17,7 @@ use weir_protocol::TokenVerifier;
 use weir_protocol::coordinator::{Coordinator, NodeInfo, NodeLoad};
 
 pub use http::{MAX_SDP_BYTES, RenderMetrics};
-pub use shard::ShardStats;
+pub use shard::{ShardGone, ShardHandle, ShardStats};
 pub use weir_sfu::install_crypto_provider;
 
 /// Settings of one media node.

@@ -10,7 +10,8 @@ use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot, watch};
 use weir_protocol::{RoomId, SessionId};
 use weir_sfu::{
-    Accepted, Counters, Event, Input, Output, Role, RoomSummary, Sfu, SfuConfig, SfuError,
+    Accepted, Counters, Event, Input, MediaFrame, Output, Role, RoomSummary, Sfu, SfuConfig,
+    SfuError,
 };
 
 /// Largest datagram read; WebRTC stays under the path MTU, so 2 KiB is ample.
@@ -40,6 +41,15 @@ enum Command {
         session: SessionId,
         sdpfrag: String,
         reply: oneshot::Sender<Result<usize, SfuError>>,
+    },
+    OpenSource {
+        room: RoomId,
+        owner: String,
+        reply: oneshot::Sender<Result<(SessionId, Option<SessionId>), SfuError>>,
+    },
+    PushFrame {
+        source: SessionId,
+        frame: MediaFrame,
     },
 }
 
@@ -152,6 +162,32 @@ impl ShardHandle {
             rx,
         )
         .await
+    }
+
+    /// Opens a non-WebRTC publisher (SRT ingest) for `room`; same takeover
+    /// rule as WHIP. Returns the source's session and the one it replaced.
+    pub async fn open_source(
+        &self,
+        room: RoomId,
+        owner: String,
+    ) -> Result<Result<(SessionId, Option<SessionId>), SfuError>, ShardGone> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::OpenSource { room, owner, reply }, rx)
+            .await
+    }
+
+    /// Hands a source's frame to the shard without waiting. When the shard's
+    /// queue is full the frame is dropped and counted: ingest never blocks
+    /// on forwarding, and forwarding never waits for ingest.
+    pub fn push_frame(&self, source: SessionId, frame: MediaFrame) -> Result<(), ShardGone> {
+        match self.commands.try_send(Command::PushFrame { source, frame }) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                metrics::counter!("weir_source_frames_dropped_total").increment(1);
+                Ok(())
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(ShardGone),
+        }
     }
 
     async fn send<T>(&self, cmd: Command, rx: oneshot::Receiver<T>) -> Result<T, ShardGone> {
@@ -305,6 +341,13 @@ fn handle_command(sfu: &mut Sfu, cmd: Command) {
         } => {
             let _ = reply.send(sfu.add_remote_candidates(&room, &session, &sdpfrag));
         }
+        Command::OpenSource { room, owner, reply } => {
+            let _ = reply.send(sfu.accept_source(room, &owner));
+        }
+        Command::PushFrame { source, frame } => {
+            // A source that was replaced or closed may still have frames in flight.
+            let _ = sfu.push_frame(now, &source, frame);
+        }
     }
 }
 
@@ -375,6 +418,7 @@ fn publish_stats(sfu: &Sfu, stats: &Mutex<ShardStats>, last: &mut Counters, elap
     delta!("weir_forwarded_bytes_total", bytes_forwarded);
     delta!("weir_codec_mismatches_total", codec_mismatches);
     delta!("weir_keyframe_requests_total", keyframe_requests);
+    delta!("weir_gop_cache_starts_total", gop_cache_starts);
     metrics::gauge!("weir_sessions", "role" => "publisher").set(publishers as f64);
     metrics::gauge!("weir_sessions", "role" => "subscriber").set(subscribers as f64);
     metrics::gauge!("weir_rooms").set(rooms.len() as f64);

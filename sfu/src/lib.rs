@@ -20,14 +20,20 @@
 //! before it has been taken. The core never reads a clock, never opens a socket
 //! and never spawns a thread, so tests drive it with a virtual clock.
 
+mod frame;
+mod gop;
 mod rebase;
 mod session;
 mod sfu;
 
+pub use frame::MediaFrame;
+pub use gop::GopLimits;
 pub use sfu::{
     Accepted, CloseReason, Counters, Event, Input, Output, Role, RoomSummary, Sfu, SfuConfig,
     SfuError, Transmit,
 };
+pub use str0m::format::Codec;
+pub use str0m::media::{MediaKind, MediaTime};
 
 /// Installs the process-wide crypto provider str0m uses (DTLS, SRTP). Call
 /// once at start, before the first [`Sfu`] is built.

@@ -5,11 +5,14 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use str0m::change::SdpOffer;
-use str0m::media::{Direction, KeyframeRequestKind, MediaData, MediaKind, Mid, Rid};
+use str0m::format::Codec;
+use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid, Rid};
 use str0m::net::{Protocol, Receive};
 use str0m::{Candidate, IceConnectionState, RtcConfig};
 use weir_protocol::{RoomId, SessionId};
 
+use crate::frame::MediaFrame;
+use crate::gop::{GopCache, GopLimits};
 use crate::session::Session;
 
 /// Settings of one SFU (one shard).
@@ -20,6 +23,8 @@ pub struct SfuConfig {
     /// Keyframe requests to a publisher are coalesced to at most one per
     /// interval, however many viewers ask.
     pub keyframe_request_interval: Duration,
+    /// Bounds of each room's GOP cache (`max_frames: 0` disables it).
+    pub gop: GopLimits,
 }
 
 impl Default for SfuConfig {
@@ -27,6 +32,7 @@ impl Default for SfuConfig {
         Self {
             local_addrs: Vec::new(),
             keyframe_request_interval: Duration::from_millis(500),
+            gop: GopLimits::default(),
         }
     }
 }
@@ -38,6 +44,8 @@ pub enum Role {
     Publisher,
     /// Receives the room's media (WHEP).
     Subscriber,
+    /// Publishes media that arrives another way than WebRTC (SRT ingest).
+    Source,
 }
 
 impl Role {
@@ -46,6 +54,7 @@ impl Role {
         match self {
             Role::Publisher => "publisher",
             Role::Subscriber => "subscriber",
+            Role::Source => "source",
         }
     }
 }
@@ -163,6 +172,8 @@ pub struct Counters {
     pub codec_mismatches: u64,
     /// Keyframe requests sent to publishers (after coalescing).
     pub keyframe_requests: u64,
+    /// Viewers started from the GOP cache, without asking the publisher.
+    pub gop_cache_starts: u64,
 }
 
 /// A room as seen by this SFU.
@@ -183,6 +194,14 @@ struct Room {
     last_keyframe_request: Option<Instant>,
     /// Simulcast layer forwarded (when the publisher sends several).
     video_rid: Option<Rid>,
+    /// The forwarded layer's video since its last keyframe.
+    gop: GopCache,
+}
+
+/// A publisher that is not a WebRTC peer: its frames are pushed in.
+struct Source {
+    room: RoomId,
+    owner: String,
 }
 
 /// The forwarding core of one shard. See the crate docs for the drain rule.
@@ -190,6 +209,7 @@ pub struct Sfu {
     config: SfuConfig,
     rtc_config: RtcConfig,
     sessions: HashMap<SessionId, Session>,
+    sources: HashMap<SessionId, Source>,
     rooms: HashMap<RoomId, Room>,
     /// 5-tuple demultiplexing: which session a remote address belongs to.
     by_addr: HashMap<SocketAddr, SessionId>,
@@ -232,6 +252,7 @@ impl Sfu {
             config,
             rtc_config,
             sessions: HashMap::new(),
+            sources: HashMap::new(),
             rooms: HashMap::new(),
             by_addr: HashMap::new(),
             out: VecDeque::new(),
@@ -247,14 +268,17 @@ impl Sfu {
         &self.counters
     }
 
-    /// Number of sessions.
+    /// Number of sessions (WebRTC peers and sources).
     pub fn session_count(&self) -> usize {
-        self.sessions.len()
+        self.sessions.len() + self.sources.len()
     }
 
     /// The room and role of a session.
     pub fn session(&self, id: &SessionId) -> Option<(&RoomId, Role)> {
-        self.sessions.get(id).map(|s| (&s.room, s.role))
+        self.sessions
+            .get(id)
+            .map(|s| (&s.room, s.role))
+            .or_else(|| self.sources.get(id).map(|s| (&s.room, Role::Source)))
     }
 
     /// Rooms with their publisher state and subscriber count.
@@ -263,14 +287,52 @@ impl Sfu {
             .iter()
             .map(|(id, r)| RoomSummary {
                 room: id.clone(),
-                live: r
-                    .publisher
-                    .as_ref()
-                    .and_then(|p| self.sessions.get(p))
-                    .is_some_and(|s| s.connected),
+                live: r.publisher.as_ref().is_some_and(|p| {
+                    self.sources.contains_key(p)
+                        || self.sessions.get(p).is_some_and(|s| s.connected)
+                }),
                 subscribers: r.subscribers.len() as u32,
             })
             .collect()
+    }
+
+    /// Who publishes `room` now, if anyone: checked before a new publisher
+    /// is admitted. The same owner may take over; anyone else is refused.
+    fn takeover_check(&self, room: &RoomId, owner: &str) -> Result<Option<SessionId>, SfuError> {
+        let Some(p) = self.rooms.get(room).and_then(|r| r.publisher.clone()) else {
+            return Ok(None);
+        };
+        let current = self
+            .sessions
+            .get(&p)
+            .map(|s| s.owner.as_str())
+            .or_else(|| self.sources.get(&p).map(|s| s.owner.as_str()));
+        match current {
+            Some(o) if o == owner => Ok(Some(p)),
+            Some(_) => Err(SfuError::RoomBusy(room.clone())),
+            None => Ok(None),
+        }
+    }
+
+    /// Makes `id` the room's publisher, replacing `replaced`.
+    fn install_publisher(&mut self, room: RoomId, id: &SessionId, replaced: Option<&SessionId>) {
+        if let Some(old) = replaced {
+            self.close(old, CloseReason::Replaced);
+        }
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        let r = self.rooms.entry(room).or_default();
+        r.publisher = Some(id.clone());
+        r.generation = generation;
+        r.video_rid = None;
+        r.last_keyframe_request = None;
+        r.gop.clear();
+        // Viewers stay attached and resume at the new publisher's first keyframe.
+        for sub in &r.subscribers {
+            if let Some(s) = self.sessions.get_mut(sub) {
+                s.video_synced = false;
+            }
+        }
     }
 
     /// Accepts a WHIP offer. If the room has a publisher with the same
@@ -283,30 +345,51 @@ impl Sfu {
         owner: &str,
         offer_sdp: &str,
     ) -> Result<Accepted, SfuError> {
-        let replaced = match self.rooms.get(&room).and_then(|r| r.publisher.clone()) {
-            Some(p) if self.sessions.get(&p).is_some_and(|s| s.owner == owner) => Some(p),
-            Some(_) => return Err(SfuError::RoomBusy(room)),
-            None => None,
-        };
+        let replaced = self.takeover_check(&room, owner)?;
         let id = self.accept(now, room.clone(), Role::Publisher, owner, offer_sdp)?;
-        if let Some(old) = &replaced {
-            self.close(old, CloseReason::Replaced);
-        }
-        let generation = self.next_generation;
-        self.next_generation += 1;
-        let r = self.rooms.entry(room).or_default();
-        r.publisher = Some(id.clone());
-        r.generation = generation;
-        r.video_rid = None;
-        r.last_keyframe_request = None;
-        // Viewers stay attached and resume at the new publisher's first keyframe.
-        for sub in &r.subscribers {
-            if let Some(s) = self.sessions.get_mut(sub) {
-                s.video_synced = false;
-            }
-        }
+        self.install_publisher(room, &id, replaced.as_ref());
         self.run(now);
         Ok(self.accepted(id, replaced))
+    }
+
+    /// Opens a publisher that is not a WebRTC peer (SRT ingest): its frames
+    /// come in through [`Sfu::push_frame`]. Same takeover rule as WHIP.
+    /// Returns the new session and the one it replaced.
+    pub fn accept_source(
+        &mut self,
+        room: RoomId,
+        owner: &str,
+    ) -> Result<(SessionId, Option<SessionId>), SfuError> {
+        let replaced = self.takeover_check(&room, owner)?;
+        let id = SessionId::random();
+        self.sources.insert(
+            id.clone(),
+            Source {
+                room: room.clone(),
+                owner: owner.to_owned(),
+            },
+        );
+        self.install_publisher(room, &id, replaced.as_ref());
+        Ok((id, replaced))
+    }
+
+    /// Forwards a frame of a source opened with [`Sfu::accept_source`].
+    pub fn push_frame(
+        &mut self,
+        now: Instant,
+        source: &SessionId,
+        frame: MediaFrame,
+    ) -> Result<(), SfuError> {
+        let room = self
+            .sources
+            .get(source)
+            .map(|s| s.room.clone())
+            .ok_or(SfuError::UnknownSession)?;
+        self.last_now = self.last_now.max(now);
+        self.counters.frames_in += 1;
+        self.forward(now, &room, &frame);
+        self.run(now);
+        Ok(())
     }
 
     /// Accepts a WHEP offer. The room need not be live yet: the viewer waits
@@ -390,11 +473,14 @@ impl Sfu {
         let usable = match role {
             Role::Publisher => !session.incoming.is_empty(),
             Role::Subscriber => !session.outgoing.is_empty(),
+            Role::Source => false,
         };
         if !usable {
             return Err(SfuError::NoUsableMedia(match role {
                 Role::Publisher => "audio or video to publish (need sendonly Opus, VP8 or H.264)",
-                Role::Subscriber => "audio or video to receive (need recvonly Opus, VP8 or H.264)",
+                Role::Subscriber | Role::Source => {
+                    "audio or video to receive (need recvonly Opus, VP8 or H.264)"
+                }
             }));
         }
         self.sessions.insert(id.clone(), session);
@@ -406,8 +492,8 @@ impl Sfu {
     /// Ends a session at the client's request (`DELETE`). The session must
     /// belong to `room`.
     pub fn close_session(&mut self, room: &RoomId, id: &SessionId) -> Result<Role, SfuError> {
-        let role = match self.sessions.get(id) {
-            Some(s) if &s.room == room => s.role,
+        let role = match self.session(id) {
+            Some((r, role)) if r == room => role,
             _ => return Err(SfuError::UnknownSession),
         };
         self.close(id, CloseReason::Requested);
@@ -613,7 +699,7 @@ impl Sfu {
                     room: room.clone(),
                     role,
                 }));
-                if role == Role::Subscriber {
+                if role == Role::Subscriber && !self.start_from_cache(now, &room, id) {
                     self.request_keyframe(now, &room);
                 }
             }
@@ -632,7 +718,7 @@ impl Sfu {
                 if kind == MediaKind::Video && !data.contiguous {
                     self.request_keyframe(now, &room);
                 }
-                self.forward(now, &room, kind, &data);
+                self.forward(now, &room, &MediaFrame::from_media_data(kind, &data));
             }
             str0m::Event::KeyframeRequest(_) => {
                 let room = s.room.clone();
@@ -680,17 +766,22 @@ impl Sfu {
         }
     }
 
-    fn forward(&mut self, now: Instant, room: &RoomId, kind: MediaKind, data: &MediaData) {
+    fn forward(&mut self, now: Instant, room: &RoomId, frame: &MediaFrame) {
         let Some(r) = self.rooms.get_mut(room) else {
             return;
         };
-        if kind == MediaKind::Video && data.rid.is_some() {
-            // Simulcast: forward one layer, the first one seen.
-            if r.video_rid.is_none() {
-                r.video_rid = data.rid;
+        if frame.kind == MediaKind::Video {
+            if frame.rid.is_some() {
+                // Simulcast: forward one layer, the first one seen.
+                if r.video_rid.is_none() {
+                    r.video_rid = frame.rid;
+                }
+                if r.video_rid != frame.rid {
+                    return;
+                }
             }
-            if r.video_rid != data.rid {
-                return;
+            if self.config.gop.max_frames > 0 {
+                r.gop.push(frame, self.config.gop);
             }
         }
         let generation = r.generation;
@@ -701,65 +792,145 @@ impl Sfu {
             if !s.connected {
                 continue;
             }
-            let Some(mid) = s.out_mid(kind) else {
-                continue;
-            };
-            if kind == MediaKind::Video && !s.video_synced {
-                if !data.is_keyframe() {
+            if frame.kind == MediaKind::Video && !s.video_synced {
+                if !frame.keyframe {
                     continue;
                 }
                 s.video_synced = true;
             }
-            let rebase = match kind {
-                MediaKind::Audio => &mut s.rebase_audio,
-                MediaKind::Video => &mut s.rebase_video,
-            };
-            let time = rebase.map(generation, data.time, now);
-            let Some(writer) = s.rtc.writer(mid) else {
-                continue;
-            };
-            let Some(pt) = writer.match_params(data.params) else {
-                self.counters.codec_mismatches += 1;
-                continue;
-            };
-            if let Err(e) = writer.write(pt, data.network_time, time, data.data.clone()) {
-                tracing::debug!(session = %s.id, error = %e, "write failed");
-                continue;
+            if write_frame(
+                s,
+                now,
+                generation,
+                frame,
+                room,
+                &mut self.counters,
+                &mut self.out,
+            ) {
+                self.dirty.push(s.id.clone());
             }
-            self.counters.frames_forwarded += 1;
-            self.counters.bytes_forwarded += data.data.len() as u64;
-            if kind == MediaKind::Video && !s.first_frame_sent {
-                s.first_frame_sent = true;
-                self.out.push_back(Output::Event(Event::FirstFrame {
-                    session: s.id.clone(),
-                    room: room.clone(),
-                    after: now.saturating_duration_since(s.created),
-                }));
-            }
-            self.dirty.push(s.id.clone());
         }
     }
 
+    /// Starts a new viewer's video from the room's GOP cache. Returns false
+    /// when nothing is cached (the caller then asks the publisher).
+    fn start_from_cache(&mut self, now: Instant, room: &RoomId, id: &SessionId) -> bool {
+        let Some(r) = self.rooms.get(room) else {
+            return false;
+        };
+        let frames = r.gop.frames();
+        if frames.is_empty() {
+            return false;
+        }
+        let Some(s) = self.sessions.get_mut(id) else {
+            return false;
+        };
+        s.video_synced = true;
+        for frame in frames {
+            write_frame(
+                s,
+                now,
+                r.generation,
+                frame,
+                room,
+                &mut self.counters,
+                &mut self.out,
+            );
+        }
+        self.counters.gop_cache_starts += 1;
+        self.dirty.push(id.clone());
+        true
+    }
+
     fn close(&mut self, id: &SessionId, reason: CloseReason) {
-        let Some(mut s) = self.sessions.remove(id) else {
+        let (room, role) = if let Some(mut s) = self.sessions.remove(id) {
+            s.rtc.disconnect();
+            self.by_addr.retain(|_, v| v != id);
+            (s.room, s.role)
+        } else if let Some(s) = self.sources.remove(id) {
+            (s.room, Role::Source)
+        } else {
             return;
         };
-        s.rtc.disconnect();
-        self.by_addr.retain(|_, v| v != id);
-        if let Some(r) = self.rooms.get_mut(&s.room) {
+        if let Some(r) = self.rooms.get_mut(&room) {
             if r.publisher.as_ref() == Some(id) {
                 r.publisher = None;
             }
             r.subscribers.retain(|x| x != id);
-            if r.publisher.is_none() && r.subscribers.is_empty() {
-                self.rooms.remove(&s.room);
+            if r.publisher.is_none() {
+                r.gop.clear();
+                if r.subscribers.is_empty() {
+                    self.rooms.remove(&room);
+                }
             }
         }
         self.out.push_back(Output::Event(Event::SessionClosed {
-            session: s.id,
-            room: s.room,
-            role: s.role,
+            session: id.clone(),
+            room,
+            role,
             reason,
         }));
     }
+}
+
+/// Writes one frame to one viewer; returns whether anything was written.
+fn write_frame(
+    s: &mut Session,
+    now: Instant,
+    generation: u64,
+    frame: &MediaFrame,
+    room: &RoomId,
+    counters: &mut Counters,
+    out: &mut VecDeque<Output>,
+) -> bool {
+    let Some(mid) = s.out_mid(frame.kind) else {
+        return false;
+    };
+    let rebase = match frame.kind {
+        MediaKind::Audio => &mut s.rebase_audio,
+        MediaKind::Video => &mut s.rebase_video,
+    };
+    let time = rebase.map(generation, frame.time, now);
+    let Some(writer) = s.rtc.writer(mid) else {
+        return false;
+    };
+    let pt = match frame.params {
+        Some(params) => writer.match_params(params),
+        None => source_pt(writer.payload_params(), frame.codec),
+    };
+    let Some(pt) = pt else {
+        counters.codec_mismatches += 1;
+        return false;
+    };
+    if let Err(e) = writer.write(pt, frame.network_time, time, frame.data.clone()) {
+        tracing::debug!(session = %s.id, error = %e, "write failed");
+        return false;
+    }
+    counters.frames_forwarded += 1;
+    counters.bytes_forwarded += frame.data.len() as u64;
+    if frame.kind == MediaKind::Video && !s.first_frame_sent {
+        s.first_frame_sent = true;
+        out.push_back(Output::Event(Event::FirstFrame {
+            session: s.id.clone(),
+            room: room.clone(),
+            after: now.saturating_duration_since(s.created),
+        }));
+    }
+    true
+}
+
+/// The viewer's payload type for a source's codec: for H.264 one with
+/// packetization mode 1 (what every browser decodes), else the first match.
+fn source_pt<'a>(
+    params: impl Iterator<Item = &'a str0m::format::PayloadParams>,
+    codec: Codec,
+) -> Option<str0m::media::Pt> {
+    let mut fallback = None;
+    for p in params.filter(|p| p.spec().codec == codec) {
+        if codec != Codec::H264 || p.spec().format.packetization_mode == Some(1) {
+            return Some(p.pt());
+        }
+        fallback.get_or_insert(p.pt());
+    }
+    fallback
 }

@@ -48,13 +48,17 @@ fn room(name: &str) -> RoomId {
 
 impl Net {
     fn new() -> Self {
+        Self::with_config(SfuConfig::default())
+    }
+
+    fn with_config(config: SfuConfig) -> Self {
         weir_sfu::install_crypto_provider();
         // The one real clock reading: the origin of virtual time.
         #[allow(clippy::disallowed_methods)]
         let now = Instant::now();
         let config = SfuConfig {
             local_addrs: vec![SFU_ADDR.parse().unwrap()],
-            ..SfuConfig::default()
+            ..config
         };
         Self {
             now,
@@ -369,8 +373,54 @@ fn media_flows_from_publisher_to_every_subscriber() {
 }
 
 #[test]
-fn late_subscriber_gets_a_keyframe_through_a_coalesced_request() {
+fn late_subscribers_start_from_the_gop_cache_without_asking_the_publisher() {
     let mut net = Net::new();
+    let (p, _) = net.publish("r1", "alice").unwrap();
+    let mut drive = drive_publisher(p);
+    let t = net.now + Duration::from_secs(2);
+    net.run_until(t, &mut drive);
+
+    let late: Vec<usize> = (0..3).map(|_| net.subscribe("r1").0).collect();
+    let joined = net.now;
+    let t = net.now + Duration::from_secs(1);
+    net.run_until(t, &mut drive);
+    for &s in &late {
+        let video = net.video_received(s);
+        // The cached GOP: the keyframe sent at the start and the deltas since.
+        assert!(
+            video.len() > 60,
+            "late subscriber {s} got {} frames",
+            video.len()
+        );
+        assert!(video[0], "late subscriber {s} starts at a keyframe");
+        let first = net.peers[s]
+            .media
+            .iter()
+            .find(|m| m.0 == MediaKind::Video)
+            .unwrap()
+            .2;
+        assert!(
+            first - joined < Duration::from_millis(200),
+            "picture at once: {:?}",
+            first - joined
+        );
+    }
+    assert_eq!(
+        net.peers[p].keyframe_requests, 0,
+        "no keyframe request reached the publisher"
+    );
+    assert_eq!(net.sfu.counters().gop_cache_starts, 3);
+}
+
+#[test]
+fn without_a_cached_keyframe_late_joiners_share_one_keyframe_request() {
+    let mut net = Net::with_config(SfuConfig {
+        gop: weir_sfu::GopLimits {
+            max_frames: 0,
+            max_bytes: 0,
+        },
+        ..SfuConfig::default()
+    });
     let (p, _) = net.publish("r1", "alice").unwrap();
     let mut drive = drive_publisher(p);
     let t = net.now + Duration::from_secs(2);
@@ -579,4 +629,85 @@ fn bad_input_is_refused_and_changes_nothing() {
         net.video_received(s).len() > before + 20,
         "media still flows"
     );
+}
+
+#[test]
+fn a_source_without_webrtc_reaches_viewers_and_follows_the_takeover_rule() {
+    use std::sync::Arc;
+    use weir_sfu::{Codec, MediaFrame};
+
+    let mut net = Net::new();
+    let (s, _) = net.subscribe("live");
+    let (source, replaced) = net.sfu.accept_source(room("live"), "streamer").unwrap();
+    assert!(replaced.is_none());
+    assert_eq!(
+        net.sfu
+            .accept_source(room("live"), "someone-else")
+            .unwrap_err(),
+        SfuError::RoomBusy(room("live"))
+    );
+    let mut frame_no = 0u64;
+    let end = net.now + Duration::from_secs(2);
+    net.run_until(end, |net| {
+        // 30 fps H.264 access units (Annex B): SPS+PPS+IDR every 30 frames.
+        if !net.peers[s].connected {
+            return;
+        }
+        let keyframe = frame_no.is_multiple_of(30);
+        let mut au = Vec::new();
+        if keyframe {
+            au.extend_from_slice(&[0, 0, 0, 1, 0x67, 0x42, 0xc0, 0x1f, 0xda, 0x01, 0x40]);
+            au.extend_from_slice(&[0, 0, 0, 1, 0x68, 0xce, 0x3c, 0x80]);
+            au.extend_from_slice(&[0, 0, 0, 1, 0x65]);
+        } else {
+            au.extend_from_slice(&[0, 0, 0, 1, 0x41]);
+        }
+        au.extend(std::iter::repeat_n(0x5a, if keyframe { 4000 } else { 600 }));
+        let frame = MediaFrame {
+            kind: MediaKind::Video,
+            codec: Codec::H264,
+            params: None,
+            time: MediaTime::from_90khz(frame_no * 3000),
+            network_time: net.now,
+            keyframe,
+            rid: None,
+            data: Arc::from(au),
+        };
+        net.sfu.push_frame(net.now, &source, frame).unwrap();
+        net.drain_sfu();
+        frame_no += 1;
+    });
+    let video = net.video_received(s);
+    assert!(
+        video.len() > 30,
+        "viewer got {} frames from the source",
+        video.len()
+    );
+    assert!(video[0], "starting at a keyframe");
+    assert!(net.sfu.rooms()[0].live);
+    // The same owner reconnecting replaces the source at once.
+    let (again, replaced) = net.sfu.accept_source(room("live"), "streamer").unwrap();
+    assert_eq!(replaced, Some(source.clone()));
+    assert!(
+        net.sfu
+            .push_frame(net.now, &source, dummy_audio(net.now))
+            .is_err()
+    );
+    assert_eq!(
+        net.sfu.close_session(&room("live"), &again),
+        Ok(Role::Source)
+    );
+}
+
+fn dummy_audio(now: Instant) -> weir_sfu::MediaFrame {
+    weir_sfu::MediaFrame {
+        kind: MediaKind::Audio,
+        codec: weir_sfu::Codec::Opus,
+        params: None,
+        time: MediaTime::from_millis(0),
+        network_time: now,
+        keyframe: false,
+        rid: None,
+        data: std::sync::Arc::from(vec![0xfcu8; 40]),
+    }
 }
