@@ -1,7 +1,7 @@
 //! Weir's control plane: the gRPC API and its JSON gateway ([`service`],
 //! [`server`]), the scheduler that places publishers and viewers on media
-//! nodes ([`scheduler`]), the in-process coordinator that is the embedded
-//! default of `weir dev` ([`coordinator`]), the token issuer ([`tokens`]),
+//! nodes ([`scheduler`]), the coordinators ([`coordinator`]: in-process, the
+//! embedded default of `weir dev`, and etcd, for clusters), the token issuer ([`tokens`]),
 //! and the client library of `weir ctl` ([`ctl`]).
 
 pub mod coordinator;
@@ -11,7 +11,7 @@ pub mod server;
 pub mod service;
 pub mod tokens;
 
-pub use coordinator::LocalCoordinator;
+pub use coordinator::{EtcdConfig, EtcdCoordinator, LocalCoordinator};
 pub use server::{RenderMetrics, router, serve};
 pub use service::{ApiError, ConfigError, ControlConfig, ControlState};
 pub use tokens::TokenIssuer;

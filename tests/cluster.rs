@@ -1,0 +1,545 @@
+//! A cluster on loopback, every piece a real process: one etcd (Debian's
+//! etcd-server), `weir control --etcd …` and `weir node --etcd …` processes.
+//! Membership as the scheduler sees it: nodes appear, a node killed with
+//! SIGKILL leaves the answers within its lease's TTL, a node stopped with
+//! SIGTERM leaves at once; a node starts and serves while etcd is down and
+//! joins when it comes up; a bad `--etcd` is refused before any port is bound.
+//!
+//! `measure_node_death_to_removal` (ignored by default) measures how long a
+//! killed node stays in the scheduler's answers; see bench/RESULTS.md.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+#[path = "../control-plane/tests/support/etcd.rs"]
+mod etcd;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::{request, temp_dir};
+use etcd::Etcd;
+
+/// The nodes' lease TTL (`weir_protocol::coordinator::NODE_TTL`).
+const NODE_TTL: Duration = Duration::from_secs(5);
+/// How long processes may take to start and nodes to show up (CI is slow).
+const START_DEADLINE: Duration = Duration::from_secs(30);
+
+/// A `weir` child process with its stdout lines on a channel and its
+/// stderr (JSON logs) in a file; killed on drop.
+struct Proc {
+    name: String,
+    child: Child,
+    log: PathBuf,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Proc {
+    fn spawn(name: &str, dir: &Path, args: &[&str]) -> Self {
+        let log = dir.join(format!("{name}.log"));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_weir"))
+            .args(["--log-format", "json"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
+            .spawn()
+            .expect("the weir binary runs");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        // Drains stdout for the process's whole life, so it never blocks on a full pipe.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            name: name.to_owned(),
+            child,
+            log,
+            lines,
+        }
+    }
+
+    fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// The first stdout line that `pick` maps to a value.
+    fn wait_line<T>(&self, what: &str, pick: impl Fn(&str) -> Option<T>) -> T {
+        let deadline = Instant::now() + START_DEADLINE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(v) = pick(&line) {
+                        return v;
+                    }
+                }
+                Err(_) => panic!(
+                    "{} did not print {what} within {START_DEADLINE:?}; log:\n{}",
+                    self.name,
+                    self.log_tail()
+                ),
+            }
+        }
+    }
+
+    /// `kill -9`.
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits for the exit; returns how long it took.
+    fn terminate(&mut self) -> Duration {
+        let started = Instant::now();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        while started.elapsed() < Duration::from_secs(15) {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                assert!(
+                    status.success(),
+                    "{} exited with {status}; log:\n{}",
+                    self.name,
+                    self.log_tail()
+                );
+                return started.elapsed();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!(
+            "{} did not stop on SIGTERM; log:\n{}",
+            self.name,
+            self.log_tail()
+        );
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A running `weir control`.
+struct Control {
+    proc: Proc,
+    url: String,
+    public_key: String,
+}
+
+fn start_control(dir: &Path, etcd: &str) -> Control {
+    let data = dir.join("control-data");
+    let proc = Proc::spawn(
+        "control",
+        dir,
+        &[
+            "control",
+            "--grpc",
+            "127.0.0.1:0",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--allow-token-minting",
+            "--etcd",
+            etcd,
+        ],
+    );
+    let url = proc.wait_line("its URL", |l| {
+        l.starts_with("http://").then(|| l.trim().to_owned())
+    });
+    let public_key = proc.wait_line("the token public key", |l| {
+        l.starts_with("token public key")
+            .then(|| l.split_whitespace().last().unwrap_or_default().to_owned())
+    });
+    Control {
+        proc,
+        url,
+        public_key,
+    }
+}
+
+/// A running `weir node`, with its HTTP base URL.
+struct NodeProc {
+    proc: Proc,
+    id: String,
+    url: String,
+}
+
+/// A free loopback UDP address: the SRT listener wants an explicit port.
+fn free_udp_addr() -> String {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket.local_addr().unwrap().to_string()
+}
+
+fn start_node(dir: &Path, id: &str, etcd: &str, control: &Control) -> NodeProc {
+    let proc = Proc::spawn(
+        id,
+        dir,
+        &[
+            "node",
+            "--etcd",
+            etcd,
+            "--node-id",
+            id,
+            "--udp",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--srt",
+            &free_udp_addr(),
+            "--token-public-key",
+            &control.public_key,
+            "--control-url",
+            &control.url,
+        ],
+    );
+    let url = proc.wait_line("its metrics URL", |l| {
+        l.strip_suffix("/metrics").map(str::to_owned)
+    });
+    NodeProc {
+        proc,
+        id: id.to_owned(),
+        url,
+    }
+}
+
+/// Polls the node's `/readyz` until it answers 200 (its media shard runs).
+async fn wait_ready(node: &NodeProc) {
+    let started = Instant::now();
+    loop {
+        let r = request(
+            "GET",
+            &format!("{}/readyz", node.url),
+            &[],
+            b"",
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        if r.status == 200 {
+            return;
+        }
+        assert!(
+            started.elapsed() < START_DEADLINE,
+            "{} not ready within {START_DEADLINE:?}: {} {}; log:\n{}",
+            node.id,
+            r.status,
+            r.text(),
+            node.proc.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `POST /v1/assign-viewer` for `room`: the status and the node ids of the
+/// WHEP endpoints, best first (none on an error answer).
+async fn assign_viewer(control: &str, room: &str) -> (u16, Vec<String>) {
+    let body = serde_json::json!({ "room": room }).to_string();
+    let r = request(
+        "POST",
+        &format!("{control}/v1/assign-viewer"),
+        &[("Content-Type", "application/json")],
+        body.as_bytes(),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    if r.status != 200 {
+        return (r.status, Vec::new());
+    }
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    let endpoints = v["endpoints"].as_array().cloned().unwrap_or_default();
+    for e in &endpoints {
+        assert_eq!(e["kind"], "whep", "{v}");
+        assert!(
+            e["url"]
+                .as_str()
+                .unwrap()
+                .ends_with(&format!("/whep/{room}")),
+            "{v}"
+        );
+    }
+    assert!(!v["token"].as_str().unwrap_or_default().is_empty(), "{v}");
+    let ids = endpoints
+        .iter()
+        .map(|e| e["node_id"].as_str().unwrap().to_owned())
+        .collect();
+    (r.status, ids)
+}
+
+fn sorted(mut v: Vec<String>) -> Vec<String> {
+    v.sort();
+    v
+}
+
+/// Polls assign-viewer until its node set is `want` (sorted); returns when.
+async fn wait_for_nodes(control: &Control, want: &[&str], deadline: Duration) -> Duration {
+    let started = Instant::now();
+    let want: Vec<String> = want.iter().map(|s| (*s).to_owned()).collect();
+    loop {
+        let (status, ids) = assign_viewer(&control.url, "lobby").await;
+        if status == 200 && sorted(ids.clone()) == want {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < deadline,
+            "assign-viewer still answers {status} {ids:?}, not {want:?}, after {deadline:?}; control log:\n{}",
+            control.proc.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// How many node keys etcd holds, through its JSON gateway (a client
+/// Weir did not write).
+async fn etcd_node_count(endpoint: &str) -> u64 {
+    // base64 of "/weir/v1/nodes/" and of the end of that prefix's range, "/weir/v1/nodes0".
+    let body =
+        r#"{"key":"L3dlaXIvdjEvbm9kZXMv","range_end":"L3dlaXIvdjEvbm9kZXMw","count_only":true}"#;
+    let r = request(
+        "POST",
+        &format!("{endpoint}/v3/kv/range"),
+        &[("Content-Type", "application/json")],
+        body.as_bytes(),
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    // int64 fields are strings in the gateway's JSON, and absent when 0.
+    v["count"].as_str().map_or(0, |s| s.parse().unwrap())
+}
+
+#[tokio::test]
+async fn nodes_join_and_leave_the_scheduler_answers() {
+    let etcd = Etcd::start();
+    let dir = temp_dir("cluster");
+    let control = start_control(&dir, &etcd.endpoint());
+    let mut nodes: Vec<NodeProc> = ["n1", "n2", "n3"]
+        .iter()
+        .map(|id| start_node(&dir, id, &etcd.endpoint(), &control))
+        .collect();
+
+    // All three are known: a viewer of a room nobody publishes gets WHEP
+    // endpoints on every node (equally loaded), each on its own URL.
+    let took = wait_for_nodes(&control, &["n1", "n2", "n3"], START_DEADLINE).await;
+    eprintln!("three nodes in the answers {took:?} after they printed their URLs");
+    assert_eq!(etcd_node_count(&etcd.endpoint()).await, 3);
+    let r = request(
+        "GET",
+        &format!("{}/v1/rooms", control.url),
+        &[],
+        b"",
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let rooms: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert!(rooms["rooms"].is_array(), "{rooms}");
+    for n in &nodes {
+        wait_ready(n).await;
+    }
+
+    // kill -9 of n2: gone from every answer within the lease TTL plus a second.
+    nodes[1].proc.kill9();
+    let killed = Instant::now();
+    let gone = wait_for_nodes(&control, &["n1", "n3"], NODE_TTL + Duration::from_secs(1)).await;
+    eprintln!("n2 (SIGKILL) left the answers after {gone:?}");
+    // ...and its lease expires in etcd, which deletes its key.
+    while etcd_node_count(&etcd.endpoint()).await != 2 {
+        assert!(
+            killed.elapsed() < NODE_TTL + Duration::from_secs(3),
+            "n2's key still in etcd {:?} after the kill",
+            killed.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("n2's key left etcd after {:?}", killed.elapsed());
+    // A viewer who asks again is sent to live nodes only, the same ones every time.
+    for _ in 0..5 {
+        let (status, ids) = assign_viewer(&control.url, "lobby").await;
+        assert_eq!((status, sorted(ids)), (200, vec!["n1".into(), "n3".into()]));
+    }
+
+    // SIGTERM of n3: the node revokes its lease before it exits, so it is
+    // out of etcd and of the answers the moment it is gone (long before its
+    // lease could have expired).
+    let stop = nodes[2].proc.terminate();
+    assert!(stop < Duration::from_secs(3), "n3 took {stop:?} to stop");
+    assert_eq!(etcd_node_count(&etcd.endpoint()).await, 1);
+    let (status, ids) = assign_viewer(&control.url, "lobby").await;
+    assert_eq!((status, ids), (200, vec!["n1".to_owned()]));
+    eprintln!("n3 (SIGTERM) stopped in {stop:?}, already out of etcd and of the answers");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_node_serves_while_etcd_is_down_and_joins_when_it_is_up() {
+    let dir = temp_dir("cluster-late-etcd");
+    // etcd's ports are chosen, but it is not started yet.
+    let mut etcd = Etcd::reserve();
+    let control = start_control(&dir, &etcd.endpoint());
+    let node = start_node(&dir, "early", &etcd.endpoint(), &control);
+    // The node serves without etcd.
+    wait_ready(&node).await;
+    // The control plane has never seen the cluster: no node to offer, said plainly.
+    let (status, _) = assign_viewer(&control.url, "lobby").await;
+    assert!(
+        status >= 500,
+        "assign-viewer without etcd answered {status}"
+    );
+
+    etcd.restart();
+    etcd.wait_healthy(etcd::START_TIMEOUT).unwrap();
+    let took = wait_for_nodes(&control, &["early"], START_DEADLINE).await;
+    eprintln!("the node joined {took:?} after etcd became healthy");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_bad_etcd_flag_exits_64_before_binding_ports() {
+    let key = weir_protocol::TokenSigner::generate()
+        .verifier()
+        .to_base64();
+    // A port this test holds: binding it would fail with another exit code.
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = held.local_addr().unwrap().to_string();
+    let dir = temp_dir("bad-etcd");
+    for bad in ["", "ftp://x:1", "http://x:1/path", "https://x:2379", "a,,b"] {
+        let node = Command::new(env!("CARGO_BIN_EXE_weir"))
+            .args(["node", "--etcd", bad, "--token-public-key", &key])
+            .args([
+                "--http",
+                &addr,
+                "--udp",
+                "127.0.0.1:0",
+                "--srt",
+                &free_udp_addr(),
+            ])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&node.stderr);
+        assert_eq!(
+            node.status.code(),
+            Some(64),
+            "node --etcd {bad:?}: {stderr}"
+        );
+        assert!(stderr.contains("--etcd"), "node --etcd {bad:?}: {stderr}");
+
+        let control = Command::new(env!("CARGO_BIN_EXE_weir"))
+            .args(["control", "--etcd", bad, "--grpc", &addr, "--data-dir"])
+            .arg(dir.join("data"))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&control.stderr);
+        assert_eq!(
+            control.status.code(),
+            Some(64),
+            "control --etcd {bad:?}: {stderr}"
+        );
+        assert!(
+            stderr.contains("--etcd"),
+            "control --etcd {bad:?}: {stderr}"
+        );
+    }
+    // The environment variable is read too.
+    let node = Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(["node", "--token-public-key", &key, "--http", &addr])
+        .env("WEIR_ETCD", "ftp://x:1")
+        .output()
+        .unwrap();
+    assert_eq!(
+        node.status.code(),
+        Some(64),
+        "{}",
+        String::from_utf8_lossy(&node.stderr)
+    );
+    drop(held);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Measures how long a node killed with SIGKILL stays in assign-viewer
+/// answers, and how long its key stays in etcd (its lease expiring), over
+/// several runs. Prints a table; the numbers go to bench/RESULTS.md.
+/// `cargo test --test cluster -- --ignored --nocapture measure_node_death_to_removal`
+/// (`WEIR_MEASURE_RUNS` runs, 9 by default).
+#[tokio::test]
+#[ignore = "a measurement, not a check: run it by name"]
+async fn measure_node_death_to_removal() {
+    let runs: usize = std::env::var("WEIR_MEASURE_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(9);
+    let etcd = Etcd::start();
+    let dir = temp_dir("cluster-measure");
+    let control = start_control(&dir, &etcd.endpoint());
+    let _stays = start_node(&dir, "stays", &etcd.endpoint(), &control);
+    let mut answers = Vec::new();
+    let mut keys = Vec::new();
+    for run in 0..runs {
+        let id = format!("victim-{run}");
+        let mut victim = start_node(&dir, &id, &etcd.endpoint(), &control);
+        wait_for_nodes(&control, &["stays", &id], START_DEADLINE).await;
+        // Kill at a different phase of the victim's 1 s report cycle each run.
+        let phase = Duration::from_millis(1000 * run as u64 / runs as u64);
+        tokio::time::sleep(Duration::from_millis(1500) + phase).await;
+        victim.proc.kill9();
+        let killed = Instant::now();
+        let mut answer_gone = None;
+        let mut key_gone = None;
+        while answer_gone.is_none() || key_gone.is_none() {
+            if answer_gone.is_none() {
+                let (status, ids) = assign_viewer(&control.url, "lobby").await;
+                if status == 200 && ids == ["stays"] {
+                    answer_gone = Some(killed.elapsed());
+                }
+            }
+            if key_gone.is_none() && etcd_node_count(&etcd.endpoint()).await == 1 {
+                key_gone = Some(killed.elapsed());
+            }
+            assert!(
+                killed.elapsed() < Duration::from_secs(30),
+                "victim never left"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (a, k) = (answer_gone.unwrap(), key_gone.unwrap());
+        eprintln!(
+            "run {run}: out of the answers after {:.2} s, key gone from etcd after {:.2} s",
+            a.as_secs_f64(),
+            k.as_secs_f64()
+        );
+        answers.push(a);
+        keys.push(k);
+    }
+    let summary = |mut v: Vec<Duration>| {
+        v.sort();
+        format!(
+            "min {:.2} s, median {:.2} s, max {:.2} s",
+            v[0].as_secs_f64(),
+            v[v.len() / 2].as_secs_f64(),
+            v[v.len() - 1].as_secs_f64()
+        )
+    };
+    eprintln!(
+        "kill -9 -> out of assign-viewer answers ({runs} runs): {}",
+        summary(answers)
+    );
+    eprintln!(
+        "kill -9 -> node key deleted by lease expiry ({runs} runs): {}",
+        summary(keys)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
