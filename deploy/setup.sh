@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what building and running Weir needs on Debian 12 (and, with
-# --test, what its tests need: Chromium, Node.js and the e2e npm packages).
+# --test, what its tests need: Chromium, etcd, Node.js and the e2e npm packages).
 # Safe to run again: it installs only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,8 +12,14 @@ sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
 
 packages=(ca-certificates curl gcc g++ make pkg-config protobuf-compiler libprotobuf-dev)
+# The media stack, needed to build (ffmpeg-next links the libav* libraries and
+# runs bindgen, hence clang) and to run (the ffmpeg CLI publishes over SRT in
+# the tests; srt-tools holds libsrt's srt-live-transmit for benchmarks).
+packages+=(clang libclang-dev ffmpeg libavcodec-dev libavformat-dev libavutil-dev
+  libswscale-dev libswresample-dev libavfilter-dev libavdevice-dev srt-tools)
 if [ "$with_tests" -eq 1 ]; then
-  packages+=(chromium)
+  # etcd-server: the cluster tests start their own etcd (3.4) processes.
+  packages+=(chromium etcd-server)
   command -v node >/dev/null 2>&1 || packages+=(nodejs npm)
 fi
 missing=()

@@ -48,8 +48,23 @@ enum Command {
     Loadtest(weir_loadtest::LoadtestArgs),
 }
 
+/// How a node runs its media shards.
+#[derive(Args, Clone, Copy)]
+struct ShardArgs {
+    /// Media shards (one thread and one UDP port each, ports consecutive
+    /// from --udp); 0 means one per core.
+    #[arg(long, env = "WEIR_SHARDS", default_value_t = 0)]
+    shards: usize,
+    /// UDP I/O backend: io_uring, epoll (recvmmsg/sendmmsg), or auto
+    /// (io_uring unless the kernel refuses it; the choice is logged).
+    #[arg(long, env = "WEIR_IO", default_value = "auto")]
+    io: weir_data_plane::IoChoice,
+}
+
 #[derive(Args)]
 struct DevArgs {
+    #[command(flatten)]
+    media: ShardArgs,
     /// Node HTTP listen address (WHIP, WHEP, pages, metrics).
     #[arg(long, env = "WEIR_HTTP", default_value = "127.0.0.1:8080")]
     http: SocketAddr,
@@ -65,10 +80,18 @@ struct DevArgs {
     /// Room used in the printed page URLs.
     #[arg(long, env = "WEIR_ROOM", default_value = "demo")]
     room: String,
+    /// SRT listen address (MPEG-TS publishers: OBS, ffmpeg).
+    #[arg(long, env = "WEIR_SRT", default_value = "127.0.0.1:9000")]
+    srt: SocketAddr,
+    /// SRT passphrase callers must encrypt with (10 to 79 characters); none by default.
+    #[arg(long, env = "WEIR_SRT_PASSPHRASE")]
+    srt_passphrase: Option<String>,
 }
 
 #[derive(Args)]
 struct NodeArgs {
+    #[command(flatten)]
+    media: ShardArgs,
     /// HTTP listen address.
     #[arg(long, env = "WEIR_HTTP", default_value = "0.0.0.0:8080")]
     http: SocketAddr,
@@ -101,6 +124,19 @@ struct NodeArgs {
     /// Public key that verifies tokens (base64url, as `weir control` prints it).
     #[arg(long, env = "WEIR_TOKEN_PUBLIC_KEY")]
     token_public_key: String,
+    /// SRT listen address (MPEG-TS publishers: OBS, ffmpeg).
+    #[arg(long, env = "WEIR_SRT", default_value = "0.0.0.0:9000")]
+    srt: SocketAddr,
+    /// SRT passphrase callers must encrypt with (10 to 79 characters); none by default.
+    #[arg(long, env = "WEIR_SRT_PASSPHRASE")]
+    srt_passphrase: Option<String>,
+    /// etcd client URLs (`URL[,URL...]`, e.g. http://10.0.0.1:2379,http://10.0.0.2:2379):
+    /// the node registers there under a 5 s lease, reports its load every
+    /// second and claims room origins, so `weir control` processes using the
+    /// same etcd schedule onto it. Without it the node keeps a registry of
+    /// its own and forms no cluster.
+    #[arg(long, env = "WEIR_ETCD", value_name = "URL[,URL...]")]
+    etcd: Option<String>,
 }
 
 #[derive(Args)]
@@ -117,6 +153,12 @@ struct ControlArgs {
     /// The user who owns every room until rooms are stored (subject of publish tokens).
     #[arg(long, env = "WEIR_DEFAULT_OWNER", default_value = "owner")]
     default_owner: String,
+    /// etcd client URLs (`URL[,URL...]`, e.g. http://10.0.0.1:2379,http://10.0.0.2:2379):
+    /// the nodes and rooms to schedule are read from there (the nodes
+    /// register with the same `--etcd`); several control planes may share it.
+    /// Without it this control plane sees only an empty registry of its own.
+    #[arg(long, env = "WEIR_ETCD", value_name = "URL[,URL...]")]
+    etcd: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -237,6 +279,9 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
             public_url: None,
             control_url: format!("http://{control_addr}"),
             capacity: 1000,
+            shards: a.media.shards,
+            io: a.media.io,
+            srt: Some(srt_config(a.srt, a.srt_passphrase.clone())?),
         },
         coordinator,
         verifier,
@@ -253,6 +298,19 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
     println!("metrics       {http}/metrics");
     println!("control stats http://{control_addr}/metrics");
     println!("WebRTC UDP    {}", node.udp_addr());
+    println!(
+        "media shards  {} on {} I/O, UDP {}",
+        node.udp_addrs().len(),
+        node.io_backend().as_str(),
+        node.udp_addrs()
+            .iter()
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    if let Some(srt) = node.srt_addr() {
+        println!("SRT publish   srt://{srt}?streamid=#!::r={room},m=publish,t={{token}}");
+    }
     println!("Press Ctrl-C to stop.");
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -290,11 +348,13 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
     let node_id = NodeId::parse(&a.node_id).map_err(|e| config_error(format!("--node-id: {e}")))?;
     let verifier = TokenVerifier::from_base64(&a.token_public_key)
         .map_err(|e| config_error(format!("--token-public-key: {e}")))?;
+    // etcd when --etcd is given (connected lazily: an etcd that is down now
+    // is no reason not to serve; the agent keeps trying), else a registry of
+    // the node's own.
+    let coordinator = weir_control_plane::coordinator::from_flag(a.etcd.as_deref())
+        .map_err(|e| config_error(format!("--etcd: {e}")))?;
     weir_data_plane::install_crypto_provider();
     let render = observability::init_metrics()?;
-    // Until the etcd coordinator lands, a standalone node keeps its own
-    // in-process registry: it serves on its own, without a cluster.
-    let coordinator: Arc<dyn Coordinator> = Arc::new(LocalCoordinator::new());
     let node = Node::bind(
         NodeConfig {
             node_id,
@@ -306,6 +366,9 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
             public_url: a.public_url,
             control_url: a.control_url,
             capacity: a.capacity,
+            shards: a.media.shards,
+            io: a.media.io,
+            srt: Some(srt_config(a.srt, a.srt_passphrase.clone())?),
         },
         coordinator,
         verifier,
@@ -315,10 +378,17 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
     println!("{}/whip/{{room}}", node.public_url());
     println!("{}/whep/{{room}}", node.public_url());
     println!("{}/metrics", node.public_url());
+    if let Some(srt) = node.srt_addr() {
+        println!("srt://{srt}?streamid=#!::r={{room}},m=publish,t={{token}}");
+    }
     node.serve(shutdown_signal()).await
 }
 
 async fn control(a: ControlArgs) -> anyhow::Result<()> {
+    // etcd when --etcd is given (connected lazily: while etcd is unreachable
+    // assignments are answered from the last view), else an empty registry.
+    let coordinator = weir_control_plane::coordinator::from_flag(a.etcd.as_deref())
+        .map_err(|e| config_error(format!("--etcd: {e}")))?;
     let render = observability::init_metrics()?;
     let issuer = TokenIssuer::load_or_create(&weir_control_plane::tokens::key_path(&a.data_dir))
         .with_context(|| {
@@ -328,7 +398,6 @@ async fn control(a: ControlArgs) -> anyhow::Result<()> {
             )
         })?;
     let public_key = issuer.verifier().to_base64();
-    let coordinator: Arc<dyn Coordinator> = Arc::new(LocalCoordinator::new());
     let state = ControlState::new(
         coordinator,
         issuer,
@@ -345,4 +414,15 @@ async fn control(a: ControlArgs) -> anyhow::Result<()> {
     println!("http://{}", listener.local_addr()?);
     println!("token public key (give it to nodes as --token-public-key): {public_key}");
     weir_control_plane::serve(listener, state, render, shutdown_signal()).await
+}
+
+/// The SRT listener's settings, checked before anything is bound.
+fn srt_config(
+    listen: SocketAddr,
+    passphrase: Option<String>,
+) -> anyhow::Result<weir_data_plane::SrtConfig> {
+    let mut c = weir_data_plane::SrtConfig::new(listen);
+    c.passphrase = passphrase;
+    c.validate().map_err(config_error)?;
+    Ok(c)
 }

@@ -59,9 +59,26 @@ fn run_browsers(base: &str, room: &str, codec: &str) -> serde_json::Value {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn chromium_publishes_and_two_chromium_viewers_play_vp8_and_h264() {
+async fn chromium_plays_vp8_and_h264_through_io_uring_shards() {
+    chromium_publishes_and_two_chromium_viewers_play("io_uring").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn chromium_plays_vp8_and_h264_through_the_epoll_fallback() {
+    chromium_publishes_and_two_chromium_viewers_play("epoll").await;
+}
+
+async fn chromium_publishes_and_two_chromium_viewers_play(io: &str) {
     require_browser_tools();
-    let dev = DevServer::start();
+    // Two shards, so rooms land on different shards of one node.
+    let dev = DevServer::start_with(&["--io", io, "--shards", "2"]);
+    assert!(
+        dev.stdout_lines()
+            .iter()
+            .any(|l| l.starts_with("media shards") && l.contains(&format!("on {io} I/O"))),
+        "weir dev runs the {io} backend: {:?}",
+        dev.stdout_lines()
+    );
 
     // Hostile traffic first: random datagrams on the WebRTC port.
     let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();

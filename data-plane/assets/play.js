@@ -9,7 +9,8 @@
 //     endpoint, session, muted, rttMs,
 //     stats: { video: { framesDecoded, framesPerSecond, frameWidth, frameHeight,
 //                       packetsReceived, packetsLost, bytesReceived, bitrateKbps,
-//                       jitter, freezeCount, nackCount, pliCount, keyFramesDecoded, codec },
+//                       jitter, freezeCount, nackCount, pliCount, keyFramesDecoded, codec,
+//                       framesReceived, framesDropped },
 //              audio: { packetsReceived, packetsLost, jitter, concealmentRatio, codec } } }
 //   state: 'idle' | 'connecting' | 'connected' | 'disconnected' | 'reconnecting' | 'failed'
 //   ttffMs: ms from the start of the current attempt (assign-viewer call) to the
@@ -39,6 +40,7 @@
         framesDecoded: 0, framesPerSecond: null, frameWidth: null, frameHeight: null,
         packetsReceived: 0, packetsLost: 0, bytesReceived: 0, bitrateKbps: null,
         jitter: null, freezeCount: 0, nackCount: 0, pliCount: 0, keyFramesDecoded: 0, codec: null,
+        framesReceived: 0, framesDropped: 0,
       },
       audio: { packetsReceived: 0, packetsLost: 0, jitter: null, concealmentRatio: null, codec: null },
     };
@@ -235,6 +237,8 @@
       sv.nackCount = v.nackCount || 0;
       sv.pliCount = v.pliCount || 0;
       sv.keyFramesDecoded = v.keyFramesDecoded || 0;
+      sv.framesReceived = v.framesReceived || 0;
+      sv.framesDropped = v.framesDropped || 0;
       sv.codec = W.codecName(report, v.codecId);
     }
     if (a) {

@@ -131,27 +131,46 @@ impl Agent {
         }
     }
 
+    /// Refreshes the lease; registers anew only when the lease is gone (a
+    /// short coordinator outage keeps the lease and the room claims bound to
+    /// it). After registering anew, claims the rooms live here again.
     async fn report(&self, info: NodeInfo) -> bool {
-        let lease = self.lease();
-        let result = match lease {
-            Some(lease) => self.coordinator.keep_alive(lease, info.clone()).await,
-            None => Err(CoordError::Unavailable("not registered".into())),
-        };
-        match result {
-            Ok(()) => true,
-            Err(_) => match self.coordinator.register_node(info, NODE_TTL).await {
-                Ok(lease) => {
-                    tracing::info!(lease = lease.0, "registered with the coordinator");
-                    if let Ok(mut l) = self.lease.lock() {
-                        *l = Some(lease);
-                    }
-                    true
+        if let Some(lease) = self.lease() {
+            match self.coordinator.keep_alive(lease, info.clone()).await {
+                Ok(()) => return true,
+                Err(CoordError::LeaseExpired(_)) => {
+                    tracing::warn!(lease = lease.0, "node lease expired; registering again");
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "coordinator unreachable; serving what we have");
-                    false
+                    return false;
                 }
-            },
+            }
+        }
+        let live: Vec<RoomId> = info
+            .load
+            .rooms
+            .iter()
+            .filter(|r| r.live)
+            .map(|r| r.room.clone())
+            .collect();
+        match self.coordinator.register_node(info, NODE_TTL).await {
+            Ok(lease) => {
+                tracing::info!(lease = lease.0, "registered with the coordinator");
+                if let Ok(mut l) = self.lease.lock() {
+                    *l = Some(lease);
+                }
+                for room in &live {
+                    if let Err(e) = self.claim_room(room).await {
+                        tracing::warn!(%room, error = %e, "room is now placed elsewhere");
+                    }
+                }
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "coordinator unreachable; serving what we have");
+                false
+            }
         }
     }
 }

@@ -4,8 +4,10 @@
 
 mod agent;
 mod http;
+pub mod ingest;
 mod pages;
 mod shard;
+pub mod udp;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -17,7 +19,9 @@ use weir_protocol::TokenVerifier;
 use weir_protocol::coordinator::{Coordinator, NodeInfo, NodeLoad};
 
 pub use http::{MAX_SDP_BYTES, RenderMetrics};
-pub use shard::{ShardGone, ShardHandle, ShardStats};
+pub use ingest::SrtConfig;
+pub use shard::{Shard, ShardGone, ShardHandle, ShardStats};
+pub use udp::{Backend as IoBackend, IoChoice};
 pub use weir_sfu::install_crypto_provider;
 
 /// Settings of one media node.
@@ -38,6 +42,12 @@ pub struct NodeConfig {
     pub control_url: String,
     /// Most sessions the node should carry (scheduling hint).
     pub capacity: u32,
+    /// Number of shards (one thread and UDP port each); 0 = one per core.
+    pub shards: usize,
+    /// UDP I/O backend of the shards.
+    pub io: IoChoice,
+    /// SRT ingest listener; `None` runs the node without one.
+    pub srt: Option<SrtConfig>,
 }
 
 /// A node whose sockets are bound, ready to serve.
@@ -45,7 +55,9 @@ pub struct Node {
     http_listener: tokio::net::TcpListener,
     http_addr: SocketAddr,
     shard: shard::ShardHandle,
-    shard_thread: std::thread::JoinHandle<()>,
+    shard_threads: Vec<std::thread::JoinHandle<()>>,
+    shard_stop: shard::ShardStop,
+    srt: Option<ingest::SrtIngest>,
     agent: Arc<agent::Agent>,
     state: http::AppState,
     shutdown_tx: watch::Sender<bool>,
@@ -64,23 +76,64 @@ impl Node {
             .await
             .with_context(|| format!("cannot listen for HTTP on {}", config.http))?;
         let http_addr = http_listener.local_addr()?;
-        let udp = std::net::UdpSocket::bind(config.udp)
-            .with_context(|| format!("cannot bind WebRTC UDP on {}", config.udp))?;
-        let udp_addr = udp.local_addr()?;
-        let candidate_ip = match (config.public_ip, udp_addr.ip()) {
-            (Some(ip), _) => ip,
-            (None, ip) if ip.is_unspecified() => anyhow::bail!(
-                "--udp binds {udp_addr}, a wildcard address: give --public-ip, the address peers reach this node at"
-            ),
-            (None, ip) => ip,
+        let srt = match config.srt.clone() {
+            Some(c) => {
+                let listen = c.listen;
+                Some(
+                    ingest::SrtIngest::bind(c)
+                        .await
+                        .with_context(|| format!("cannot listen for SRT on {listen}"))?,
+                )
+            }
+            None => None,
         };
-        let (shutdown_tx, shutdown_rx) = watch::channel(false);
-        let (shard, shard_thread) = shard::spawn(
-            udp,
-            SocketAddr::new(candidate_ip, udp_addr.port()),
-            shutdown_rx,
-        )
-        .context("cannot start the media shard")?;
+        let count = match config.shards {
+            0 => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            n => n,
+        };
+        let (shutdown_tx, _) = watch::channel(false);
+        let shard_stop = shard::ShardStop::default();
+        let mut shards = Vec::with_capacity(count);
+        let mut shard_threads = Vec::with_capacity(count);
+        for i in 0..count {
+            // One UDP port per shard: consecutive from --udp, or any free one
+            // each when --udp names port 0.
+            let mut addr = config.udp;
+            if addr.port() != 0 {
+                let port = u16::try_from(usize::from(addr.port()) + i).map_err(|_| {
+                    anyhow::anyhow!("--udp port range for {count} shards passes 65535")
+                })?;
+                addr.set_port(port);
+            }
+            let udp = std::net::UdpSocket::bind(addr)
+                .with_context(|| format!("cannot bind WebRTC UDP on {addr}"))?;
+            let udp_addr = udp.local_addr()?;
+            let candidate_ip = match (config.public_ip, udp_addr.ip()) {
+                (Some(ip), _) => ip,
+                (None, ip) if ip.is_unspecified() => anyhow::bail!(
+                    "--udp binds {udp_addr}, a wildcard address: give --public-ip, the address peers reach this node at"
+                ),
+                (None, ip) => ip,
+            };
+            let (handle, thread) = shard::spawn(
+                i,
+                udp,
+                SocketAddr::new(candidate_ip, udp_addr.port()),
+                config.io,
+                &shard_stop,
+            )
+            .with_context(|| format!("cannot start media shard {i} ({:?} I/O)", config.io))?;
+            shards.push(handle);
+            shard_threads.push(thread);
+        }
+        let shard = shard::ShardHandle::new(shards);
+        tracing::info!(
+            shards = count,
+            io = shard.backend().as_str(),
+            "media shards started"
+        );
         let public_url = config
             .public_url
             .clone()
@@ -111,7 +164,9 @@ impl Node {
             http_listener,
             http_addr,
             shard,
-            shard_thread,
+            shard_threads,
+            shard_stop,
+            srt,
             agent,
             state,
             shutdown_tx,
@@ -129,9 +184,24 @@ impl Node {
         &self.public_url
     }
 
-    /// Where WebRTC UDP is served.
+    /// Where WebRTC UDP is served (the first shard's port).
     pub fn udp_addr(&self) -> SocketAddr {
         self.shard.local_addr()
+    }
+
+    /// Every shard's UDP address.
+    pub fn udp_addrs(&self) -> Vec<SocketAddr> {
+        self.shard.shards().iter().map(Shard::local_addr).collect()
+    }
+
+    /// The I/O backend the shards run.
+    pub fn io_backend(&self) -> IoBackend {
+        self.shard.backend()
+    }
+
+    /// Where SRT publishers connect, when the node listens for them.
+    pub fn srt_addr(&self) -> Option<SocketAddr> {
+        self.srt.as_ref().map(ingest::SrtIngest::local_addr)
     }
 
     /// Serves until `shutdown` resolves, then stops the shard and leaves the
@@ -143,12 +213,22 @@ impl Node {
         let Node {
             http_listener,
             shard,
-            shard_thread,
+            shard_threads,
+            shard_stop,
+            srt,
             agent,
             state,
             shutdown_tx,
             ..
         } = self;
+        let srt_task = srt.map(|srt| {
+            let ctx = ingest::IngestContext {
+                shard: shard.clone(),
+                verifier: state.verifier.clone(),
+                agent: agent.clone(),
+            };
+            tokio::spawn(srt.serve(ctx, shutdown_tx.subscribe()))
+        });
         let agent_task = tokio::spawn(agent.run(shard, shutdown_tx.subscribe()));
         let app = http::router(state);
         let result = axum::serve(http_listener, app)
@@ -157,7 +237,16 @@ impl Node {
             .context("HTTP server failed");
         let _ = shutdown_tx.send(true);
         let _ = agent_task.await;
-        let _ = tokio::task::spawn_blocking(move || shard_thread.join()).await;
+        if let Some(t) = srt_task {
+            let _ = t.await;
+        }
+        shard_stop.stop();
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in shard_threads {
+                let _ = t.join();
+            }
+        })
+        .await;
         result
     }
 }

@@ -1,21 +1,27 @@
-//! A shard: one UDP socket and one sans-IO [`Sfu`], driven by a loop on a
-//! thread of its own (forwarding never shares threads with HTTP or control
-//! work). Everything else talks to it through [`ShardHandle`].
+//! A shard: one UDP socket and one sans-IO [`Sfu`], driven by a plain loop
+//! on a thread of its own (forwarding never shares threads with HTTP or
+//! control work), over the batched I/O of [`crate::udp`]. Everything else
+//! talks to it through [`ShardHandle`]: a bounded command queue plus the
+//! waker that interrupts the loop's wait.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::net::UdpSocket;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::oneshot;
+
+use crate::udp::{self, Backend, Io, IoChoice, Waker};
 use weir_protocol::{RoomId, SessionId};
 use weir_sfu::{
     Accepted, Counters, Event, Input, MediaFrame, Output, Role, RoomSummary, Sfu, SfuConfig,
     SfuError,
 };
 
-/// Largest datagram read; WebRTC stays under the path MTU, so 2 KiB is ample.
-const RECV_BUF: usize = 2048;
+/// Commands queued per shard before callers are told the shard is busy.
+const COMMAND_QUEUE: usize = 4096;
 
 /// What the HTTP surface asks of a shard.
 enum Command {
@@ -66,23 +72,36 @@ pub struct ShardStats {
     pub updated: Option<Instant>,
 }
 
-/// The shard went away (the node is stopping).
+/// The shard cannot take the command: it is stopping, or its queue is full.
 #[derive(Debug, thiserror::Error)]
-#[error("the media shard is not running")]
+#[error("the media shard is not available (stopping or overloaded)")]
 pub struct ShardGone;
 
-/// A cheap handle to a running shard.
+/// A cheap handle to one running shard.
 #[derive(Clone)]
-pub struct ShardHandle {
-    commands: mpsc::Sender<Command>,
+pub struct Shard {
+    index: usize,
+    commands: SyncSender<Command>,
+    waker: Waker,
     stats: Arc<Mutex<ShardStats>>,
     local_addr: SocketAddr,
+    backend: Backend,
 }
 
-impl ShardHandle {
+impl Shard {
     /// The shard's UDP address.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Which I/O backend the shard runs.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// The shard's number within its node.
+    pub fn index(&self) -> usize {
+        self.index
     }
 
     /// Latest stats.
@@ -181,125 +200,292 @@ impl ShardHandle {
     /// on forwarding, and forwarding never waits for ingest.
     pub fn push_frame(&self, source: SessionId, frame: MediaFrame) -> Result<(), ShardGone> {
         match self.commands.try_send(Command::PushFrame { source, frame }) {
-            Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Ok(()) => {
+                self.waker.wake();
+                Ok(())
+            }
+            Err(TrySendError::Full(_)) => {
                 metrics::counter!("weir_source_frames_dropped_total").increment(1);
                 Ok(())
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(ShardGone),
+            Err(TrySendError::Disconnected(_)) => Err(ShardGone),
         }
     }
 
     async fn send<T>(&self, cmd: Command, rx: oneshot::Receiver<T>) -> Result<T, ShardGone> {
-        self.commands.send(cmd).await.map_err(|_| ShardGone)?;
+        self.commands.try_send(cmd).map_err(|_| ShardGone)?;
+        self.waker.wake();
         rx.await.map_err(|_| ShardGone)
     }
 }
 
-/// Binds the shard's socket and starts its thread. `candidate` is the address
-/// offered to peers (the bound one unless the node is behind a public IP).
+/// The node's shards, as one handle: each room lives on one shard (its home,
+/// chosen by a stable hash of the room id), so its publisher and viewers
+/// share one SFU; commands are routed there.
+#[derive(Clone)]
+pub struct ShardHandle {
+    shards: Arc<[Shard]>,
+    /// Which shard each open source (SRT publisher) lives on.
+    sources: Arc<Mutex<HashMap<SessionId, usize>>>,
+}
+
+impl ShardHandle {
+    /// Routes over `shards` (at least one).
+    pub fn new(shards: Vec<Shard>) -> Self {
+        Self {
+            shards: shards.into(),
+            sources: Arc::default(),
+        }
+    }
+
+    /// Every shard.
+    pub fn shards(&self) -> &[Shard] {
+        &self.shards
+    }
+
+    /// The home shard of `room`.
+    pub fn for_room(&self, room: &RoomId) -> &Shard {
+        use std::hash::{Hash, Hasher};
+        // SipHash with fixed keys: the same room maps to the same shard in
+        // every process of the same build.
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        room.hash(&mut h);
+        &self.shards[(h.finish() % self.shards.len() as u64) as usize]
+    }
+
+    /// The first shard's UDP address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.shards[0].local_addr()
+    }
+
+    /// The I/O backend the shards run.
+    pub fn backend(&self) -> Backend {
+        self.shards[0].backend()
+    }
+
+    /// Stats of all shards together; `updated` is the stalest shard's.
+    pub fn stats(&self) -> ShardStats {
+        let mut total = ShardStats::default();
+        for (i, shard) in self.shards.iter().enumerate() {
+            let s = shard.stats();
+            total.publishers += s.publishers;
+            total.subscribers += s.subscribers;
+            total.rooms.extend(s.rooms);
+            total.egress_bps += s.egress_bps;
+            total.counters.datagrams_in += s.counters.datagrams_in;
+            total.counters.datagrams_out += s.counters.datagrams_out;
+            total.counters.bytes_out += s.counters.bytes_out;
+            total.counters.frames_forwarded += s.counters.frames_forwarded;
+            total.updated = match (i, total.updated, s.updated) {
+                (0, _, u) => u,
+                (_, Some(a), Some(b)) => Some(a.min(b)),
+                _ => None,
+            };
+        }
+        total
+    }
+
+    pub async fn publish(
+        &self,
+        room: RoomId,
+        owner: String,
+        offer: String,
+    ) -> Result<Result<Accepted, SfuError>, ShardGone> {
+        self.for_room(&room)
+            .clone()
+            .publish(room, owner, offer)
+            .await
+    }
+
+    pub async fn play(
+        &self,
+        room: RoomId,
+        owner: String,
+        offer: String,
+    ) -> Result<Result<Accepted, SfuError>, ShardGone> {
+        self.for_room(&room).clone().play(room, owner, offer).await
+    }
+
+    pub async fn close(
+        &self,
+        room: RoomId,
+        session: SessionId,
+    ) -> Result<Result<Role, SfuError>, ShardGone> {
+        if let Ok(mut s) = self.sources.lock() {
+            s.remove(&session);
+        }
+        self.for_room(&room).clone().close(room, session).await
+    }
+
+    pub async fn trickle(
+        &self,
+        room: RoomId,
+        session: SessionId,
+        sdpfrag: String,
+    ) -> Result<Result<usize, SfuError>, ShardGone> {
+        self.for_room(&room)
+            .clone()
+            .trickle(room, session, sdpfrag)
+            .await
+    }
+
+    /// Opens a non-WebRTC publisher (SRT ingest) for `room`; same takeover
+    /// rule as WHIP. Returns the source's session and the one it replaced.
+    pub async fn open_source(
+        &self,
+        room: RoomId,
+        owner: String,
+    ) -> Result<Result<(SessionId, Option<SessionId>), SfuError>, ShardGone> {
+        let shard = self.for_room(&room).clone();
+        let result = shard.open_source(room, owner).await?;
+        if let (Ok((id, replaced)), Ok(mut s)) = (&result, self.sources.lock()) {
+            s.insert(id.clone(), shard.index());
+            if let Some(old) = replaced {
+                s.remove(old);
+            }
+        }
+        Ok(result)
+    }
+
+    /// Hands a source's frame to its shard without waiting; see
+    /// [`Shard::push_frame`]. Frames of unknown sources are dropped.
+    pub fn push_frame(&self, source: SessionId, frame: MediaFrame) -> Result<(), ShardGone> {
+        let index = self
+            .sources
+            .lock()
+            .ok()
+            .and_then(|s| s.get(&source).copied());
+        match index.and_then(|i| self.shards.get(i)) {
+            Some(shard) => shard.push_frame(source, frame),
+            None => {
+                metrics::counter!("weir_source_frames_dropped_total").increment(1);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Stops every shard of a node.
+#[derive(Clone, Default)]
+pub struct ShardStop {
+    stop: Arc<AtomicBool>,
+    wakers: Arc<Mutex<Vec<Waker>>>,
+}
+
+impl ShardStop {
+    /// Asks every shard to stop; they finish their current loop turn.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        if let Ok(w) = self.wakers.lock() {
+            for w in w.iter() {
+                w.wake();
+            }
+        }
+    }
+}
+
+/// Starts shard number `index` on `socket` with the I/O backend `io`.
+/// `candidate` is the address offered to peers (the bound one unless the
+/// node is behind a public IP).
 pub fn spawn(
+    index: usize,
     socket: std::net::UdpSocket,
     candidate: SocketAddr,
-    shutdown: watch::Receiver<bool>,
-) -> std::io::Result<(ShardHandle, std::thread::JoinHandle<()>)> {
-    socket.set_nonblocking(true)?;
+    io: IoChoice,
+    stop: &ShardStop,
+) -> std::io::Result<(Shard, std::thread::JoinHandle<()>)> {
     let local_addr = socket.local_addr()?;
-    let (tx, rx) = mpsc::channel(1024);
+    let (io, waker) = udp::open(socket, io)?;
+    let backend = io.backend();
+    let (tx, rx) = mpsc::sync_channel(COMMAND_QUEUE);
     let stats = Arc::new(Mutex::new(ShardStats::default()));
-    let handle = ShardHandle {
+    if let Ok(mut w) = stop.wakers.lock() {
+        w.push(waker.clone());
+    }
+    let handle = Shard {
+        index,
         commands: tx,
+        waker,
         stats: stats.clone(),
         local_addr,
+        backend,
     };
+    let stop = stop.stop.clone();
     let thread = std::thread::Builder::new()
-        .name("weir-shard-0".into())
+        .name(format!("weir-shard-{index}"))
         .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot start the shard runtime");
-                    return;
-                }
+            let config = SfuConfig {
+                local_addrs: vec![candidate],
+                ..SfuConfig::default()
             };
-            rt.block_on(async move {
-                let socket = match UdpSocket::from_std(socket) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot register the shard socket");
-                        return;
-                    }
-                };
-                let config = SfuConfig {
-                    local_addrs: vec![candidate],
-                    ..SfuConfig::default()
-                };
-                let sfu = Sfu::new(config, Instant::now());
-                run(socket, local_addr, sfu, rx, stats, shutdown).await;
-            });
+            let sfu = Sfu::new(config, Instant::now());
+            tracing::info!(shard = index, udp = %local_addr, io = backend.as_str(), "shard running");
+            if let Err(e) = run(index, io, local_addr, sfu, rx, &stats, &stop) {
+                tracing::error!(shard = index, error = %e, "shard I/O failed; shard stopped");
+            }
+            tracing::info!(shard = index, "shard stopped");
         })?;
     Ok((handle, thread))
 }
 
-async fn run(
-    socket: UdpSocket,
+fn run(
+    index: usize,
+    mut io: Box<dyn Io>,
     local_addr: SocketAddr,
     mut sfu: Sfu,
-    mut commands: mpsc::Receiver<Command>,
-    stats: Arc<Mutex<ShardStats>>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let mut buf = vec![0u8; RECV_BUF];
-    let mut report = tokio::time::interval(Duration::from_secs(1));
+    commands: Receiver<Command>,
+    stats: &Mutex<ShardStats>,
+    stop: &AtomicBool,
+) -> std::io::Result<()> {
     let mut last = Counters::default();
     let mut last_report = Instant::now();
-    tracing::info!(udp = %local_addr, "shard running (tokio UDP)");
+    let mut last_drops = 0;
+    let shard = index.to_string();
     loop {
-        let deadline = drain(&mut sfu, &socket).await;
-        let deadline = deadline.min(Instant::now() + Duration::from_secs(1));
-        tokio::select! {
-            r = socket.recv_from(&mut buf) => match r {
-                Ok((n, source)) => sfu.handle_input(Input::Receive {
-                    now: Instant::now(),
-                    source,
-                    destination: local_addr,
-                    contents: &buf[..n],
-                }),
-                // ICMP errors from peers that went away surface here; they
-                // concern one peer, never the shard.
-                Err(e) => tracing::trace!(error = %e, "udp receive error"),
-            },
-            cmd = commands.recv() => match cmd {
-                Some(cmd) => handle_command(&mut sfu, cmd),
-                None => break,
-            },
-            _ = tokio::time::sleep_until(deadline.into()) => {
-                sfu.handle_input(Input::Timeout(Instant::now()));
-            }
-            _ = report.tick() => {
-                let now = Instant::now();
-                publish_stats(&sfu, &stats, &mut last, now.duration_since(last_report));
-                last_report = now;
-            }
-            _ = shutdown.changed() => break,
+        while let Ok(cmd) = commands.try_recv() {
+            handle_command(&mut sfu, cmd);
+        }
+        let deadline = drain(&mut sfu, io.as_mut());
+        io.flush()?;
+        if stop.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let now = Instant::now();
+        if now.duration_since(last_report) >= Duration::from_secs(1) {
+            publish_stats(
+                &sfu,
+                stats,
+                &mut last,
+                now.duration_since(last_report),
+                &shard,
+            );
+            let drops = io.send_drops();
+            metrics::counter!("weir_udp_send_dropped_total", "shard" => shard.clone())
+                .increment(drops - last_drops);
+            last_drops = drops;
+            last_report = now;
+        }
+        let wake = deadline.min(last_report + Duration::from_secs(1));
+        io.poll(wake, &mut |source, contents| {
+            sfu.handle_input(Input::Receive {
+                now: Instant::now(),
+                source,
+                destination: local_addr,
+                contents,
+            });
+        })?;
+        let now = Instant::now();
+        if now >= deadline {
+            sfu.handle_input(Input::Timeout(now));
         }
     }
-    tracing::info!(udp = %local_addr, "shard stopped");
 }
 
-/// Sends what the SFU has queued and returns when it next needs time.
-async fn drain(sfu: &mut Sfu, socket: &UdpSocket) -> Instant {
+/// Queues what the SFU has to send and returns when it next needs time.
+fn drain(sfu: &mut Sfu, io: &mut dyn Io) -> Instant {
     loop {
         match sfu.poll_output() {
-            Output::Transmit(t) => {
-                if let Err(e) = socket.send_to(&t.contents, t.destination).await {
-                    metrics::counter!("weir_udp_send_errors_total").increment(1);
-                    tracing::trace!(error = %e, "udp send failed");
-                }
-            }
+            Output::Transmit(t) => io.queue(t.destination, &t.contents),
             Output::Event(e) => record_event(e),
             Output::Timeout(at) => return at,
         }
@@ -393,7 +579,13 @@ fn record_event(e: Event) {
     }
 }
 
-fn publish_stats(sfu: &Sfu, stats: &Mutex<ShardStats>, last: &mut Counters, elapsed: Duration) {
+fn publish_stats(
+    sfu: &Sfu,
+    stats: &Mutex<ShardStats>,
+    last: &mut Counters,
+    elapsed: Duration,
+    shard: &str,
+) {
     let c = sfu.counters().clone();
     let rooms = sfu.rooms();
     let subscribers: u32 = rooms.iter().map(|r| r.subscribers).sum();
@@ -405,7 +597,7 @@ fn publish_stats(sfu: &Sfu, stats: &Mutex<ShardStats>, last: &mut Counters, elap
     };
     macro_rules! delta {
         ($name:literal, $field:ident) => {
-            metrics::counter!($name).increment(c.$field - last.$field);
+            metrics::counter!($name, "shard" => shard.to_owned()).increment(c.$field - last.$field);
         };
     }
     delta!("weir_udp_datagrams_received_total", datagrams_in);
@@ -419,10 +611,13 @@ fn publish_stats(sfu: &Sfu, stats: &Mutex<ShardStats>, last: &mut Counters, elap
     delta!("weir_codec_mismatches_total", codec_mismatches);
     delta!("weir_keyframe_requests_total", keyframe_requests);
     delta!("weir_gop_cache_starts_total", gop_cache_starts);
-    metrics::gauge!("weir_sessions", "role" => "publisher").set(publishers as f64);
-    metrics::gauge!("weir_sessions", "role" => "subscriber").set(subscribers as f64);
-    metrics::gauge!("weir_rooms").set(rooms.len() as f64);
-    metrics::gauge!("weir_egress_bits_per_second").set(egress_bps as f64);
+    let shard = shard.to_owned();
+    metrics::gauge!("weir_sessions", "role" => "publisher", "shard" => shard.clone())
+        .set(publishers as f64);
+    metrics::gauge!("weir_sessions", "role" => "subscriber", "shard" => shard.clone())
+        .set(subscribers as f64);
+    metrics::gauge!("weir_rooms", "shard" => shard.clone()).set(rooms.len() as f64);
+    metrics::gauge!("weir_egress_bits_per_second", "shard" => shard).set(egress_bps as f64);
     *last = c.clone();
     if let Ok(mut s) = stats.lock() {
         *s = ShardStats {

@@ -1,9 +1,10 @@
 //! Weir's wire contracts, shared by every plane: the gRPC API (generated from
-//! `proto/`), validated ids, the signed token format, and the `Coordinator`
+//! `proto/`), validated ids, the signed token format, the SRT streamid grammar, and the `Coordinator`
 //! trait that both planes talk to (implementations live in the planes).
 
 pub mod coordinator;
 pub mod ids;
+pub mod streamid;
 pub mod token;
 
 /// Generated protobuf and tonic code for `weir.v1` (feature `grpc`).
@@ -14,4 +15,5 @@ pub mod pb {
 }
 
 pub use ids::{IdError, NodeId, RoomId, SessionId};
+pub use streamid::{StreamId, StreamIdError, StreamMode};
 pub use token::{Mode, TokenClaims, TokenError, TokenSigner, TokenVerifier};

@@ -17,7 +17,11 @@ pub struct DevServer {
     pub node: String,
     pub control: String,
     pub udp: SocketAddr,
+    /// The SRT listener (`weir dev` prints `SRT publish   srt://HOST:PORT?...`).
+    pub srt: SocketAddr,
     pub dir: PathBuf,
+    /// What `weir dev` printed on start.
+    printed: Vec<String>,
 }
 
 /// A fresh directory under the system temp dir.
@@ -35,6 +39,11 @@ pub fn temp_dir(tag: &str) -> PathBuf {
 
 impl DevServer {
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// `weir dev` with extra arguments (after the test's own).
+    pub fn start_with(extra: &[&str]) -> Self {
         let dir = temp_dir("dev");
         let log = std::fs::File::create(dir.join("weir.log")).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_weir"))
@@ -47,16 +56,19 @@ impl DevServer {
                 "--grpc",
                 "127.0.0.1:0",
             ])
-            .args(["--udp", "127.0.0.1:0", "--data-dir"])
+            .args(["--udp", "127.0.0.1:0", "--srt", "127.0.0.1:0", "--data-dir"])
             .arg(dir.join("data"))
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
             .spawn()
             .expect("weir binary runs");
         let stdout = child.stdout.take().unwrap();
-        let (mut node, mut control, mut udp) = (None, None, None);
+        let (mut node, mut control, mut udp, mut srt) = (None, None, None, None);
+        let mut printed = Vec::new();
         for line in BufReader::new(stdout).lines() {
             let line = line.unwrap();
+            printed.push(line.clone());
             let value = line
                 .split_whitespace()
                 .last()
@@ -71,6 +83,11 @@ impl DevServer {
                     .map(str::to_owned);
             } else if line.starts_with("WebRTC UDP") {
                 udp = value.parse().ok();
+            } else if line.starts_with("SRT publish") {
+                srt = value
+                    .strip_prefix("srt://")
+                    .and_then(|v| v.split('?').next())
+                    .and_then(|v| v.parse().ok());
             } else if line.starts_with("Press Ctrl-C") {
                 break;
             }
@@ -80,7 +97,9 @@ impl DevServer {
             node: node.expect("weir dev printed its metrics URL"),
             control: control.expect("weir dev printed its control URL"),
             udp: udp.expect("weir dev printed its UDP address"),
+            srt: srt.expect("weir dev printed its SRT URL"),
             dir,
+            printed,
         };
         server.wait_ready();
         server
@@ -96,6 +115,11 @@ impl DevServer {
             std::thread::sleep(Duration::from_millis(100));
         }
         panic!("weir dev did not become ready; log: {}", self.log());
+    }
+
+    /// The lines `weir dev` printed on start.
+    pub fn stdout_lines(&self) -> &[String] {
+        &self.printed
     }
 
     pub fn log(&self) -> String {
@@ -134,6 +158,28 @@ impl DevServer {
         r.text()
             .lines()
             .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+impl DevServer {
+    /// Sum of a metric's series whose labels contain `labels` (e.g.
+    /// `reason="token"`).
+    pub async fn metric_with(&self, name: &str, labels: &str) -> f64 {
+        let r = request(
+            "GET",
+            &format!("{}/metrics", self.node),
+            &[],
+            b"",
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        r.text()
+            .lines()
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
+            .filter(|l| l.split('}').next().is_some_and(|h| h.contains(labels)))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
     }

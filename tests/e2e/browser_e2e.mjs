@@ -4,17 +4,20 @@
 // browser download).
 //
 //   node browser_e2e.mjs --base http://127.0.0.1:8080 --room ROOM \
-//        [--codec vp8|h264] [--timeout-ms 60000]
+//        [--codec vp8|h264] [--timeout-ms 60000] [--no-publisher] [--watch-ms 0]
 //
 // Steps: publisher opens /publish/ROOM?autostart=1&codec=C and must reach
 // state 'connected' with packets going out; viewer 1 opens /play/ROOM and must
 // decode video and receive audio; 3 s later viewer 2 (the late joiner) must do
-// the same. The pages expose their state as `window.weir` (see
+// the same. With --no-publisher the room is published by something else
+// (ffmpeg over SRT) and only the two viewers run. --watch-ms keeps both
+// viewers playing that long before their stats are read. The pages expose their state as `window.weir` (see
 // data-plane/assets/publish.js and play.js).
 //
 // Output: exactly one JSON line on stdout.
 //   success (exit 0): {"ok":true,"codec":C,"room":R,"viewers":[{"ttffMs","framesDecoded",
-//                      "audioPackets","width","height","videoCodec"}, ...]}
+//                      "audioPackets","width","height","videoCodec","framesReceived",
+//                      "framesDropped","framesPerSecond","freezeCount"}, ...]}
 //   failure (exit 1): {"ok":false,"error":"..."}; each page's window.weir and its
 //                      last 30 console messages go to stderr.
 //   setup error (exit 2): Chromium or playwright-core missing, bad arguments.
@@ -24,7 +27,7 @@
 import { accessSync, constants as fsConstants } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 
-const USAGE = 'usage: node browser_e2e.mjs --base http://127.0.0.1:8080 --room ROOM [--codec vp8|h264] [--timeout-ms 60000]';
+const USAGE = 'usage: node browser_e2e.mjs --base http://127.0.0.1:8080 --room ROOM [--codec vp8|h264] [--timeout-ms 60000] [--no-publisher] [--watch-ms 0]';
 const LATE_JOIN_DELAY_MS = 3000;
 const CONSOLE_KEEP = 30;
 
@@ -51,7 +54,7 @@ function setupError(message) {
 }
 
 function parseArgs(argv) {
-  const opts = { base: null, room: null, codec: 'vp8', timeoutMs: 60000 };
+  const opts = { base: null, room: null, codec: 'vp8', timeoutMs: 60000, publisher: true, watchMs: 0 };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
     const next = () => {
@@ -63,6 +66,8 @@ function parseArgs(argv) {
       case '--room': opts.room = next(); break;
       case '--codec': opts.codec = next().toLowerCase(); break;
       case '--timeout-ms': opts.timeoutMs = Number(next()); break;
+      case '--no-publisher': opts.publisher = false; break;
+      case '--watch-ms': opts.watchMs = Number(next()); break;
       case '-h': case '--help': process.stderr.write(USAGE + '\n'); process.exit(0); break;
       default: setupError(`unknown argument ${a}\n${USAGE}`);
     }
@@ -70,6 +75,7 @@ function parseArgs(argv) {
   if (!opts.base || !opts.room) setupError(`--base and --room are required\n${USAGE}`);
   if (!['vp8', 'h264', 'vp9', 'av1'].includes(opts.codec)) setupError(`--codec must be vp8 or h264 (or vp9, av1), not ${opts.codec}`);
   if (!Number.isFinite(opts.timeoutMs) || opts.timeoutMs <= 0) setupError('--timeout-ms must be a positive number');
+  if (!Number.isFinite(opts.watchMs) || opts.watchMs < 0) setupError('--watch-ms must be a number >= 0');
   try {
     new URL(opts.base);
   } catch (_) {
@@ -216,8 +222,10 @@ for (const sig of ['SIGINT', 'SIGTERM']) {
 const room = encodeURIComponent(opts.room);
 let exitCode = 1;
 try {
-  const publisher = await openClient('publisher', `${opts.base}/publish/${room}?autostart=1&codec=${opts.codec}`);
-  await waitForWeir('publisher', publisher, "state 'connected' and packets sent", publisherReady);
+  if (opts.publisher) {
+    const publisher = await openClient('publisher', `${opts.base}/publish/${room}?autostart=1&codec=${opts.codec}`);
+    await waitForWeir('publisher', publisher, "state 'connected' and packets sent", publisherReady);
+  }
 
   const viewer1 = await openClient('viewer1', `${opts.base}/play/${room}`);
   await waitForWeir('viewer1', viewer1, 'decoded video and received audio', viewerReady);
@@ -226,6 +234,8 @@ try {
 
   const viewer2 = await openClient('viewer2', `${opts.base}/play/${room}`);
   await waitForWeir('viewer2', viewer2, 'decoded video and received audio', viewerReady);
+
+  if (opts.watchMs > 0) await sleep(Math.min(opts.watchMs, remaining()));
 
   const viewers = [];
   for (const [name, page] of [['viewer1', viewer1], ['viewer2', viewer2]]) {
@@ -242,6 +252,10 @@ try {
       width: v.frameWidth,
       height: v.frameHeight,
       videoCodec: codecName,
+      framesReceived: v.framesReceived,
+      framesDropped: v.framesDropped,
+      framesPerSecond: v.framesPerSecond,
+      freezeCount: v.freezeCount,
     });
   }
   process.stdout.write(JSON.stringify({ ok: true, codec: opts.codec, room: opts.room, viewers }) + '\n');

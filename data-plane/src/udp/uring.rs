@@ -1,0 +1,310 @@
+//! The io_uring backend: a ring of `RECVMSG` operations kept armed on the
+//! shard's socket, `SENDMSG` operations submitted in batches, a `READ` on
+//! the waker's eventfd, and waits bounded by the ring's own timeout.
+//!
+//! This is the one module of the node with `unsafe` code: the kernel reads
+//! and writes the buffers, addresses and `msghdr`s of in-flight operations,
+//! so they live in boxed slots whose addresses never change and that are not
+//! touched (or freed) until their completion has been reaped.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::time::Instant;
+
+use io_uring::{IoUring, opcode, types};
+use nix::sys::socket::{SockaddrLike, SockaddrStorage};
+
+use super::epoll::to_socket_addr;
+use super::{BATCH, Backend, Io, MAX_DATAGRAM, Waker};
+
+/// Receive operations kept armed.
+const RECV_SLOTS: usize = 64;
+/// Send operations in flight at most.
+const SEND_SLOTS: usize = 256;
+
+type OnDatagram<'a> = &'a mut dyn FnMut(SocketAddr, &[u8]);
+
+const WAKER_TAG: u64 = u64::MAX;
+const CANCEL_TAG: u64 = u64::MAX - 1;
+const SEND_TAG: u64 = 1 << 32;
+
+/// One datagram's buffer, address and message header, never moved while the
+/// kernel may use them (slots live in boxed slices that are never resized).
+struct Slot {
+    buf: [u8; MAX_DATAGRAM],
+    addr: SockaddrStorage,
+    iov: libc::iovec,
+    msg: libc::msghdr,
+}
+
+// SAFETY: the raw pointers in a slot point into the same boxed slot; moving
+// the owning `UringIo` to another thread moves no slot memory.
+unsafe impl Send for Slot {}
+
+impl Slot {
+    fn new() -> Slot {
+        Slot {
+            buf: [0; MAX_DATAGRAM],
+            addr: SockaddrStorage::from(SocketAddr::from(([0, 0, 0, 0], 0))),
+            // SAFETY: all-zero is a valid iovec and msghdr (null pointers, zero lengths).
+            iov: unsafe { std::mem::zeroed() },
+            msg: unsafe { std::mem::zeroed() },
+        }
+    }
+
+    /// Points the header at this slot's own buffer and address, `len` bytes.
+    fn prepare(&mut self, len: usize) {
+        self.iov.iov_base = self.buf.as_mut_ptr().cast();
+        self.iov.iov_len = len;
+        self.msg.msg_name = (&raw mut self.addr).cast();
+        self.msg.msg_namelen = std::mem::size_of::<SockaddrStorage>() as libc::socklen_t;
+        self.msg.msg_iov = &raw mut self.iov;
+        self.msg.msg_iovlen = 1;
+        self.msg.msg_control = std::ptr::null_mut();
+        self.msg.msg_controllen = 0;
+        self.msg.msg_flags = 0;
+    }
+}
+
+pub(super) struct UringIo {
+    socket: UdpSocket,
+    ring: IoUring,
+    waker: Waker,
+    waker_buf: Box<u64>,
+    /// Fixed-size boxed slices: never resized, so slots never move.
+    recv: Box<[Slot]>,
+    send: Box<[Slot]>,
+    free_send: Vec<usize>,
+    /// Sends pushed but not yet submitted.
+    unsubmitted: usize,
+    /// Receive completions reaped while waiting for send slots, delivered at
+    /// the next poll: (slot, length).
+    ready: Vec<(usize, usize)>,
+    send_drops: u64,
+}
+
+impl UringIo {
+    pub(super) fn new(socket: UdpSocket, waker: Waker) -> io::Result<Self> {
+        let ring = IoUring::new((RECV_SLOTS + SEND_SLOTS + 8).next_power_of_two() as u32)?;
+        let mut me = Self {
+            socket,
+            ring,
+            waker,
+            waker_buf: Box::new(0),
+            recv: (0..RECV_SLOTS).map(|_| Slot::new()).collect(),
+            send: (0..SEND_SLOTS).map(|_| Slot::new()).collect(),
+            free_send: (0..SEND_SLOTS).rev().collect(),
+            unsubmitted: 0,
+            ready: Vec::new(),
+            send_drops: 0,
+        };
+        for i in 0..RECV_SLOTS {
+            me.arm_recv(i)?;
+        }
+        me.arm_waker()?;
+        me.ring.submit()?;
+        // Probe once: a kernel that forbids io_uring fails here, not later.
+        Ok(me)
+    }
+
+    fn push(&mut self, entry: &io_uring::squeue::Entry) -> io::Result<()> {
+        loop {
+            // SAFETY: every entry built here points into a boxed slot (or the
+            // boxed waker buffer) of `self`, which stays alive and in place
+            // until the operation's completion is reaped; see `Slot`.
+            let pushed = unsafe { self.ring.submission().push(entry).is_ok() };
+            if pushed {
+                return Ok(());
+            }
+            // The submission queue is full: hand it to the kernel.
+            self.ring.submit()?;
+        }
+    }
+
+    fn arm_recv(&mut self, i: usize) -> io::Result<()> {
+        let fd = types::Fd(self.socket.as_raw_fd());
+        let slot = &mut self.recv[i];
+        slot.prepare(MAX_DATAGRAM);
+        let entry = opcode::RecvMsg::new(fd, &raw mut slot.msg)
+            .build()
+            .user_data(i as u64);
+        self.push(&entry)
+    }
+
+    fn arm_waker(&mut self) -> io::Result<()> {
+        let fd = types::Fd(self.waker.fd().as_raw_fd());
+        let buf: *mut u64 = &mut *self.waker_buf;
+        let entry = opcode::Read::new(fd, buf.cast(), 8)
+            .build()
+            .user_data(WAKER_TAG);
+        self.push(&entry)
+    }
+
+    /// Handles every completion in the queue. Receives go to `on` when given,
+    /// else they are kept for the next poll.
+    fn reap(&mut self, mut on: Option<OnDatagram<'_>>) -> io::Result<usize> {
+        let mut received = 0;
+        let done: Vec<(u64, i32)> = self
+            .ring
+            .completion()
+            .map(|c| (c.user_data(), c.result()))
+            .collect();
+        for (tag, result) in done {
+            if tag == WAKER_TAG {
+                self.arm_waker()?;
+            } else if tag == CANCEL_TAG {
+            } else if tag >= SEND_TAG {
+                let i = (tag - SEND_TAG) as usize;
+                if result < 0 {
+                    self.send_drops += 1;
+                }
+                self.free_send.push(i);
+            } else {
+                let i = tag as usize;
+                if result >= 0 {
+                    received += 1;
+                    let len = (result as usize).min(MAX_DATAGRAM);
+                    match on.as_mut() {
+                        Some(on) => self.deliver(i, len, &mut **on),
+                        None => {
+                            self.ready.push((i, len));
+                            continue;
+                        }
+                    }
+                }
+                // Errors (ICMP from a peer gone away) concern one datagram.
+                self.arm_recv(i)?;
+            }
+        }
+        Ok(received)
+    }
+
+    fn deliver(&mut self, i: usize, len: usize, on: &mut dyn FnMut(SocketAddr, &[u8])) {
+        let slot = &self.recv[i];
+        if let Some(from) = to_socket_addr(slot.addr) {
+            on(from, &slot.buf[..len]);
+        }
+    }
+}
+
+impl Io for UringIo {
+    fn backend(&self) -> Backend {
+        Backend::IoUring
+    }
+
+    fn poll(&mut self, deadline: Instant, on: &mut dyn FnMut(SocketAddr, &[u8])) -> io::Result<()> {
+        let ready = std::mem::take(&mut self.ready);
+        let had_ready = !ready.is_empty();
+        for (i, len) in ready {
+            self.deliver(i, len, on);
+            self.arm_recv(i)?;
+        }
+        self.unsubmitted = 0;
+        if had_ready || self.reap(Some(on))? > 0 {
+            self.ring.submit()?;
+            return Ok(());
+        }
+        let wait = deadline.saturating_duration_since(Instant::now());
+        if wait.is_zero() {
+            self.ring.submit()?;
+            return Ok(());
+        }
+        let ts = types::Timespec::new()
+            .sec(wait.as_secs())
+            .nsec(wait.subsec_nanos());
+        let args = types::SubmitArgs::new().timespec(&ts);
+        match self.ring.submitter().submit_with_args(1, &args) {
+            Ok(_) => {}
+            Err(e)
+                if e.raw_os_error() == Some(libc::ETIME)
+                    || e.raw_os_error() == Some(libc::EINTR) => {}
+            Err(e) => return Err(e),
+        }
+        self.reap(Some(on))?;
+        self.ring.submit()?;
+        Ok(())
+    }
+
+    fn queue(&mut self, destination: SocketAddr, data: &[u8]) {
+        if data.len() > MAX_DATAGRAM {
+            self.send_drops += 1;
+            return;
+        }
+        let i = loop {
+            if let Some(i) = self.free_send.pop() {
+                break i;
+            }
+            // Every send slot is in flight: wait for one to complete.
+            if self.ring.submit_and_wait(1).is_err() || self.reap(None).is_err() {
+                self.send_drops += 1;
+                return;
+            }
+        };
+        let fd = types::Fd(self.socket.as_raw_fd());
+        let slot = &mut self.send[i];
+        slot.buf[..data.len()].copy_from_slice(data);
+        slot.prepare(data.len());
+        slot.addr = SockaddrStorage::from(destination);
+        slot.msg.msg_namelen = slot.addr.len();
+        let entry = opcode::SendMsg::new(fd, &raw const slot.msg)
+            .build()
+            .user_data(SEND_TAG + i as u64);
+        if self.push(&entry).is_err() {
+            self.free_send.push(i);
+            self.send_drops += 1;
+            return;
+        }
+        self.unsubmitted += 1;
+        if self.unsubmitted >= BATCH {
+            let _ = self.flush();
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if self.unsubmitted > 0 {
+            self.unsubmitted = 0;
+            self.ring.submit()?;
+        }
+        Ok(())
+    }
+
+    fn send_drops(&self) -> u64 {
+        self.send_drops
+    }
+}
+
+impl Drop for UringIo {
+    fn drop(&mut self) {
+        // In-flight operations still point into our slots: cancel them all and
+        // wait until the kernel has let go before the slots are freed.
+        let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::any())
+            .build()
+            .user_data(CANCEL_TAG);
+        // SAFETY: the cancel entry references no memory of ours.
+        if unsafe { self.ring.submission().push(&cancel) }.is_ok() {
+            let _ = self.ring.submit();
+        }
+        let in_flight = RECV_SLOTS + 1 + (SEND_SLOTS - self.free_send.len());
+        let mut seen = 0;
+        let deadline = Instant::now() + std::time::Duration::from_secs(2);
+        let ts = types::Timespec::new().nsec(100_000_000);
+        while seen < in_flight && Instant::now() < deadline {
+            let args = types::SubmitArgs::new().timespec(&ts);
+            let _ = self.ring.submitter().submit_with_args(1, &args);
+            seen += self
+                .ring
+                .completion()
+                .filter(|c| c.user_data() != CANCEL_TAG)
+                .count();
+        }
+        if seen < in_flight {
+            // The kernel did not release every buffer: leak them rather than
+            // free memory it may still write to.
+            std::mem::forget(std::mem::replace(&mut self.recv, Box::new([])));
+            std::mem::forget(std::mem::replace(&mut self.send, Box::new([])));
+            std::mem::forget(std::mem::replace(&mut self.waker_buf, Box::new(0)));
+        }
+    }
+}
