@@ -30,6 +30,10 @@ struct Peer {
     video: Option<Mid>,
     /// Whether this peer still takes part in the network.
     online: bool,
+    /// Share of datagrams to this peer the network loses (0.0 to 1.0).
+    loss: f64,
+    /// Datagrams to this peer the network lost.
+    lost: usize,
 }
 
 struct Net {
@@ -40,6 +44,8 @@ struct Net {
     wire: VecDeque<(Instant, SocketAddr, SocketAddr, Vec<u8>)>,
     events: Vec<Event>,
     sfu_next: Instant,
+    /// Deterministic randomness for the simulated network (xorshift).
+    seed: u64,
 }
 
 fn room(name: &str) -> RoomId {
@@ -67,6 +73,7 @@ impl Net {
             wire: VecDeque::new(),
             events: Vec::new(),
             sfu_next: now,
+            seed: 0x2545_f491_4f6c_dd1d,
         }
     }
 
@@ -92,6 +99,8 @@ impl Net {
             audio: Some(audio),
             video: Some(video),
             online: true,
+            loss: 0.0,
+            lost: 0,
         });
         (self.peers.len() - 1, offer.to_sdp_string(), pending)
     }
@@ -227,6 +236,15 @@ impl Net {
             });
             self.drain_sfu();
         } else if let Some(i) = self.peers.iter().position(|p| p.addr == to && p.online) {
+            if self.peers[i].loss > 0.0 {
+                self.seed ^= self.seed << 13;
+                self.seed ^= self.seed >> 7;
+                self.seed ^= self.seed << 17;
+                if (self.seed % 10_000) as f64 / 10_000.0 < self.peers[i].loss {
+                    self.peers[i].lost += 1;
+                    return;
+                }
+            }
             let input = str0m::Input::Receive(
                 self.now,
                 Receive {
@@ -710,4 +728,31 @@ fn dummy_audio(now: Instant) -> weir_sfu::MediaFrame {
         rid: None,
         data: std::sync::Arc::from(vec![0xfcu8; 40]),
     }
+}
+
+#[test]
+fn nack_recovers_most_frames_under_five_percent_loss() {
+    let mut net = Net::new();
+    let (p, _) = net.publish("r1", "alice").unwrap();
+    let (clean, _) = net.subscribe("r1");
+    let (lossy, _) = net.subscribe("r1");
+    net.peers[lossy].loss = 0.05;
+    let mut drive = drive_publisher(p);
+    let t = net.now + Duration::from_secs(10);
+    net.run_until(t, &mut drive);
+
+    let reference = net.video_received(clean).len();
+    let got = net.video_received(lossy).len();
+    assert!(
+        net.peers[lossy].lost > 50,
+        "the network lost {} datagrams",
+        net.peers[lossy].lost
+    );
+    assert!(reference > 250, "the clean viewer got {reference} frames");
+    // Each video frame spans one to three packets: without retransmission
+    // about a tenth of them would be incomplete.
+    assert!(
+        got as f64 >= reference as f64 * 0.97,
+        "with 5 % loss the viewer still got {got} of {reference} frames"
+    );
 }
