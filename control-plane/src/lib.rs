@@ -9,6 +9,7 @@ pub mod ctl;
 pub mod scheduler;
 pub mod server;
 pub mod service;
+pub mod store;
 pub mod tokens;
 
 pub use coordinator::{EtcdConfig, EtcdCoordinator, LocalCoordinator};

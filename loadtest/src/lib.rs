@@ -1,9 +1,12 @@
-//! `weir loadtest`: synthetic WebRTC viewers (WHEP, on str0m) that play a
-//! room and measure join time, time to first frame, received media and
-//! freezes, reported as percentiles (hdrhistogram) in a table or JSON.
-//! Bounded in viewers and time; it sends only to the URLs it is given.
+//! `weir loadtest`: synthetic WebRTC publishers (WHIP, sending a real VP8
+//! clip) and viewers (WHEP), on str0m, measuring join time, time to first
+//! frame, received media, freezes and end-to-end delay, reported as
+//! percentiles (hdrhistogram) in a table or JSON. Bounded in count and time;
+//! it sends only to the addresses the control plane it is given hands out.
 
+pub mod clip;
 pub mod http;
+pub mod publisher;
 pub mod viewer;
 
 use std::net::IpAddr;
@@ -13,7 +16,12 @@ use anyhow::{Context, bail};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+pub use clip::Clip;
+pub use publisher::{PublishTarget, PublisherReport};
 pub use viewer::{Target, ViewerReport};
+
+/// Most publishers one run may start.
+pub const MAX_PUBLISHERS: u32 = 200;
 
 /// Most viewers one run may start.
 pub const MAX_VIEWERS: u32 = 5000;
@@ -26,9 +34,18 @@ pub struct LoadtestArgs {
     /// Control plane to ask for the WHEP endpoint and a play token.
     #[arg(long, env = "WEIR_CONTROL", default_value = "http://127.0.0.1:7000")]
     pub control: String,
-    /// Room to play (it should have a publisher).
+    /// Room to play; with several publishers, rooms ROOM-0, ROOM-1, ...
     #[arg(long)]
     pub room: String,
+    /// Synthetic publishers to start (0: play a room someone else publishes).
+    #[arg(long, default_value_t = 0)]
+    pub publishers: u32,
+    /// VP8 clip (IVF) the publishers send; generated with ffmpeg when absent.
+    #[arg(long)]
+    pub clip: Option<std::path::PathBuf>,
+    /// Bit rate of the generated clip, kbit/s.
+    #[arg(long, default_value_t = 1500)]
+    pub clip_kbps: u32,
     /// Number of viewers (at most 5000).
     #[arg(long, default_value_t = 10)]
     pub viewers: u32,
@@ -70,6 +87,10 @@ pub struct Summary {
     pub received_kbps: Option<Percentiles>,
     pub freezes: u64,
     pub viewers_without_video: u32,
+    /// Capture-to-arrival delay of video frames (publisher to viewer).
+    pub delay_ms: Option<Percentiles>,
+    pub publishers: u32,
+    pub publishers_failed: u32,
 }
 
 fn percentiles(h: &Histogram<u64>, scale: f64) -> Option<Percentiles> {
@@ -89,6 +110,7 @@ pub fn summarize(room: &str, reports: &[ViewerReport]) -> anyhow::Result<Summary
     let mut first = Histogram::<u64>::new(3)?;
     let mut fps = Histogram::<u64>::new(3)?;
     let mut kbps = Histogram::<u64>::new(3)?;
+    let mut delay = Histogram::<u64>::new(3)?;
     let mut errors = Vec::new();
     let mut without_video = 0;
     for r in reports {
@@ -103,6 +125,9 @@ pub fn summarize(room: &str, reports: &[ViewerReport]) -> anyhow::Result<Summary
         match r.first_frame {
             Some(f) => first.record(f.as_micros() as u64)?,
             None => without_video += 1,
+        }
+        for d in &r.delays_us {
+            delay.record(*d)?;
         }
         let secs = r.played.as_secs_f64();
         if secs > 0.5 {
@@ -121,6 +146,9 @@ pub fn summarize(room: &str, reports: &[ViewerReport]) -> anyhow::Result<Summary
         received_kbps: percentiles(&kbps, 1000.0),
         freezes: reports.iter().map(|r| r.freezes).sum(),
         viewers_without_video: without_video,
+        delay_ms: percentiles(&delay, 1000.0),
+        publishers: 0,
+        publishers_failed: 0,
     })
 }
 
@@ -158,12 +186,46 @@ pub async fn assign_viewer(control: &str, room: &str) -> anyhow::Result<Target> 
     Ok(Target { whep_url, token })
 }
 
+/// Asks the control plane where to publish `room`, with a publish token.
+pub async fn assign_publisher(control: &str, room: &str) -> anyhow::Result<PublishTarget> {
+    let url = format!("{}/v1/assign-publisher", control.trim_end_matches('/'));
+    let body = serde_json::json!({ "room": room }).to_string();
+    let res = http::request(
+        "POST",
+        &url,
+        &[("Content-Type", "application/json")],
+        body.as_bytes(),
+        Duration::from_secs(10),
+    )
+    .await?;
+    if res.status != 200 {
+        bail!(
+            "assign-publisher answered {}: {}",
+            res.status,
+            res.text().trim()
+        );
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(&res.body).context("assign-publisher: bad JSON")?;
+    let token = v["token"]
+        .as_str()
+        .context("assign-publisher: no token")?
+        .to_owned();
+    let whip_url = v["endpoints"]
+        .as_array()
+        .and_then(|e| e.iter().find(|e| e["kind"] == "whip"))
+        .and_then(|e| e["url"].as_str())
+        .context("assign-publisher: no WHIP endpoint")?
+        .to_owned();
+    Ok(PublishTarget { whip_url, token })
+}
+
 /// Runs the viewers and returns their reports.
-pub async fn run_viewers(target: Target, args: &LoadtestArgs) -> Vec<ViewerReport> {
+pub async fn run_viewers(targets: &[Target], args: &LoadtestArgs) -> Vec<ViewerReport> {
     let mut tasks = Vec::with_capacity(args.viewers as usize);
     let duration = Duration::from_secs(args.duration);
-    for _ in 0..args.viewers {
-        let target = target.clone();
+    for i in 0..args.viewers as usize {
+        let target = targets[i % targets.len()].clone();
         let bind = args.bind;
         let deadline = Instant::now() + duration;
         tasks.push(tokio::spawn(async move {
@@ -190,11 +252,62 @@ pub async fn run(args: LoadtestArgs) -> anyhow::Result<i32> {
     if args.duration == 0 || args.duration > MAX_DURATION_SECS {
         bail!("--duration must be between 1 and {MAX_DURATION_SECS} seconds");
     }
+    if args.publishers > MAX_PUBLISHERS {
+        bail!("--publishers must be at most {MAX_PUBLISHERS}");
+    }
     weir_protocol::RoomId::parse(&args.room).map_err(|e| anyhow::anyhow!("--room: {e}"))?;
     str0m::crypto::from_feature_flags().install_process_default();
-    let target = assign_viewer(&args.control, &args.room).await?;
-    let reports = run_viewers(target, &args).await;
-    let summary = summarize(&args.room, &reports)?;
+    let rooms: Vec<String> = match args.publishers {
+        0 | 1 => vec![args.room.clone()],
+        n => (0..n).map(|i| format!("{}-{i}", args.room)).collect(),
+    };
+    let publishers = if args.publishers > 0 {
+        let clip = match &args.clip {
+            Some(path) => Clip::read_ivf(path)?,
+            None => Clip::read_ivf(&Clip::generate(
+                &std::env::temp_dir(),
+                1280,
+                720,
+                args.clip_kbps,
+            )?)?,
+        };
+        let clip = std::sync::Arc::new(clip);
+        // Publishers run a little longer than the viewers they feed.
+        let deadline = Instant::now() + Duration::from_secs(args.duration) + Duration::from_secs(3);
+        let mut tasks = Vec::new();
+        for room in &rooms {
+            let target = assign_publisher(&args.control, room).await?;
+            let clip = clip.clone();
+            let bind = args.bind;
+            tasks.push(tokio::spawn(async move {
+                publisher::run(&target, &clip, bind, deadline).await
+            }));
+        }
+        // Let the rooms go live before viewers come.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        tasks
+    } else {
+        Vec::new()
+    };
+    let mut targets = Vec::new();
+    for room in &rooms {
+        targets.push(assign_viewer(&args.control, room).await?);
+    }
+    let reports = run_viewers(&targets, &args).await;
+    let mut summary = summarize(&args.room, &reports)?;
+    summary.publishers = publishers.len() as u32;
+    for t in publishers {
+        let report = t.await.unwrap_or_else(|e| PublisherReport {
+            error: Some(format!("publisher task failed: {e}")),
+            ..PublisherReport::default()
+        });
+        if let Some(e) = report.error {
+            summary.publishers_failed += 1;
+            if summary.errors.len() < 10 {
+                summary.errors.push(format!("publisher: {e}"));
+            }
+        }
+    }
     if args.json {
         println!("{}", serde_json::to_string(&summary)?);
     } else {
@@ -210,6 +323,12 @@ pub async fn run(args: LoadtestArgs) -> anyhow::Result<i32> {
 }
 
 fn print_table(s: &Summary) {
+    if s.publishers > 0 {
+        println!(
+            "{} publishers, {} failed",
+            s.publishers, s.publishers_failed
+        );
+    }
     println!(
         "room {}: {} viewers, {} failed, {} without video, {} freezes (> {} ms)",
         s.room,
@@ -228,6 +347,7 @@ fn print_table(s: &Summary) {
         ("first frame (ms)", &s.first_frame_ms),
         ("video fps", &s.video_fps),
         ("received kbit/s", &s.received_kbps),
+        ("delay (ms)", &s.delay_ms),
     ] {
         match p {
             Some(p) => println!(

@@ -2,7 +2,7 @@
 //! room for a while and records what a person would notice.
 
 use std::net::{IpAddr, SocketAddr};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, bail};
 use str0m::change::SdpAnswer;
@@ -36,6 +36,9 @@ pub struct ViewerReport {
     pub freezes: u64,
     /// How long media was played (first frame to end).
     pub played: Duration,
+    /// Capture-to-arrival delay of each video frame that carried its
+    /// capture time, in microseconds (publisher and viewer share a clock).
+    pub delays_us: Vec<u64>,
     pub error: Option<String>,
 }
 
@@ -57,7 +60,9 @@ async fn play(
     let socket = UdpSocket::bind(SocketAddr::new(bind, 0)).await?;
     let local = socket.local_addr()?;
     let start = Instant::now();
-    let mut rtc = Rtc::builder().build(start);
+    let mut rtc = Rtc::builder()
+        .set_extension(7, str0m::rtp::Extension::AbsoluteCaptureTime)
+        .build(start);
     rtc.add_local_candidate(Candidate::host(local, "udp")?);
     let mut change = rtc.sdp_api();
     change.add_media(MediaKind::Audio, Direction::RecvOnly, None, None, None);
@@ -80,6 +85,7 @@ async fn play(
         bail!("WHEP answered {}: {}", res.status, res.text().trim());
     }
     report.join = Some(start.elapsed());
+    let joined_at = SystemTime::now();
     let location = res.header("location").map(str::to_owned);
     let answer = SdpAnswer::from_sdp_string(&res.text()).context("bad SDP answer")?;
     rtc.sdp_api().accept_answer(pending, answer)?;
@@ -111,6 +117,14 @@ async fn play(
                             }
                             last_video = Some(now);
                             report.video_frames += 1;
+                            // Frames captured before the viewer joined came from the
+                            // node's GOP cache: their delay says nothing of forwarding.
+                            if let Some(t) = d.ext_vals.abs_capture_time
+                                && t.capture_time >= joined_at
+                                && let Ok(delay) = SystemTime::now().duration_since(t.capture_time)
+                            {
+                                report.delays_us.push(delay.as_micros() as u64);
+                            }
                         } else {
                             report.audio_frames += 1;
                         }

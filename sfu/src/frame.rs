@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use str0m::format::{Codec, PayloadParams};
 use str0m::media::{MediaData, MediaKind, MediaTime, Rid};
+use str0m::rtp::AbsCaptureTime;
 
 /// A media frame. H.264 is an Annex-B access unit (start codes), VP8 and
 /// Opus are the codec's own frame.
@@ -23,6 +24,9 @@ pub struct MediaFrame {
     pub keyframe: bool,
     /// Simulcast layer, when the publisher sends several.
     pub rid: Option<Rid>,
+    /// When the frame was captured (abs-capture-time), carried through to
+    /// viewers so end-to-end delay can be measured.
+    pub capture_time: Option<AbsCaptureTime>,
     pub data: Arc<[u8]>,
 }
 
@@ -36,6 +40,7 @@ impl MediaFrame {
             network_time: d.network_time,
             keyframe: d.is_keyframe(),
             rid: d.rid,
+            capture_time: d.ext_vals.abs_capture_time,
             data: d.data.clone(),
         }
     }

@@ -81,6 +81,7 @@ mod tests {
             network_time: now,
             keyframe,
             rid: None,
+            capture_time: None,
             data: Arc::from(vec![0u8; len]),
         }
     }

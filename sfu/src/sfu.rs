@@ -239,7 +239,9 @@ impl Sfu {
             .clear_codecs()
             .enable_opus(true, false)
             .enable_vp8(true)
-            .enable_h264(true);
+            .enable_h264(true)
+            // Capture times pass through to viewers (end-to-end delay).
+            .set_extension(7, str0m::rtp::Extension::AbsoluteCaptureTime);
         // One DTLS certificate for all sessions of the shard: generating one
         // per session costs a key generation on the accept path.
         if let Some(cert) = str0m::crypto::from_feature_flags()
@@ -891,9 +893,12 @@ fn write_frame(
         MediaKind::Video => &mut s.rebase_video,
     };
     let time = rebase.map(generation, frame.time, now);
-    let Some(writer) = s.rtc.writer(mid) else {
+    let Some(mut writer) = s.rtc.writer(mid) else {
         return false;
     };
+    if let Some(t) = frame.capture_time {
+        writer = writer.abs_capture_time(t);
+    }
     let pt = match frame.params {
         Some(params) => writer.match_params(params),
         None => source_pt(writer.payload_params(), frame.codec),

@@ -689,6 +689,7 @@ fn a_source_without_webrtc_reaches_viewers_and_follows_the_takeover_rule() {
             network_time: net.now,
             keyframe,
             rid: None,
+            capture_time: None,
             data: Arc::from(au),
         };
         net.sfu.push_frame(net.now, &source, frame).unwrap();
@@ -726,6 +727,7 @@ fn dummy_audio(now: Instant) -> weir_sfu::MediaFrame {
         network_time: now,
         keyframe: false,
         rid: None,
+        capture_time: None,
         data: std::sync::Arc::from(vec![0xfcu8; 40]),
     }
 }

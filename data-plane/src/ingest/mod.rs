@@ -726,6 +726,7 @@ fn video_frame(time90: i64, network_time: Instant, au: h264::AccessUnit) -> Medi
         network_time,
         keyframe: au.keyframe,
         rid: None,
+        capture_time: None,
         data: au.data.into(),
     }
 }
@@ -739,6 +740,7 @@ fn opus_frame(time48: i64, network_time: Instant, data: Arc<[u8]>) -> MediaFrame
         network_time,
         keyframe: true,
         rid: None,
+        capture_time: None,
         data,
     }
 }
