@@ -1,5 +1,4 @@
-//! Weir's benchmarks: criterion micro-benchmarks of the per-packet path and
-//! the side-by-side macro benchmarks (`weir node` against `weir loadtest`
-//! and a raw UDP fan-out forwarder). Results with machine and command go to
-//! `bench/RESULTS.md`. The benchmarks arrive with the shard work (issue 3);
-//! this crate is where they live.
+//! Weir's benchmarks. `src/bin/udp_fanout.rs` measures the raw UDP fan-out
+//! limit of the machine through the node's own batched I/O; `run-forwarding.sh`
+//! runs `weir node` and `weir loadtest` side by side against that limit;
+//! results, with machine and commands, go to `bench/RESULTS.md`.

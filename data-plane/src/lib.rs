@@ -6,6 +6,7 @@ mod agent;
 mod http;
 pub mod ingest;
 mod pages;
+mod profile;
 mod shard;
 pub mod udp;
 

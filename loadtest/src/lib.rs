@@ -89,6 +89,10 @@ pub struct Summary {
     pub viewers_without_video: u32,
     /// Capture-to-arrival delay of video frames (publisher to viewer).
     pub delay_ms: Option<Percentiles>,
+    /// Per-viewer video packet loss before retransmission, percent.
+    pub loss_pct: Option<Percentiles>,
+    pub video_packets: u64,
+    pub nacks: u64,
     pub publishers: u32,
     pub publishers_failed: u32,
 }
@@ -111,6 +115,7 @@ pub fn summarize(room: &str, reports: &[ViewerReport]) -> anyhow::Result<Summary
     let mut fps = Histogram::<u64>::new(3)?;
     let mut kbps = Histogram::<u64>::new(3)?;
     let mut delay = Histogram::<u64>::new(3)?;
+    let mut loss = Histogram::<u64>::new(3)?;
     let mut errors = Vec::new();
     let mut without_video = 0;
     for r in reports {
@@ -125,6 +130,10 @@ pub fn summarize(room: &str, reports: &[ViewerReport]) -> anyhow::Result<Summary
         match r.first_frame {
             Some(f) => first.record(f.as_micros() as u64)?,
             None => without_video += 1,
+        }
+        if let Some(l) = r.loss_pct {
+            // Hundredths of a percent.
+            loss.record((l * 100.0) as u64)?;
         }
         for d in &r.delays_us {
             delay.record(*d)?;
@@ -147,6 +156,9 @@ pub fn summarize(room: &str, reports: &[ViewerReport]) -> anyhow::Result<Summary
         freezes: reports.iter().map(|r| r.freezes).sum(),
         viewers_without_video: without_video,
         delay_ms: percentiles(&delay, 1000.0),
+        loss_pct: percentiles(&loss, 100.0),
+        video_packets: reports.iter().map(|r| r.video_packets).sum(),
+        nacks: reports.iter().map(|r| r.nacks).sum(),
         publishers: 0,
         publishers_failed: 0,
     })
@@ -348,6 +360,7 @@ fn print_table(s: &Summary) {
         ("video fps", &s.video_fps),
         ("received kbit/s", &s.received_kbps),
         ("delay (ms)", &s.delay_ms),
+        ("video loss (%)", &s.loss_pct),
     ] {
         match p {
             Some(p) => println!(

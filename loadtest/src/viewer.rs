@@ -39,6 +39,12 @@ pub struct ViewerReport {
     /// Capture-to-arrival delay of each video frame that carried its
     /// capture time, in microseconds (publisher and viewer share a clock).
     pub delays_us: Vec<u64>,
+    /// Video RTP packets received and NACKs sent (str0m's ingress stats).
+    pub video_packets: u64,
+    pub nacks: u64,
+    /// Mean fraction of video packets lost per stats interval (before
+    /// retransmission), in percent.
+    pub loss_pct: Option<f64>,
     pub error: Option<String>,
 }
 
@@ -62,6 +68,7 @@ async fn play(
     let start = Instant::now();
     let mut rtc = Rtc::builder()
         .set_extension(7, str0m::rtp::Extension::AbsoluteCaptureTime)
+        .set_stats_interval(Some(Duration::from_secs(1)))
         .build(start);
     rtc.add_local_candidate(Candidate::host(local, "udp")?);
     let mut change = rtc.sdp_api();
@@ -93,6 +100,7 @@ async fn play(
     let mut buf = vec![0u8; 2048];
     let mut last_video: Option<Instant> = None;
     let mut first: Option<Instant> = None;
+    let (mut loss_sum, mut loss_n) = (0.0f64, 0u32);
     let result: anyhow::Result<()> = async {
         loop {
             let timeout = loop {
@@ -134,6 +142,14 @@ async fn play(
                     )) => {
                         bail!("ICE disconnected");
                     }
+                    Output::Event(Event::MediaIngressStats(st)) if st.mid == video => {
+                        report.video_packets = st.packets;
+                        report.nacks = st.nacks;
+                        if let Some(l) = st.loss {
+                            loss_sum += f64::from(l);
+                            loss_n += 1;
+                        }
+                    }
                     Output::Event(_) => {}
                 }
             };
@@ -158,6 +174,9 @@ async fn play(
         }
     }
     .await;
+    if loss_n > 0 {
+        report.loss_pct = Some(100.0 * loss_sum / f64::from(loss_n));
+    }
     if let Some(f) = first {
         report.played = Instant::now().saturating_duration_since(f);
     }

@@ -25,6 +25,7 @@ mod gop;
 mod rebase;
 mod session;
 mod sfu;
+pub mod sim;
 
 pub use frame::MediaFrame;
 pub use gop::GopLimits;

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Forwarding benchmark, in one run: `weir dev` (release, ONE shard) carries one
+# publisher sending a 1.5 Mbit/s VP8 clip to M synthetic WebRTC viewers
+# (`weir loadtest`), while this script samples the shard thread's CPU time
+# and the node's forwarded datagrams; then the raw limit (`udp_fanout`: the
+# same fan-out, datagram size and rate through the same batched I/O, no
+# WebRTC) runs on the same machine. Prints one markdown row per M.
+#
+#   cargo build --release --bin weir --bin udp_fanout
+#   VIEWERS="100 250 500" IO=auto bench/run-forwarding.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${WEIR_BIN:-target/release/weir}
+FANOUT=${FANOUT_BIN:-target/release/udp_fanout}
+VIEWERS=${VIEWERS:-"100 250 500"}
+IO=${IO:-auto}
+DURATION=${DURATION:-20}      # seconds each viewer plays
+WINDOW=${WINDOW:-8}           # seconds of steady state sampled
+[ -x "$BIN" ] && [ -x "$FANOUT" ] || { echo "build first: cargo build --release --bin weir --bin udp_fanout" >&2; exit 2; }
+work=$(mktemp -d)
+trap 'kill $(cat "$work"/pid 2>/dev/null) 2>/dev/null || true; rm -rf "$work"' EXIT
+tck=$(getconf CLK_TCK)
+
+metric() { # sum of a metric's series
+  curl -s "http://127.0.0.1:28080/metrics" | awk -v m="$1" '$1 ~ "^"m"({|$)" {s+=$NF} END {printf "%.0f\n", s}'
+}
+shard_ticks() { # utime+stime of the shard thread
+  local pid=$1 t
+  for t in /proc/"$pid"/task/*; do
+    if [ "$(cat "$t/comm")" = "weir-shard-0" ]; then
+      awk '{print $14+$15}' "$t/stat"; return
+    fi
+  done
+  echo 0
+}
+
+echo "| viewers | io | forwarded pps | shard CPU | pps per core | raw pps per core | ratio | viewer loss p50/p99 % | delay p50/p99 ms | fps p50 | failed |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|"
+for m in $VIEWERS; do
+  "$BIN" --log-format json dev --shards 1 --io "$IO" --http 127.0.0.1:28080 --grpc 127.0.0.1:27000 \
+    --udp 127.0.0.1:27100 --srt 127.0.0.1:29000 --data-dir "$work/data" >"$work/out" 2>"$work/log" &
+  echo $! >"$work/pid"
+  pid=$(cat "$work/pid")
+  for _ in $(seq 50); do curl -sf http://127.0.0.1:28080/readyz >/dev/null && break; sleep 0.2; done
+  backend=$(awk '/^media shards/ {print $4}' "$work/out")
+  "$BIN" loadtest --control http://127.0.0.1:27000 --room bench --publishers 1 --viewers "$m" \
+    --duration "$DURATION" --ramp-ms 5 --json >"$work/lt.json" 2>"$work/lt.err" &
+  lt=$!
+  # Wait for every viewer to have joined, then sample a steady window.
+  sleep $(( 3 + m * 5 / 1000 + 3 ))
+  d0=$(metric weir_udp_datagrams_sent_total); b0=$(metric weir_udp_bytes_sent_total); c0=$(shard_ticks "$pid")
+  sleep "$WINDOW"
+  d1=$(metric weir_udp_datagrams_sent_total); b1=$(metric weir_udp_bytes_sent_total); c1=$(shard_ticks "$pid")
+  wait "$lt" || true
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+  read -r pps cpu per_core size <<<"$(awk -v d=$((d1-d0)) -v b=$((b1-b0)) -v c=$((c1-c0)) -v w="$WINDOW" -v t="$tck" \
+    'BEGIN { pps=d/w; cpu=c/t/w; printf "%.0f %.2f %.0f %.0f\n", pps, cpu, (cpu>0?pps/cpu:0), (d>0?b/d:0) }')"
+  raw=$("$FANOUT" --fanout "$m" --pps $(( pps / m > 0 ? pps / m : 1 )) --size "$size" --seconds "$WINDOW" --io "$IO" --json)
+  raw_pc=$(echo "$raw" | sed 's/.*"max_pps_per_core":\([0-9.]*\).*/\1/')
+  python3 - "$work/lt.json" "$m" "$backend" "$pps" "$cpu" "$per_core" "$raw_pc" <<'PY'
+import json, sys
+lt = json.load(open(sys.argv[1]))
+m, io, pps, cpu, pc, raw = sys.argv[2:8]
+loss = lt.get("loss_pct") or {}
+delay = lt.get("delay_ms") or {}
+fps = lt.get("video_fps") or {}
+ratio = float(pc) / float(raw) if float(raw) > 0 else 0
+print(f"| {m} | {io} | {pps} | {float(cpu)*100:.0f} % | {pc} | {float(raw):.0f} | {ratio:.2f} | "
+      f"{loss.get('p50','-')}/{loss.get('p99','-')} | {delay.get('p50','-')}/{delay.get('p99','-')} | "
+      f"{fps.get('p50','-')} | {lt['failed']}+{lt['viewers_without_video']} |")
+PY
+done

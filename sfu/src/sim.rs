@@ -1,0 +1,360 @@
+//! A simulated network for driving an [`Sfu`] with real str0m peers in
+//! memory, on a virtual clock: no sockets, no sleeping. The SFU's tests and
+//! benchmarks use it; latency and per-peer loss are deterministic.
+#![allow(clippy::unwrap_used, missing_docs, clippy::missing_panics_doc)]
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use str0m::change::{SdpAnswer, SdpPendingOffer};
+use str0m::format::Codec;
+use str0m::media::{Direction, MediaKind, MediaTime, Mid};
+use str0m::net::{Protocol, Receive};
+use str0m::{Candidate, Event as RtcEvent, Rtc};
+use weir_protocol::{RoomId, SessionId};
+
+use crate::{Event, Input, Output, Sfu, SfuConfig, SfuError};
+
+pub const SFU_ADDR: &str = "127.0.0.1:7100";
+pub const LATENCY: Duration = Duration::from_millis(5);
+
+/// A str0m client peer on the simulated network.
+pub struct Peer {
+    pub addr: SocketAddr,
+    pub rtc: Rtc,
+    pub next: Instant,
+    /// Received media: (kind, keyframe, time received).
+    pub media: Vec<(MediaKind, bool, Instant)>,
+    pub keyframe_requests: usize,
+    pub connected: bool,
+    pub audio: Option<Mid>,
+    pub video: Option<Mid>,
+    /// Whether this peer still takes part in the network.
+    pub online: bool,
+    /// Share of datagrams to this peer the network loses (0.0 to 1.0).
+    pub loss: f64,
+    /// Datagrams to this peer the network lost.
+    pub lost: usize,
+}
+
+/// An [`Sfu`] and its peers on a simulated network with a virtual clock.
+pub struct Net {
+    pub now: Instant,
+    pub sfu: Sfu,
+    pub peers: Vec<Peer>,
+    /// (deliver at, from, to, bytes)
+    pub wire: VecDeque<(Instant, SocketAddr, SocketAddr, Vec<u8>)>,
+    pub events: Vec<Event>,
+    pub sfu_next: Instant,
+    /// Deterministic randomness for the simulated network (xorshift).
+    pub seed: u64,
+}
+
+/// A room id from a literal.
+pub fn room(name: &str) -> RoomId {
+    RoomId::parse(name).unwrap()
+}
+
+impl Default for Net {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Net {
+    pub fn new() -> Self {
+        Self::with_config(SfuConfig::default())
+    }
+
+    pub fn with_config(config: SfuConfig) -> Self {
+        crate::install_crypto_provider();
+        // The one real clock reading: the origin of virtual time.
+        #[allow(clippy::disallowed_methods)]
+        let now = Instant::now();
+        let config = SfuConfig {
+            local_addrs: vec![SFU_ADDR.parse().unwrap()],
+            ..config
+        };
+        Self {
+            now,
+            sfu: Sfu::new(config, now),
+            peers: Vec::new(),
+            wire: VecDeque::new(),
+            events: Vec::new(),
+            sfu_next: now,
+            seed: 0x2545_f491_4f6c_dd1d,
+        }
+    }
+
+    /// Creates a client peer with an offer for `dir` audio+video; returns its
+    /// index, the offer SDP and the pending state.
+    pub fn client(&mut self, dir: Direction) -> (usize, String, SdpPendingOffer) {
+        let addr: SocketAddr = format!("127.0.0.1:{}", 20000 + self.peers.len())
+            .parse()
+            .unwrap();
+        let mut rtc = Rtc::builder().build(self.now);
+        rtc.add_local_candidate(Candidate::host(addr, "udp").unwrap());
+        let mut change = rtc.sdp_api();
+        let audio = change.add_media(MediaKind::Audio, dir, None, None, None);
+        let video = change.add_media(MediaKind::Video, dir, None, None, None);
+        let (offer, pending) = change.apply().unwrap();
+        self.peers.push(Peer {
+            addr,
+            rtc,
+            next: self.now,
+            media: Vec::new(),
+            keyframe_requests: 0,
+            connected: false,
+            audio: Some(audio),
+            video: Some(video),
+            online: true,
+            loss: 0.0,
+            lost: 0,
+        });
+        (self.peers.len() - 1, offer.to_sdp_string(), pending)
+    }
+
+    pub fn finish(&mut self, peer: usize, pending: SdpPendingOffer, answer: &str) {
+        let answer = SdpAnswer::from_sdp_string(answer).unwrap();
+        self.peers[peer]
+            .rtc
+            .sdp_api()
+            .accept_answer(pending, answer)
+            .unwrap();
+    }
+
+    pub fn publish(
+        &mut self,
+        room_name: &str,
+        owner: &str,
+    ) -> Result<(usize, SessionId), SfuError> {
+        let (i, offer, pending) = self.client(Direction::SendOnly);
+        let accepted = self
+            .sfu
+            .accept_publisher(self.now, room(room_name), owner, &offer)?;
+        self.finish(i, pending, &accepted.answer_sdp);
+        self.drain_sfu();
+        Ok((i, accepted.session))
+    }
+
+    pub fn subscribe(&mut self, room_name: &str) -> (usize, SessionId) {
+        let (i, offer, pending) = self.client(Direction::RecvOnly);
+        let accepted = self
+            .sfu
+            .accept_subscriber(self.now, room(room_name), "viewer", &offer)
+            .unwrap();
+        self.finish(i, pending, &accepted.answer_sdp);
+        self.drain_sfu();
+        (i, accepted.session)
+    }
+
+    pub fn drain_sfu(&mut self) {
+        loop {
+            match self.sfu.poll_output() {
+                Output::Transmit(t) => {
+                    self.wire
+                        .push_back((self.now + LATENCY, t.source, t.destination, t.contents))
+                }
+                Output::Event(e) => self.events.push(e),
+                Output::Timeout(at) => {
+                    self.sfu_next = at;
+                    break;
+                }
+            }
+        }
+    }
+
+    pub fn drain_peer(&mut self, i: usize) {
+        let now = self.now;
+        let p = &mut self.peers[i];
+        if !p.online {
+            return;
+        }
+        loop {
+            match p.rtc.poll_output() {
+                Ok(str0m::Output::Transmit(t)) => {
+                    self.wire
+                        .push_back((now + LATENCY, t.source, t.destination, t.contents.into()))
+                }
+                Ok(str0m::Output::Timeout(at)) => {
+                    p.next = at;
+                    break;
+                }
+                Ok(str0m::Output::Event(e)) => match e {
+                    RtcEvent::Connected => p.connected = true,
+                    RtcEvent::MediaData(d) => {
+                        let kind = if Some(d.mid) == p.video {
+                            MediaKind::Video
+                        } else {
+                            MediaKind::Audio
+                        };
+                        p.media.push((kind, d.is_keyframe(), now));
+                    }
+                    RtcEvent::KeyframeRequest(_) => p.keyframe_requests += 1,
+                    _ => {}
+                },
+                Err(e) => panic!("peer {i} failed: {e}"),
+            }
+        }
+    }
+
+    /// Advances virtual time to `until`, delivering packets and timeouts.
+    pub fn run_until(&mut self, until: Instant, mut on_tick: impl FnMut(&mut Net)) {
+        let tick = Duration::from_millis(10);
+        let mut next_tick = self.now;
+        loop {
+            let mut next = until.min(self.sfu_next).min(next_tick);
+            for p in self.peers.iter().filter(|p| p.online) {
+                next = next.min(p.next);
+            }
+            if let Some((at, ..)) = self.wire.front() {
+                next = next.min(*at);
+            }
+            self.now = self.now.max(next);
+            if self.now >= until {
+                return;
+            }
+            if self.now >= next_tick {
+                next_tick = self.now + tick;
+                on_tick(self);
+            }
+            while self.wire.front().is_some_and(|(at, ..)| *at <= self.now) {
+                let (_, from, to, bytes) = self.wire.pop_front().unwrap();
+                self.deliver(from, to, &bytes);
+            }
+            if self.sfu_next <= self.now {
+                self.sfu.handle_input(Input::Timeout(self.now));
+                self.drain_sfu();
+            }
+            for i in 0..self.peers.len() {
+                if self.peers[i].online && self.peers[i].next <= self.now {
+                    let now = self.now;
+                    self.peers[i]
+                        .rtc
+                        .handle_input(str0m::Input::Timeout(now))
+                        .unwrap();
+                    self.drain_peer(i);
+                }
+            }
+        }
+    }
+
+    pub fn deliver(&mut self, from: SocketAddr, to: SocketAddr, bytes: &[u8]) {
+        if to == SFU_ADDR.parse::<SocketAddr>().unwrap() {
+            self.sfu.handle_input(Input::Receive {
+                now: self.now,
+                source: from,
+                destination: to,
+                contents: bytes,
+            });
+            self.drain_sfu();
+        } else if let Some(i) = self.peers.iter().position(|p| p.addr == to && p.online) {
+            if self.peers[i].loss > 0.0 {
+                self.seed ^= self.seed << 13;
+                self.seed ^= self.seed >> 7;
+                self.seed ^= self.seed << 17;
+                if (self.seed % 10_000) as f64 / 10_000.0 < self.peers[i].loss {
+                    self.peers[i].lost += 1;
+                    return;
+                }
+            }
+            let input = str0m::Input::Receive(
+                self.now,
+                Receive {
+                    proto: Protocol::Udp,
+                    source: from,
+                    destination: to,
+                    contents: bytes.try_into().unwrap(),
+                },
+            );
+            self.peers[i].rtc.handle_input(input).unwrap();
+            self.drain_peer(i);
+        }
+    }
+
+    /// Writes one audio frame and, every third tick, one video frame from a
+    /// publisher. Keyframes only when asked for (`keyframe`).
+    pub fn send_media(&mut self, i: usize, frame: u64, keyframe: bool) {
+        let now = self.now;
+        let p = &mut self.peers[i];
+        if !p.connected || !p.online {
+            return;
+        }
+        if let Some(mid) = p.audio {
+            let w = p.rtc.writer(mid).unwrap();
+            let pt = w
+                .payload_params()
+                .find(|pp| pp.spec().codec == Codec::Opus)
+                .unwrap()
+                .pt();
+            w.write(
+                pt,
+                now,
+                MediaTime::new(frame * 480, str0m::media::Frequency::FORTY_EIGHT_KHZ),
+                vec![0xfc; 60],
+            )
+            .unwrap();
+        }
+        if frame.is_multiple_of(3)
+            && let Some(mid) = p.video
+        {
+            let w = p.rtc.writer(mid).unwrap();
+            let pt = w
+                .payload_params()
+                .find(|pp| pp.spec().codec == Codec::Vp8)
+                .unwrap()
+                .pt();
+            // VP8: bit 0 of the first byte clear marks a keyframe.
+            let mut data = vec![0x55u8; if keyframe { 3000 } else { 800 }];
+            data[0] = if keyframe { 0x10 } else { 0x11 };
+            w.write(
+                pt,
+                now,
+                MediaTime::new(frame * 900, str0m::media::Frequency::NINETY_KHZ),
+                data,
+            )
+            .unwrap();
+        }
+        self.drain_peer(i);
+    }
+
+    pub fn video_received(&self, i: usize) -> Vec<bool> {
+        self.peers[i]
+            .media
+            .iter()
+            .filter(|m| m.0 == MediaKind::Video)
+            .map(|m| m.1)
+            .collect()
+    }
+
+    pub fn audio_received(&self, i: usize) -> usize {
+        self.peers[i]
+            .media
+            .iter()
+            .filter(|m| m.0 == MediaKind::Audio)
+            .count()
+    }
+}
+
+/// A publisher that answers keyframe requests (and starts with a keyframe).
+pub fn drive_publisher(publisher: usize) -> impl FnMut(&mut Net) {
+    let mut frame = 0u64;
+    let mut answered = 0usize;
+    move |net: &mut Net| {
+        if !net.peers[publisher].connected {
+            return;
+        }
+        let asked = net.peers[publisher].keyframe_requests;
+        let keyframe = frame == 0 || asked > answered;
+        if keyframe && !frame.is_multiple_of(3) {
+            // Keyframes go on video ticks; come back next tick.
+        } else {
+            if keyframe {
+                answered = asked;
+            }
+            net.send_media(publisher, frame, keyframe);
+        }
+        frame += 1;
+    }
+}
