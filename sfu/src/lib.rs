@@ -22,6 +22,7 @@
 
 mod frame;
 mod gop;
+mod layers;
 mod rebase;
 mod session;
 mod sfu;

@@ -8,6 +8,7 @@ use str0m::Rtc;
 use str0m::media::{MediaKind, Mid};
 use weir_protocol::{RoomId, SessionId};
 
+use crate::layers::LayerKey;
 use crate::rebase::Rebase;
 use crate::sfu::Role;
 
@@ -33,8 +34,13 @@ pub(crate) struct Session {
 
     /// Subscriber: where each kind of media goes (first m-line of that kind).
     pub(crate) outgoing: Vec<(Mid, MediaKind)>,
-    /// Subscriber: video is only written from a keyframe on.
-    pub(crate) video_synced: bool,
+    /// Subscriber: the video layer it gets (from a keyframe on); `None`
+    /// until its video has started.
+    pub(crate) layer: Option<LayerKey>,
+    /// Subscriber: the layer it moves to at that layer's next keyframe.
+    pub(crate) pending_layer: Option<LayerKey>,
+    /// Subscriber: the latest bandwidth estimate towards it (TWCC).
+    pub(crate) estimate_bps: Option<u64>,
     pub(crate) first_frame_sent: bool,
     pub(crate) rebase_audio: Rebase,
     pub(crate) rebase_video: Rebase,
@@ -63,7 +69,9 @@ impl Session {
             answer: None,
             incoming: HashMap::new(),
             outgoing: Vec::new(),
-            video_synced: false,
+            layer: None,
+            pending_layer: None,
+            estimate_bps: None,
             first_frame_sent: false,
             rebase_audio: Rebase::default(),
             rebase_video: Rebase::default(),

@@ -12,7 +12,8 @@ use str0m::{Candidate, IceConnectionState, RtcConfig};
 use weir_protocol::{RoomId, SessionId};
 
 use crate::frame::MediaFrame;
-use crate::gop::{GopCache, GopLimits};
+use crate::gop::GopLimits;
+use crate::layers::{LayerKey, Layers};
 use crate::session::Session;
 
 /// Settings of one SFU (one shard).
@@ -36,6 +37,9 @@ impl Default for SfuConfig {
         }
     }
 }
+
+/// Bandwidth estimate a new viewer starts with, kbit/s.
+const INITIAL_ESTIMATE_KBPS: u64 = 2_000;
 
 /// Whether a session publishes or plays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -191,11 +195,10 @@ struct Room {
     subscribers: Vec<SessionId>,
     /// Bumped when the publisher changes; subscribers rebase timestamps on it.
     generation: u64,
-    last_keyframe_request: Option<Instant>,
-    /// Simulcast layer forwarded (when the publisher sends several).
-    video_rid: Option<Rid>,
-    /// The forwarded layer's video since its last keyframe.
-    gop: GopCache,
+    /// When each layer was last asked for a keyframe (coalescing).
+    keyframe_requests: HashMap<LayerKey, Instant>,
+    /// The publisher's video layers, with their GOP caches.
+    layers: Layers,
 }
 
 /// A publisher that is not a WebRTC peer: its frames are pushed in.
@@ -326,13 +329,13 @@ impl Sfu {
         let r = self.rooms.entry(room).or_default();
         r.publisher = Some(id.clone());
         r.generation = generation;
-        r.video_rid = None;
-        r.last_keyframe_request = None;
-        r.gop.clear();
+        r.keyframe_requests.clear();
+        r.layers.clear();
         // Viewers stay attached and resume at the new publisher's first keyframe.
         for sub in &r.subscribers {
             if let Some(s) = self.sessions.get_mut(sub) {
-                s.video_synced = false;
+                s.layer = None;
+                s.pending_layer = None;
             }
         }
     }
@@ -436,7 +439,12 @@ impl Sfu {
     ) -> Result<SessionId, SfuError> {
         let offer = SdpOffer::from_sdp_string(offer_sdp)
             .map_err(|e| SfuError::InvalidOffer(e.to_string()))?;
-        let mut rtc = self.rtc_config.clone().build(now);
+        let mut config = self.rtc_config.clone();
+        if role == Role::Subscriber {
+            // The estimate towards each viewer picks its simulcast layer.
+            config = config.enable_bwe(Some(str0m::bwe::Bitrate::kbps(INITIAL_ESTIMATE_KBPS)));
+        }
+        let mut rtc = config.build(now);
         for addr in &self.config.local_addrs {
             if let Ok(c) = Candidate::host(*addr, "udp") {
                 rtc.add_local_candidate(c);
@@ -702,7 +710,11 @@ impl Sfu {
                     role,
                 }));
                 if role == Role::Subscriber && !self.start_from_cache(now, &room, id) {
-                    self.request_keyframe(now, &room);
+                    let key = self
+                        .rooms
+                        .get(&room)
+                        .and_then(|r| r.layers.choose(None, None));
+                    self.request_keyframe(now, &room, key.flatten());
                 }
             }
             str0m::Event::IceConnectionStateChange(IceConnectionState::Disconnected) => {
@@ -718,27 +730,36 @@ impl Sfu {
                 let room = s.room.clone();
                 self.counters.frames_in += 1;
                 if kind == MediaKind::Video && !data.contiguous {
-                    self.request_keyframe(now, &room);
+                    self.request_keyframe(now, &room, data.rid);
                 }
                 self.forward(now, &room, &MediaFrame::from_media_data(kind, &data));
             }
             str0m::Event::KeyframeRequest(_) => {
                 let room = s.room.clone();
                 if s.role == Role::Subscriber {
-                    self.request_keyframe(now, &room);
+                    let key = s.layer.flatten();
+                    self.request_keyframe(now, &room, key);
                 }
+            }
+            str0m::Event::EgressBitrateEstimate(str0m::bwe::BweKind::Twcc { estimate, .. })
+                if s.role == Role::Subscriber =>
+            {
+                s.estimate_bps = Some(estimate.as_u64());
+                let room = s.room.clone();
+                self.reconsider_layer(now, &room, id);
             }
             _ => {}
         }
     }
 
-    /// Asks the room's publisher for a keyframe, at most once per interval.
-    fn request_keyframe(&mut self, now: Instant, room: &RoomId) {
+    /// Asks the room's publisher for a keyframe of one layer, at most once
+    /// per interval however many viewers ask.
+    fn request_keyframe(&mut self, now: Instant, room: &RoomId, rid: Option<Rid>) {
         let Some(r) = self.rooms.get_mut(room) else {
             return;
         };
-        if r.last_keyframe_request.is_some_and(|t| {
-            now.saturating_duration_since(t) < self.config.keyframe_request_interval
+        if r.keyframe_requests.get(&rid).is_some_and(|t| {
+            now.saturating_duration_since(*t) < self.config.keyframe_request_interval
         }) {
             return;
         }
@@ -748,7 +769,6 @@ impl Sfu {
         if !p.connected {
             return;
         }
-        let rid = r.video_rid;
         let mids: Vec<_> = p
             .incoming
             .iter()
@@ -762,7 +782,7 @@ impl Sfu {
             }
         }
         if sent {
-            r.last_keyframe_request = Some(now);
+            r.keyframe_requests.insert(rid, now);
             self.counters.keyframe_requests += 1;
             self.dirty.push(p.id.clone());
         }
@@ -772,21 +792,11 @@ impl Sfu {
         let Some(r) = self.rooms.get_mut(room) else {
             return;
         };
-        if frame.kind == MediaKind::Video {
-            if frame.rid.is_some() {
-                // Simulcast: forward one layer, the first one seen.
-                if r.video_rid.is_none() {
-                    r.video_rid = frame.rid;
-                }
-                if r.video_rid != frame.rid {
-                    return;
-                }
-            }
-            if self.config.gop.max_frames > 0 {
-                r.gop.push(frame, self.config.gop);
-            }
-        }
-        let generation = r.generation;
+        let layer_index = match frame.kind {
+            MediaKind::Video => r.layers.record(now, frame, self.config.gop),
+            MediaKind::Audio => 0,
+        };
+        let mut wanted: Vec<LayerKey> = Vec::new();
         for sub in &r.subscribers {
             let Some(s) = self.sessions.get_mut(sub) else {
                 continue;
@@ -794,12 +804,26 @@ impl Sfu {
             if !s.connected {
                 continue;
             }
-            if frame.kind == MediaKind::Video && !s.video_synced {
-                if !frame.keyframe {
+            if frame.kind == MediaKind::Video {
+                if s.layer.is_none() && s.pending_layer.is_none() {
+                    s.pending_layer = r.layers.choose(s.estimate_bps, None);
+                }
+                if s.pending_layer == Some(frame.rid) && frame.keyframe {
+                    // Switch (or start) at this layer's keyframe: no freeze,
+                    // the picture changes resolution at once.
+                    s.layer = Some(frame.rid);
+                    s.pending_layer = None;
+                } else if s.layer != Some(frame.rid) {
+                    if let Some(p) = s.pending_layer
+                        && p == frame.rid
+                    {
+                        wanted.push(p);
+                    }
                     continue;
                 }
-                s.video_synced = true;
             }
+            // Each layer has its own timeline: a switch rebases like a new publisher.
+            let generation = r.generation * 16 + layer_index as u64;
             if write_frame(
                 s,
                 now,
@@ -812,27 +836,80 @@ impl Sfu {
                 self.dirty.push(s.id.clone());
             }
         }
+        wanted.dedup();
+        for key in wanted {
+            self.request_keyframe(now, room, key);
+        }
     }
 
-    /// Starts a new viewer's video from the room's GOP cache. Returns false
-    /// when nothing is cached (the caller then asks the publisher).
+    /// Moves a viewer towards the layer its new estimate allows, at that
+    /// layer's next keyframe, and tells its bandwidth estimator what to probe
+    /// for.
+    fn reconsider_layer(&mut self, now: Instant, room: &RoomId, id: &SessionId) {
+        let Some(r) = self.rooms.get(room) else {
+            return;
+        };
+        let Some(s) = self.sessions.get_mut(id) else {
+            return;
+        };
+        let Some(current) = s.layer else {
+            return;
+        };
+        let Some(best) = r.layers.choose(s.estimate_bps, Some(current)) else {
+            return;
+        };
+        let top = r.layers.top_bps();
+        if top > 0 {
+            let floor = str0m::bwe::Bitrate::bps(r.layers.bps(current));
+            let desired = str0m::bwe::Bitrate::bps(top + top / 5);
+            s.rtc.bwe().set_bitrate(floor, desired);
+        }
+        if best == current {
+            s.pending_layer = None;
+            return;
+        }
+        if s.pending_layer != Some(best) {
+            tracing::debug!(session = %id, from = ?current, to = ?best, estimate = ?s.estimate_bps, "layer switch");
+            s.pending_layer = Some(best);
+            self.request_keyframe(now, room, best);
+        }
+    }
+
+    /// The video layer a viewer gets (`Some(None)` without simulcast), if its
+    /// video has started.
+    pub fn subscriber_layer(&self, id: &SessionId) -> Option<Option<String>> {
+        let s = self.sessions.get(id)?;
+        s.layer.map(|k| k.map(|rid| rid.to_string()))
+    }
+
+    /// Starts a new viewer's video from the GOP cache of the layer its
+    /// estimate allows. Returns false when nothing is cached (the caller then
+    /// asks the publisher).
     fn start_from_cache(&mut self, now: Instant, room: &RoomId, id: &SessionId) -> bool {
         let Some(r) = self.rooms.get(room) else {
             return false;
         };
-        let frames = r.gop.frames();
-        if frames.is_empty() {
-            return false;
-        }
         let Some(s) = self.sessions.get_mut(id) else {
             return false;
         };
-        s.video_synced = true;
+        let Some(key) = r.layers.choose(s.estimate_bps, None) else {
+            return false;
+        };
+        let (Some(layer), Some(index)) = (r.layers.get(key), r.layers.index(key)) else {
+            return false;
+        };
+        let frames = layer.gop.frames();
+        if frames.is_empty() {
+            return false;
+        }
+        s.layer = Some(key);
+        s.pending_layer = None;
+        let generation = r.generation * 16 + index as u64;
         for frame in frames {
             write_frame(
                 s,
                 now,
-                r.generation,
+                generation,
                 frame,
                 room,
                 &mut self.counters,
@@ -860,7 +937,7 @@ impl Sfu {
             }
             r.subscribers.retain(|x| x != id);
             if r.publisher.is_none() {
-                r.gop.clear();
+                r.layers.clear();
                 if r.subscribers.is_empty() {
                     self.rooms.remove(&room);
                 }

@@ -36,6 +36,12 @@ pub struct Peer {
     pub loss: f64,
     /// Datagrams to this peer the network lost.
     pub lost: usize,
+    /// Capacity of the link towards this peer (bits/s); `None` is unlimited.
+    pub cap_bps: Option<u64>,
+    /// When the capped link is free again.
+    pub link_free_at: Instant,
+    /// Simulcast layers this peer publishes (empty: one stream).
+    pub rids: Vec<&'static str>,
 }
 
 /// An [`Sfu`] and its peers on a simulated network with a virtual clock.
@@ -90,6 +96,16 @@ impl Net {
     /// Creates a client peer with an offer for `dir` audio+video; returns its
     /// index, the offer SDP and the pending state.
     pub fn client(&mut self, dir: Direction) -> (usize, String, SdpPendingOffer) {
+        self.client_with_layers(dir, &[])
+    }
+
+    /// A client whose video is sent as simulcast layers `rids` (for a
+    /// sending `dir`).
+    pub fn client_with_layers(
+        &mut self,
+        dir: Direction,
+        rids: &[&'static str],
+    ) -> (usize, String, SdpPendingOffer) {
         let addr: SocketAddr = format!("127.0.0.1:{}", 20000 + self.peers.len())
             .parse()
             .unwrap();
@@ -97,7 +113,14 @@ impl Net {
         rtc.add_local_candidate(Candidate::host(addr, "udp").unwrap());
         let mut change = rtc.sdp_api();
         let audio = change.add_media(MediaKind::Audio, dir, None, None, None);
-        let video = change.add_media(MediaKind::Video, dir, None, None, None);
+        let simulcast = (!rids.is_empty()).then(|| {
+            let mut sc = str0m::media::Simulcast::new();
+            for rid in rids {
+                sc.add_send_layer(str0m::media::SimulcastLayer::new(rid));
+            }
+            sc
+        });
+        let video = change.add_media(MediaKind::Video, dir, None, None, simulcast);
         let (offer, pending) = change.apply().unwrap();
         self.peers.push(Peer {
             addr,
@@ -111,6 +134,9 @@ impl Net {
             online: true,
             loss: 0.0,
             lost: 0,
+            cap_bps: None,
+            link_free_at: self.now,
+            rids: rids.to_vec(),
         });
         (self.peers.len() - 1, offer.to_sdp_string(), pending)
     }
@@ -129,7 +155,17 @@ impl Net {
         room_name: &str,
         owner: &str,
     ) -> Result<(usize, SessionId), SfuError> {
-        let (i, offer, pending) = self.client(Direction::SendOnly);
+        self.publish_layers(room_name, owner, &[])
+    }
+
+    /// A publisher sending simulcast layers `rids` (the first one big).
+    pub fn publish_layers(
+        &mut self,
+        room_name: &str,
+        owner: &str,
+        rids: &[&'static str],
+    ) -> Result<(usize, SessionId), SfuError> {
+        let (i, offer, pending) = self.client_with_layers(Direction::SendOnly, rids);
         let accepted = self
             .sfu
             .accept_publisher(self.now, room(room_name), owner, &offer)?;
@@ -153,8 +189,26 @@ impl Net {
         loop {
             match self.sfu.poll_output() {
                 Output::Transmit(t) => {
+                    let mut at = self.now + LATENCY;
+                    if let Some(p) = self.peers.iter_mut().find(|p| p.addr == t.destination)
+                        && let Some(cap) = p.cap_bps
+                    {
+                        // A bottleneck link: serialized at `cap`, queue at most 200 ms.
+                        let start = p.link_free_at.max(self.now);
+                        let done = start
+                            + Duration::from_nanos(
+                                t.contents.len() as u64 * 8 * 1_000_000_000 / cap,
+                            );
+                        if done - self.now > Duration::from_millis(200) {
+                            p.lost += 1;
+                            continue;
+                        }
+                        p.link_free_at = done;
+                        at = done + LATENCY;
+                    }
+                    let i = self.wire.partition_point(|(t0, ..)| *t0 <= at);
                     self.wire
-                        .push_back((self.now + LATENCY, t.source, t.destination, t.contents))
+                        .insert(i, (at, t.source, t.destination, t.contents));
                 }
                 Output::Event(e) => self.events.push(e),
                 Output::Timeout(at) => {
@@ -299,22 +353,35 @@ impl Net {
         if frame.is_multiple_of(3)
             && let Some(mid) = p.video
         {
-            let w = p.rtc.writer(mid).unwrap();
-            let pt = w
-                .payload_params()
-                .find(|pp| pp.spec().codec == Codec::Vp8)
-                .unwrap()
-                .pt();
-            // VP8: bit 0 of the first byte clear marks a keyframe.
-            let mut data = vec![0x55u8; if keyframe { 3000 } else { 800 }];
-            data[0] = if keyframe { 0x10 } else { 0x11 };
-            w.write(
-                pt,
-                now,
-                MediaTime::new(frame * 900, str0m::media::Frequency::NINETY_KHZ),
-                data,
-            )
-            .unwrap();
+            // One stream, or every simulcast layer: the first layer is the
+            // big one (six times the bytes of the others).
+            let layers: Vec<Option<&'static str>> = if p.rids.is_empty() {
+                vec![None]
+            } else {
+                p.rids.iter().map(|r| Some(*r)).collect()
+            };
+            for (n, rid) in layers.into_iter().enumerate() {
+                let mut w = p.rtc.writer(mid).unwrap();
+                let pt = w
+                    .payload_params()
+                    .find(|pp| pp.spec().codec == Codec::Vp8)
+                    .unwrap()
+                    .pt();
+                if let Some(rid) = rid {
+                    w = w.rid(rid.into());
+                }
+                let scale = if rid.is_some() && n == 0 { 6 } else { 1 };
+                // VP8: bit 0 of the first byte clear marks a keyframe.
+                let mut data = vec![0x55u8; scale * if keyframe { 3000 } else { 800 }];
+                data[0] = if keyframe { 0x10 } else { 0x11 };
+                w.write(
+                    pt,
+                    now,
+                    MediaTime::new(frame * 900, str0m::media::Frequency::NINETY_KHZ),
+                    data,
+                )
+                .unwrap();
+            }
         }
         self.drain_peer(i);
     }

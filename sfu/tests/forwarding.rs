@@ -422,3 +422,51 @@ fn nack_recovers_most_frames_under_five_percent_loss() {
         "with 5 % loss the viewer still got {got} of {reference} frames"
     );
 }
+
+#[test]
+fn a_bandwidth_cap_moves_a_viewer_to_a_lower_simulcast_layer_and_back() {
+    let mut net = Net::new();
+    let (p, _) = net.publish_layers("sc", "alice", &["h", "l"]).unwrap();
+    let (s, sid) = net.subscribe("sc");
+    let (_, other_id) = net.subscribe("sc");
+    let mut drive = drive_publisher(p);
+    let t = net.now + Duration::from_secs(5);
+    net.run_until(t, &mut drive);
+    let layer = |net: &Net, id| net.sfu.subscriber_layer(id).flatten();
+    assert_eq!(
+        layer(&net, &sid).as_deref(),
+        Some("h"),
+        "an unconstrained viewer gets the top layer"
+    );
+
+    // The link to one viewer shrinks to 600 kbit/s: the ~1.3 Mbit/s layer cannot pass.
+    net.peers[s].cap_bps = Some(600_000);
+    let t = net.now + Duration::from_secs(20);
+    net.run_until(t, &mut drive);
+    assert_eq!(
+        layer(&net, &sid).as_deref(),
+        Some("l"),
+        "the capped viewer moved down"
+    );
+    assert_eq!(
+        layer(&net, &other_id).as_deref(),
+        Some("h"),
+        "the other viewer is unaffected"
+    );
+    let frames_capped = net.video_received(s).len();
+
+    // The cap lifts: the estimate grows back and the viewer returns to the top layer.
+    net.peers[s].cap_bps = None;
+    let t = net.now + Duration::from_secs(40);
+    net.run_until(t, &mut drive);
+    assert_eq!(
+        layer(&net, &sid).as_deref(),
+        Some("h"),
+        "the viewer moved back up"
+    );
+    // It never stopped getting pictures through the switches.
+    assert!(
+        net.video_received(s).len() > frames_capped + 900,
+        "frames kept flowing"
+    );
+}
