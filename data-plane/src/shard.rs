@@ -576,6 +576,29 @@ fn record_event(e: Event) {
             metrics::histogram!("weir_time_to_first_frame_seconds", "side" => "server")
                 .record(after.as_secs_f64());
         }
+        Event::SubscriberStats {
+            session,
+            room,
+            layer,
+            loss,
+            nacks,
+            plis,
+            bitrate_bps,
+            estimate_bps,
+        } => {
+            // Distributions over viewers, not a series per viewer: the
+            // per-viewer detail is in the debug log.
+            tracing::debug!(%room, %session, ?layer, ?loss, nacks, plis, bitrate_bps, ?estimate_bps, "viewer stats");
+            if let Some(loss) = loss {
+                metrics::histogram!("weir_subscriber_loss_ratio").record(f64::from(loss));
+            }
+            metrics::histogram!("weir_subscriber_bitrate_bps").record(bitrate_bps as f64);
+            if let Some(e) = estimate_bps {
+                metrics::histogram!("weir_subscriber_estimate_bps").record(e as f64);
+            }
+            metrics::counter!("weir_subscriber_layer_reports_total", "layer" => layer.unwrap_or_else(|| "single".into()))
+                .increment(1);
+        }
     }
 }
 
@@ -611,6 +634,9 @@ fn publish_stats(
     delta!("weir_codec_mismatches_total", codec_mismatches);
     delta!("weir_keyframe_requests_total", keyframe_requests);
     delta!("weir_gop_cache_starts_total", gop_cache_starts);
+    delta!("weir_layer_switches_total", layer_switches);
+    delta!("weir_subscriber_nacks_total", nacks_received);
+    delta!("weir_subscriber_plis_total", plis_received);
     let shard = shard.to_owned();
     metrics::gauge!("weir_sessions", "role" => "publisher", "shard" => shard.clone())
         .set(publishers as f64);

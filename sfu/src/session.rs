@@ -41,6 +41,9 @@ pub(crate) struct Session {
     pub(crate) pending_layer: Option<LayerKey>,
     /// Subscriber: the latest bandwidth estimate towards it (TWCC).
     pub(crate) estimate_bps: Option<u64>,
+    /// Subscriber: NACKs and PLIs it had sent at the last stats report, and
+    /// video bytes sent to it then.
+    pub(crate) reported: (u64, u64, u64),
     pub(crate) first_frame_sent: bool,
     pub(crate) rebase_audio: Rebase,
     pub(crate) rebase_video: Rebase,
@@ -72,6 +75,7 @@ impl Session {
             layer: None,
             pending_layer: None,
             estimate_bps: None,
+            reported: (0, 0, 0),
             first_frame_sent: false,
             rebase_audio: Rebase::default(),
             rebase_video: Rebase::default(),

@@ -38,6 +38,9 @@ impl Default for SfuConfig {
     }
 }
 
+/// How often each viewer's stats are reported.
+const STATS_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Bandwidth estimate a new viewer starts with, kbit/s.
 const INITIAL_ESTIMATE_KBPS: u64 = 2_000;
 
@@ -120,6 +123,22 @@ pub enum Event {
         room: RoomId,
         after: Duration,
     },
+    /// Once a second per viewer: how its video fares.
+    SubscriberStats {
+        session: SessionId,
+        room: RoomId,
+        /// Simulcast layer (`None` without simulcast or before video starts).
+        layer: Option<String>,
+        /// Fraction of packets the viewer reports lost (RTCP receiver reports).
+        loss: Option<f32>,
+        /// NACKs and PLIs the viewer sent since the last report.
+        nacks: u64,
+        plis: u64,
+        /// Video bit rate sent to the viewer over the last report interval.
+        bitrate_bps: u64,
+        /// Bandwidth estimate towards the viewer.
+        estimate_bps: Option<u64>,
+    },
 }
 
 /// Output of the SFU; drain until `Timeout`.
@@ -178,6 +197,11 @@ pub struct Counters {
     pub keyframe_requests: u64,
     /// Viewers started from the GOP cache, without asking the publisher.
     pub gop_cache_starts: u64,
+    /// Simulcast layer changes of viewers.
+    pub layer_switches: u64,
+    /// NACKs and PLIs received from viewers.
+    pub nacks_received: u64,
+    pub plis_received: u64,
 }
 
 /// A room as seen by this SFU.
@@ -442,7 +466,9 @@ impl Sfu {
         let mut config = self.rtc_config.clone();
         if role == Role::Subscriber {
             // The estimate towards each viewer picks its simulcast layer.
-            config = config.enable_bwe(Some(str0m::bwe::Bitrate::kbps(INITIAL_ESTIMATE_KBPS)));
+            config = config
+                .enable_bwe(Some(str0m::bwe::Bitrate::kbps(INITIAL_ESTIMATE_KBPS)))
+                .set_stats_interval(Some(STATS_INTERVAL));
         }
         let mut rtc = config.build(now);
         for addr in &self.config.local_addrs {
@@ -741,6 +767,27 @@ impl Sfu {
                     self.request_keyframe(now, &room, key);
                 }
             }
+            str0m::Event::MediaEgressStats(st)
+                if s.role == Role::Subscriber && s.out_mid(MediaKind::Video) == Some(st.mid) =>
+            {
+                let (nacks, plis, bytes) = s.reported;
+                s.reported = (st.nacks, st.plis, st.bytes);
+                let (nacks, plis) = (st.nacks.saturating_sub(nacks), st.plis.saturating_sub(plis));
+                self.counters.nacks_received += nacks;
+                self.counters.plis_received += plis;
+                let bitrate_bps =
+                    st.bytes.saturating_sub(bytes) * 8 / STATS_INTERVAL.as_secs().max(1);
+                self.out.push_back(Output::Event(Event::SubscriberStats {
+                    session: id.clone(),
+                    room: s.room.clone(),
+                    layer: s.layer.flatten().map(|r| r.to_string()),
+                    loss: st.loss,
+                    nacks,
+                    plis,
+                    bitrate_bps,
+                    estimate_bps: s.estimate_bps,
+                }));
+            }
             str0m::Event::EgressBitrateEstimate(str0m::bwe::BweKind::Twcc { estimate, .. })
                 if s.role == Role::Subscriber =>
             {
@@ -811,6 +858,9 @@ impl Sfu {
                 if s.pending_layer == Some(frame.rid) && frame.keyframe {
                     // Switch (or start) at this layer's keyframe: no freeze,
                     // the picture changes resolution at once.
+                    if s.layer.is_some() {
+                        self.counters.layer_switches += 1;
+                    }
                     s.layer = Some(frame.rid);
                     s.pending_layer = None;
                 } else if s.layer != Some(frame.rid) {

@@ -421,6 +421,18 @@ fn nack_recovers_most_frames_under_five_percent_loss() {
         got as f64 >= reference as f64 * 0.97,
         "with 5 % loss the viewer still got {got} of {reference} frames"
     );
+    assert!(
+        net.sfu.counters().nacks_received > 0,
+        "the lossy viewer's NACKs were counted"
+    );
+    let reported = net
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::SubscriberStats { nacks, .. } if *nacks > 0));
+    assert!(
+        reported,
+        "the viewer's NACKs reached the per-viewer stats events"
+    );
 }
 
 #[test]
