@@ -223,6 +223,8 @@ struct Room {
     keyframe_requests: HashMap<LayerKey, Instant>,
     /// The publisher's video layers, with their GOP caches.
     layers: Layers,
+    /// The publisher sends simulcast (its offer had `a=simulcast`).
+    simulcast: bool,
 }
 
 /// A publisher that is not a WebRTC peer: its frames are pushed in.
@@ -355,6 +357,7 @@ impl Sfu {
         r.generation = generation;
         r.keyframe_requests.clear();
         r.layers.clear();
+        r.simulcast = false;
         // Viewers stay attached and resume at the new publisher's first keyframe.
         for sub in &r.subscribers {
             if let Some(s) = self.sessions.get_mut(sub) {
@@ -376,7 +379,12 @@ impl Sfu {
     ) -> Result<Accepted, SfuError> {
         let replaced = self.takeover_check(&room, owner)?;
         let id = self.accept(now, room.clone(), Role::Publisher, owner, offer_sdp)?;
-        self.install_publisher(room, &id, replaced.as_ref());
+        self.install_publisher(room.clone(), &id, replaced.as_ref());
+        if let Some(r) = self.rooms.get_mut(&room) {
+            r.simulcast = offer_sdp
+                .lines()
+                .any(|l| l.trim().starts_with("a=simulcast:"));
+        }
         self.run(now);
         Ok(self.accepted(id, replaced))
     }
@@ -465,10 +473,13 @@ impl Sfu {
             .map_err(|e| SfuError::InvalidOffer(e.to_string()))?;
         let mut config = self.rtc_config.clone();
         if role == Role::Subscriber {
-            // The estimate towards each viewer picks its simulcast layer.
-            config = config
-                .enable_bwe(Some(str0m::bwe::Bitrate::kbps(INITIAL_ESTIMATE_KBPS)))
-                .set_stats_interval(Some(STATS_INTERVAL));
+            config = config.set_stats_interval(Some(STATS_INTERVAL));
+            // The estimate towards each viewer picks its simulcast layer. Only
+            // where there are layers to pick: str0m's estimator paces sends
+            // at 1.1x its estimate, which only adds delay to a single stream.
+            if self.rooms.get(&room).is_some_and(|r| r.simulcast) {
+                config = config.enable_bwe(Some(str0m::bwe::Bitrate::kbps(INITIAL_ESTIMATE_KBPS)));
+            }
         }
         let mut rtc = config.build(now);
         for addr in &self.config.local_addrs {
