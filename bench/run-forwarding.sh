@@ -6,7 +6,7 @@
 # same fan-out, datagram size and rate through the same batched I/O, no
 # WebRTC) runs on the same machine. Prints one markdown row per M.
 #
-#   cargo build --release --bin weir --bin udp_fanout
+#   cargo build --release -p weir -p weir-bench --bins
 #   VIEWERS="100 250 500" IO=auto bench/run-forwarding.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +16,7 @@ VIEWERS=${VIEWERS:-"100 250 500"}
 IO=${IO:-auto}
 DURATION=${DURATION:-20}      # seconds each viewer plays
 WINDOW=${WINDOW:-8}           # seconds of steady state sampled
-[ -x "$BIN" ] && [ -x "$FANOUT" ] || { echo "build first: cargo build --release --bin weir --bin udp_fanout" >&2; exit 2; }
+[ -x "$BIN" ] && [ -x "$FANOUT" ] || { echo "build first: cargo build --release -p weir -p weir-bench --bins" >&2; exit 2; }
 work=$(mktemp -d)
 trap 'kill $(cat "$work"/pid 2>/dev/null) 2>/dev/null || true; rm -rf "$work"' EXIT
 tck=$(getconf CLK_TCK)
@@ -42,7 +42,7 @@ for m in $VIEWERS; do
   echo $! >"$work/pid"
   pid=$(cat "$work/pid")
   for _ in $(seq 50); do curl -sf http://127.0.0.1:28080/readyz >/dev/null && break; sleep 0.2; done
-  backend=$(awk '/^media shards/ {print $4}' "$work/out")
+  backend=$(awk '/^media shards/ {print $5}' "$work/out")
   "$BIN" loadtest --control http://127.0.0.1:27000 --room bench --publishers 1 --viewers "$m" \
     --duration "$DURATION" --ramp-ms 5 --json >"$work/lt.json" 2>"$work/lt.err" &
   lt=$!
