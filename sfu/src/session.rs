@@ -23,6 +23,8 @@ pub(crate) struct Session {
     pub(crate) created: Instant,
     pub(crate) connected: bool,
     pub(crate) next_timeout: Instant,
+    /// Whether `next_timeout` has a live entry in the SFU's timer heap.
+    pub(crate) timer_armed: bool,
     /// ICE username fragment the peer offered; a PATCH with another one is an
     /// ICE restart.
     pub(crate) remote_ufrag: Option<String>,
@@ -68,6 +70,7 @@ impl Session {
             created: now,
             connected: false,
             next_timeout: now,
+            timer_armed: false,
             remote_ufrag,
             answer: None,
             incoming: HashMap::new(),

@@ -1,6 +1,7 @@
 //! The SFU state machine: sessions, rooms and the forwarding between them.
 
-use std::collections::{HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -249,6 +250,11 @@ pub struct Sfu {
     next_generation: u64,
     /// Latest time seen in any input.
     last_now: Instant,
+    /// Sessions' next timeouts, earliest first. Entries go stale when a
+    /// session's timeout moves or the session ends; they are checked
+    /// against the session when popped, and the heap is rebuilt when stale
+    /// entries outnumber live ones.
+    timers: BinaryHeap<Reverse<(Instant, SessionId)>>,
 }
 
 impl std::fmt::Debug for Sfu {
@@ -291,6 +297,7 @@ impl Sfu {
             counters: Counters::default(),
             next_generation: 1,
             last_now: now,
+            timers: BinaryHeap::new(),
         }
     }
 
@@ -591,12 +598,33 @@ impl Sfu {
                 contents,
             } => self.receive(now, source, destination, contents),
             Input::Timeout(now) => {
-                let due: Vec<SessionId> = self
-                    .sessions
-                    .values()
-                    .filter(|s| s.next_timeout <= now)
-                    .map(|s| s.id.clone())
-                    .collect();
+                let mut due: Vec<SessionId> = Vec::new();
+                while let Some(Reverse((at, _))) = self.timers.peek() {
+                    if *at > now {
+                        break;
+                    }
+                    let Some(Reverse((at, id))) = self.timers.pop() else {
+                        break;
+                    };
+                    // Only the entry matching the session's current timeout counts.
+                    if let Some(s) = self.sessions.get_mut(&id)
+                        && s.next_timeout == at
+                        && s.timer_armed
+                    {
+                        s.timer_armed = false;
+                        due.push(id);
+                    }
+                }
+                if self.timers.len() > 4 * self.sessions.len() + 64 {
+                    self.timers = self
+                        .sessions
+                        .values()
+                        .filter(|s| s.timer_armed)
+                        .map(|s| Reverse((s.next_timeout, s.id.clone())))
+                        .collect();
+                }
+                due.sort();
+                due.dedup();
                 for id in due {
                     if let Some(s) = self.sessions.get_mut(&id)
                         && let Err(e) = s.rtc.handle_input(str0m::Input::Timeout(now))
@@ -617,9 +645,19 @@ impl Sfu {
         if let Some(o) = self.out.pop_front() {
             return o;
         }
-        let next = self.sessions.values().map(|s| s.next_timeout).min();
+        // Drop stale entries from the top so the answer is a live timeout.
+        while let Some(Reverse((at, id))) = self.timers.peek() {
+            if self
+                .sessions
+                .get(id)
+                .is_some_and(|s| s.timer_armed && s.next_timeout == *at)
+            {
+                return Output::Timeout(*at);
+            }
+            self.timers.pop();
+        }
         // With no sessions, nothing is due; a second is as good as forever.
-        Output::Timeout(next.unwrap_or_else(|| self.idle_deadline()))
+        Output::Timeout(self.idle_deadline())
     }
 
     fn idle_deadline(&self) -> Instant {
@@ -719,7 +757,11 @@ impl Sfu {
                     }));
                 }
                 Ok(str0m::Output::Timeout(at)) => {
-                    s.next_timeout = at;
+                    if s.next_timeout != at || !s.timer_armed {
+                        s.next_timeout = at;
+                        s.timer_armed = true;
+                        self.timers.push(Reverse((at, id.clone())));
+                    }
                     break;
                 }
                 Ok(str0m::Output::Event(e)) => events.push(e),
