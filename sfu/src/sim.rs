@@ -198,7 +198,11 @@ impl Net {
 
     pub fn drain_sfu(&mut self) {
         loop {
-            match self.sfu.poll_output() {
+            // Only the SFU's own call is timed, not this network's bookkeeping.
+            let started = wall_clock();
+            let output = self.sfu.poll_output();
+            self.sfu_busy += started.elapsed();
+            match output {
                 Output::Transmit(t) => {
                     let mut at = self.now + LATENCY;
                     if let Some(p) = self.peers.iter_mut().find(|p| p.addr == t.destination)
@@ -291,8 +295,8 @@ impl Net {
             if self.sfu_next <= self.now {
                 let started = wall_clock();
                 self.sfu.handle_input(Input::Timeout(self.now));
-                self.drain_sfu();
                 self.sfu_busy += started.elapsed();
+                self.drain_sfu();
             }
             for i in 0..self.peers.len() {
                 if self.peers[i].online && self.peers[i].next <= self.now {
@@ -316,8 +320,8 @@ impl Net {
                 destination: to,
                 contents: bytes,
             });
-            self.drain_sfu();
             self.sfu_busy += started.elapsed();
+            self.drain_sfu();
         } else if let Some(i) = self.peers.iter().position(|p| p.addr == to && p.online) {
             if self.peers[i].loss > 0.0 {
                 self.seed ^= self.seed << 13;
