@@ -22,6 +22,9 @@ use crate::observability::LogFormat;
 /// Exit code for invalid configuration or usage (sysexits EX_USAGE).
 const EXIT_USAGE: u8 = 64;
 
+/// How long `weir control` and `weir dev` wait for the business store at start.
+const STORE_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 #[derive(Parser)]
 #[command(name = "weir", version, about = "Weir: live streaming over WebRTC (WHIP/WHEP)", long_about = None)]
 struct Cli {
@@ -59,12 +62,49 @@ struct ShardArgs {
     /// (io_uring unless the kernel refuses it; the choice is logged).
     #[arg(long, env = "WEIR_IO", default_value = "auto")]
     io: weir_data_plane::IoChoice,
+    /// Viewers a room's home shard takes before further viewers go to the
+    /// least loaded shard, fed from the home shard in memory (0: never).
+    #[arg(long, env = "WEIR_SHARD_SPILL", default_value_t = 500)]
+    shard_spill: usize,
+}
+
+/// HLS, transcoding and snapshots of SRT-published rooms.
+#[derive(Args, Clone)]
+struct MediaArgs {
+    /// HLS target segment duration in seconds (segments are cut on
+    /// keyframes); 0 switches HLS off. Segments live under --data-dir/hls.
+    #[arg(long, env = "WEIR_HLS_SEGMENT", default_value_t = 2.0)]
+    hls_segment: f64,
+    /// Default transcoding ladder of SRT rooms: `source,720p,480p@1000,360p`
+    /// (HEIGHTp, optionally @KBPS); `off` switches transcoding off.
+    #[arg(long, env = "WEIR_LADDER", default_value = "source,480p,360p")]
+    ladder: String,
+    /// A room's own ladder, `ROOM=LADDER` (e.g. `show=source,720p,360p`,
+    /// `quiet=off`); may be repeated.
+    #[arg(long = "room-ladder", value_name = "ROOM=LADDER")]
+    room_ladders: Vec<String>,
+    /// Seconds between snapshots (`/rooms/{room}/snapshot.jpg`); 0 switches them off.
+    #[arg(long, env = "WEIR_SNAPSHOT_INTERVAL", default_value_t = 5.0)]
+    snapshot_interval: f64,
+    /// Ladder encoder: auto (NVENC when a usable NVIDIA GPU is there, else
+    /// libx264), nvenc, or x264.
+    #[arg(long, env = "WEIR_ENCODER", default_value = "auto")]
+    encoder: weir_data_plane::EncoderChoice,
+    /// SRT receive latency in milliseconds (the larger of the caller's and
+    /// this one applies).
+    #[arg(long, env = "WEIR_SRT_LATENCY_MS", default_value_t = 120)]
+    srt_latency_ms: u64,
+    /// Test only: the transcoder sleeps this long per frame.
+    #[arg(long, hide = true, default_value_t = 0)]
+    transcode_test_delay_ms: u64,
 }
 
 #[derive(Args)]
 struct DevArgs {
     #[command(flatten)]
     media: ShardArgs,
+    #[command(flatten)]
+    av: MediaArgs,
     /// Node HTTP listen address (WHIP, WHEP, pages, metrics).
     #[arg(long, env = "WEIR_HTTP", default_value = "127.0.0.1:8080")]
     http: SocketAddr,
@@ -74,7 +114,7 @@ struct DevArgs {
     /// WebRTC UDP listen address (also the ICE candidate offered).
     #[arg(long, env = "WEIR_UDP", default_value = "127.0.0.1:7100")]
     udp: SocketAddr,
-    /// Where keys (and later the SQLite file and HLS segments) live.
+    /// Where keys, the SQLite business store (`weir.db`) and HLS segments live.
     #[arg(long, env = "WEIR_DATA_DIR", default_value = "weir-data")]
     data_dir: PathBuf,
     /// Room used in the printed page URLs.
@@ -92,6 +132,11 @@ struct DevArgs {
 struct NodeArgs {
     #[command(flatten)]
     media: ShardArgs,
+    #[command(flatten)]
+    av: MediaArgs,
+    /// Where HLS segments live (`DIR/hls`, cleared at start).
+    #[arg(long, env = "WEIR_DATA_DIR", default_value = "weir-data")]
+    data_dir: PathBuf,
     /// HTTP listen address.
     #[arg(long, env = "WEIR_HTTP", default_value = "0.0.0.0:8080")]
     http: SocketAddr,
@@ -144,15 +189,22 @@ struct ControlArgs {
     /// gRPC and JSON gateway listen address.
     #[arg(long, env = "WEIR_GRPC", default_value = "0.0.0.0:7000")]
     grpc: SocketAddr,
-    /// Where the token signing key lives (created on first start).
+    /// Where the token signing key lives (created on first start), and the
+    /// SQLite business store when --database is not given.
     #[arg(long, env = "WEIR_DATA_DIR", default_value = "weir-data")]
     data_dir: PathBuf,
     /// Hand out arbitrary tokens through MintToken (for testing only).
     #[arg(long, env = "WEIR_ALLOW_TOKEN_MINTING")]
     allow_token_minting: bool,
-    /// The user who owns every room until rooms are stored (subject of publish tokens).
+    /// The user who owns the rooms the store does not know (subject of their
+    /// publish tokens); a stored room's publish tokens carry its owner.
     #[arg(long, env = "WEIR_DEFAULT_OWNER", default_value = "owner")]
     default_owner: String,
+    /// Business store (users, rooms, follows): `postgres://USER:PASSWORD@HOST:PORT/DB`
+    /// for clusters (every replica uses the same one), or `sqlite://PATH`.
+    /// Default: the SQLite file `weir.db` under --data-dir.
+    #[arg(long, env = "WEIR_DATABASE", value_name = "URL")]
+    database: Option<String>,
     /// etcd client URLs (`URL[,URL...]`, e.g. http://10.0.0.1:2379,http://10.0.0.2:2379):
     /// the nodes and rooms to schedule are read from there (the nodes
     /// register with the same `--etcd`); several control planes may share it.
@@ -263,7 +315,17 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
             ..ControlConfig::default()
         },
     )
-    .map_err(config_error)?;
+    .map_err(config_error)?
+    .with_store(
+        weir_control_plane::store::Store::connect(
+            &weir_control_plane::store::sqlite_url(
+                &a.data_dir.join(weir_control_plane::store::SQLITE_FILE),
+            ),
+            STORE_CONNECT_TIMEOUT,
+        )
+        .await
+        .context("cannot open the business store")?,
+    );
     let grpc = tokio::net::TcpListener::bind(a.grpc)
         .await
         .with_context(|| format!("cannot listen for the control plane on {}", a.grpc))?;
@@ -281,7 +343,9 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
             capacity: 1000,
             shards: a.media.shards,
             io: a.media.io,
-            srt: Some(srt_config(a.srt, a.srt_passphrase.clone())?),
+            shard_spill: a.media.shard_spill,
+            srt: Some(srt_config(a.srt, a.srt_passphrase.clone(), &a.av)?),
+            media: media_config(&a.av, &a.data_dir)?,
         },
         coordinator,
         verifier,
@@ -294,6 +358,10 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
     println!("play page     {http}/play/{room}");
     println!("WHIP          {http}/whip/{{room}}");
     println!("WHEP          {http}/whep/{{room}}");
+    if a.av.hls_segment > 0.0 {
+        println!("HLS           {http}/hls/{{room}}/master.m3u8");
+    }
+    println!("snapshot      {http}/rooms/{{room}}/snapshot.jpg");
     println!("control API   http://{control_addr}  (gRPC; JSON under /v1/)");
     println!("metrics       {http}/metrics");
     println!("control stats http://{control_addr}/metrics");
@@ -368,7 +436,9 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
             capacity: a.capacity,
             shards: a.media.shards,
             io: a.media.io,
-            srt: Some(srt_config(a.srt, a.srt_passphrase.clone())?),
+            shard_spill: a.media.shard_spill,
+            srt: Some(srt_config(a.srt, a.srt_passphrase.clone(), &a.av)?),
+            media: media_config(&a.av, &a.data_dir)?,
         },
         coordinator,
         verifier,
@@ -377,6 +447,10 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
     .await?;
     println!("{}/whip/{{room}}", node.public_url());
     println!("{}/whep/{{room}}", node.public_url());
+    if a.av.hls_segment > 0.0 {
+        println!("{}/hls/{{room}}/master.m3u8", node.public_url());
+    }
+    println!("{}/rooms/{{room}}/snapshot.jpg", node.public_url());
     println!("{}/metrics", node.public_url());
     if let Some(srt) = node.srt_addr() {
         println!("srt://{srt}?streamid=#!::r={{room}},m=publish,t={{token}}");
@@ -387,8 +461,13 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
 async fn control(a: ControlArgs) -> anyhow::Result<()> {
     // etcd when --etcd is given (connected lazily: while etcd is unreachable
     // assignments are answered from the last view), else an empty registry.
-    let coordinator = weir_control_plane::coordinator::from_flag(a.etcd.as_deref())
-        .map_err(|e| config_error(format!("--etcd: {e}")))?;
+    let (coordinator, elections) =
+        weir_control_plane::coordinator::with_election_from_flag(a.etcd.as_deref())
+            .map_err(|e| config_error(format!("--etcd: {e}")))?;
+    if let Some(url) = a.database.as_deref() {
+        weir_control_plane::store::database_url(Some(url), &a.data_dir)
+            .map_err(|e| config_error(format!("--database: {e}")))?;
+    }
     let render = observability::init_metrics()?;
     let issuer = TokenIssuer::load_or_create(&weir_control_plane::tokens::key_path(&a.data_dir))
         .with_context(|| {
@@ -408,21 +487,92 @@ async fn control(a: ControlArgs) -> anyhow::Result<()> {
         },
     )
     .map_err(config_error)?;
+    let database = weir_control_plane::store::database_url(a.database.as_deref(), &a.data_dir)
+        .map_err(|e| config_error(format!("--database: {e}")))?;
+    let store = weir_control_plane::store::Store::connect(&database, STORE_CONNECT_TIMEOUT)
+        .await
+        .context("cannot open the business store")?;
+    let state = state.with_store(store);
     let listener = tokio::net::TcpListener::bind(a.grpc)
         .await
         .with_context(|| format!("cannot listen on {}", a.grpc))?;
-    println!("http://{}", listener.local_addr()?);
+    let addr = listener.local_addr()?;
+    println!("http://{addr}");
     println!("token public key (give it to nodes as --token-public-key): {public_key}");
-    weir_control_plane::serve(listener, state, render, shutdown_signal()).await
+    // One replica of all leads the singleton workers (`weir_election_leader`).
+    let candidate = format!(
+        "{}@{addr}",
+        weir_control_plane::election::default_candidate_id()
+    );
+    let leadership = weir_control_plane::election::campaign(
+        elections,
+        weir_control_plane::election::CONTROL_ELECTION,
+        &candidate,
+        weir_control_plane::election::DEFAULT_TTL,
+    );
+    let served = weir_control_plane::serve(listener, state, render, shutdown_signal()).await;
+    leadership.resign().await;
+    served
 }
 
 /// The SRT listener's settings, checked before anything is bound.
 fn srt_config(
     listen: SocketAddr,
     passphrase: Option<String>,
+    media: &MediaArgs,
 ) -> anyhow::Result<weir_data_plane::SrtConfig> {
     let mut c = weir_data_plane::SrtConfig::new(listen);
     c.passphrase = passphrase;
+    if !(10..=10_000).contains(&media.srt_latency_ms) {
+        return Err(config_error("--srt-latency-ms must be 10 to 10000"));
+    }
+    c.latency = Duration::from_millis(media.srt_latency_ms);
     c.validate().map_err(config_error)?;
     Ok(c)
+}
+
+/// HLS, ladder and snapshot settings, checked before anything is bound.
+fn media_config(
+    a: &MediaArgs,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<weir_data_plane::MediaConfig> {
+    use weir_data_plane::Ladder;
+    let hls = match a.hls_segment {
+        0.0 => None,
+        s if (1.0..=10.0).contains(&s) => {
+            let mut c = weir_data_plane::hls::HlsConfig::new(data_dir.join("hls"));
+            c.segment = s;
+            c.max_segment = (s * 4.0).max(8.0);
+            Some(c)
+        }
+        s => {
+            return Err(config_error(format!(
+                "--hls-segment {s}: 1 to 10 seconds, or 0 for no HLS"
+            )));
+        }
+    };
+    let ladder = Ladder::parse(&a.ladder).map_err(|e| config_error(format!("--ladder: {e}")))?;
+    let mut room_ladders = std::collections::HashMap::new();
+    for r in &a.room_ladders {
+        let (room, l) =
+            Ladder::parse_room(r).map_err(|e| config_error(format!("--room-ladder: {e}")))?;
+        room_ladders.insert(room, l);
+    }
+    let snapshot_interval = match a.snapshot_interval {
+        0.0 => None,
+        s if (0.5..=3600.0).contains(&s) => Some(Duration::from_secs_f64(s)),
+        s => {
+            return Err(config_error(format!(
+                "--snapshot-interval {s}: 0.5 to 3600 seconds, or 0 for none"
+            )));
+        }
+    };
+    Ok(weir_data_plane::MediaConfig {
+        hls,
+        ladder,
+        room_ladders,
+        snapshot_interval,
+        encoder: a.encoder,
+        test_delay: Duration::from_millis(a.transcode_test_delay_ms),
+    })
 }

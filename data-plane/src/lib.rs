@@ -1,13 +1,16 @@
 //! Weir's media node: the UDP shard running the sans-IO SFU, the HTTP
-//! surface (WHIP, WHEP, pages, metrics, health) and the agent that keeps the
+//! surface (WHIP, WHEP, HLS, pages, metrics, health), SRT ingest with its
+//! HLS packager, transcoder and snapshots, and the agent that keeps the
 //! node registered with the coordinator.
 
 mod agent;
+pub mod hls;
 mod http;
 pub mod ingest;
 mod pages;
 mod profile;
 mod shard;
+pub mod transcode;
 pub mod udp;
 
 use std::net::{IpAddr, SocketAddr};
@@ -22,6 +25,7 @@ use weir_protocol::coordinator::{Coordinator, NodeInfo, NodeLoad};
 pub use http::{MAX_SDP_BYTES, RenderMetrics};
 pub use ingest::SrtConfig;
 pub use shard::{Shard, ShardGone, ShardHandle, ShardStats};
+pub use transcode::{EncoderChoice, Ladder, MediaConfig};
 pub use udp::{Backend as IoBackend, IoChoice};
 pub use weir_sfu::install_crypto_provider;
 
@@ -47,8 +51,13 @@ pub struct NodeConfig {
     pub shards: usize,
     /// UDP I/O backend of the shards.
     pub io: IoChoice,
+    /// Viewers a room's home shard takes before further viewers of its rooms
+    /// go to the least loaded shard, fed over in-memory queues (0: never).
+    pub shard_spill: usize,
     /// SRT ingest listener; `None` runs the node without one.
     pub srt: Option<SrtConfig>,
+    /// HLS, transcoding ladder and snapshots of SRT-published rooms.
+    pub media: MediaConfig,
 }
 
 /// A node whose sockets are bound, ready to serve.
@@ -96,6 +105,7 @@ impl Node {
         };
         let (shutdown_tx, _) = watch::channel(false);
         let shard_stop = shard::ShardStop::default();
+        let peers = shard::Peers::default();
         let mut shards = Vec::with_capacity(count);
         let mut shard_threads = Vec::with_capacity(count);
         for i in 0..count {
@@ -124,12 +134,13 @@ impl Node {
                 SocketAddr::new(candidate_ip, udp_addr.port()),
                 config.io,
                 &shard_stop,
+                &peers,
             )
             .with_context(|| format!("cannot start media shard {i} ({:?} I/O)", config.io))?;
             shards.push(handle);
             shard_threads.push(thread);
         }
-        let shard = shard::ShardHandle::new(shards);
+        let shard = shard::ShardHandle::new(shards, config.shard_spill, &peers);
         tracing::info!(
             shards = count,
             io = shard.backend().as_str(),
@@ -154,12 +165,15 @@ impl Node {
             "window.WEIR_CONFIG = {};\n",
             serde_json::json!({ "control_url": config.control_url })
         );
+        let media = transcode::MediaHub::new(config.media.clone())
+            .context("cannot prepare HLS under the data directory")?;
         let state = http::AppState {
             shard: shard.clone(),
             verifier: Arc::new(verifier),
             agent: agent.clone(),
             render_metrics,
             page_config: page_config.into(),
+            media,
         };
         Ok(Self {
             http_listener,
@@ -227,6 +241,7 @@ impl Node {
                 shard: shard.clone(),
                 verifier: state.verifier.clone(),
                 agent: agent.clone(),
+                media: state.media.clone(),
             };
             tokio::spawn(srt.serve(ctx, shutdown_tx.subscribe()))
         });

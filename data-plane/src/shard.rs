@@ -57,6 +57,37 @@ enum Command {
         source: SessionId,
         frame: MediaFrame,
     },
+    /// Relay a room's frames to a source on another shard.
+    Tap {
+        room: RoomId,
+        edge: usize,
+        source: SessionId,
+    },
+    /// A frame relayed from the room's home shard; `generation` changes when
+    /// the room's publisher changes.
+    Relayed {
+        source: SessionId,
+        generation: u64,
+        frame: MediaFrame,
+    },
+    /// Viewers on another shard need a keyframe of this room.
+    RoomKeyframe { room: RoomId, rid: Option<String> },
+}
+
+/// Owner of the relay sources a room's home shard feeds on other shards.
+const RELAY_OWNER: &str = "weir:shard-relay";
+
+/// What a shard knows about the node's other shards, set once they all run.
+pub(crate) type Peers = Arc<std::sync::OnceLock<Arc<[Shard]>>>;
+
+/// Stable home shard of a room among `n`.
+fn home_index(room: &RoomId, n: usize) -> usize {
+    use std::hash::{Hash, Hasher};
+    // SipHash with fixed keys: the same room maps to the same shard in
+    // every process of the same build.
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    room.hash(&mut h);
+    (h.finish() % n.max(1) as u64) as usize
 }
 
 /// What a shard carries, refreshed every second.
@@ -86,9 +117,16 @@ pub struct Shard {
     stats: Arc<Mutex<ShardStats>>,
     local_addr: SocketAddr,
     backend: Backend,
+    /// Viewers placed here and not yet gone (kept by the shard's loop).
+    viewers: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Shard {
+    /// Viewers on this shard now.
+    pub fn live_viewers(&self) -> usize {
+        self.viewers.load(Ordering::Relaxed)
+    }
+
     /// The shard's UDP address.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
@@ -195,6 +233,13 @@ impl Shard {
             .await
     }
 
+    fn post(&self, cmd: Command) {
+        match self.commands.try_send(cmd) {
+            Ok(()) => self.waker.wake(),
+            Err(_) => metrics::counter!("weir_shard_relay_dropped_total").increment(1),
+        }
+    }
+
     /// Hands a source's frame to the shard without waiting. When the shard's
     /// queue is full the frame is dropped and counted: ingest never blocks
     /// on forwarding, and forwarding never waits for ingest.
@@ -227,14 +272,27 @@ pub struct ShardHandle {
     shards: Arc<[Shard]>,
     /// Which shard each open source (SRT publisher) lives on.
     sources: Arc<Mutex<HashMap<SessionId, usize>>>,
+    /// Which shard each viewer lives on, when not the room's home.
+    viewers: Arc<Mutex<HashMap<SessionId, usize>>>,
+    /// Relay sources feeding a room's viewers on other shards.
+    relays: Arc<tokio::sync::Mutex<HashMap<(RoomId, usize), SessionId>>>,
+    /// Viewers a home shard takes before new viewers of its rooms go to the
+    /// least loaded shard (0: never).
+    spill: usize,
 }
 
 impl ShardHandle {
-    /// Routes over `shards` (at least one).
-    pub fn new(shards: Vec<Shard>) -> Self {
+    /// Routes over `shards` (at least one); see [`ShardHandle::spill`] for
+    /// `spill`. `peers` is what [`spawn`] handed out, filled here.
+    pub fn new(shards: Vec<Shard>, spill: usize, peers: &Peers) -> Self {
+        let shards: Arc<[Shard]> = shards.into();
+        let _ = peers.set(shards.clone());
         Self {
-            shards: shards.into(),
+            shards,
             sources: Arc::default(),
+            viewers: Arc::default(),
+            relays: Arc::default(),
+            spill,
         }
     }
 
@@ -245,12 +303,57 @@ impl ShardHandle {
 
     /// The home shard of `room`.
     pub fn for_room(&self, room: &RoomId) -> &Shard {
-        use std::hash::{Hash, Hasher};
-        // SipHash with fixed keys: the same room maps to the same shard in
-        // every process of the same build.
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        room.hash(&mut h);
-        &self.shards[(h.finish() % self.shards.len() as u64) as usize]
+        &self.shards[home_index(room, self.shards.len())]
+    }
+
+    /// The shard a session lives on (viewers placed off their room's home).
+    fn for_session(&self, room: &RoomId, session: &SessionId) -> &Shard {
+        let placed = self
+            .viewers
+            .lock()
+            .ok()
+            .and_then(|v| v.get(session).copied());
+        match placed.and_then(|i| self.shards.get(i)) {
+            Some(s) => s,
+            None => self.for_room(room),
+        }
+    }
+
+    /// The shard a new viewer of `room` goes to: the room's home until it
+    /// carries `spill` viewers, then the shard with the fewest viewers.
+    fn place_viewer(&self, room: &RoomId) -> usize {
+        let home = home_index(room, self.shards.len());
+        if self.spill == 0 || self.shards[home].live_viewers() < self.spill {
+            return home;
+        }
+        (0..self.shards.len())
+            .min_by_key(|i| self.shards[*i].live_viewers())
+            .unwrap_or(home)
+    }
+
+    /// Makes sure `edge` gets `room`'s frames from the home shard.
+    async fn ensure_relay(&self, room: &RoomId, home: usize, edge: usize) -> Result<(), ShardGone> {
+        let mut relays = self.relays.lock().await;
+        if relays.contains_key(&(room.clone(), edge)) {
+            return Ok(());
+        }
+        let (source, _) = match self.shards[edge]
+            .open_source(room.clone(), RELAY_OWNER.to_owned())
+            .await?
+        {
+            Ok(opened) => opened,
+            // The edge shard has its own publisher for the room (cannot
+            // happen while WHIP and SRT go to the home shard): leave it be.
+            Err(_) => return Ok(()),
+        };
+        self.shards[home].post(Command::Tap {
+            room: room.clone(),
+            edge,
+            source: source.clone(),
+        });
+        relays.insert((room.clone(), edge), source);
+        tracing::info!(%room, home, edge, "room fans out to another shard");
+        Ok(())
     }
 
     /// The first shard's UDP address.
@@ -303,7 +406,22 @@ impl ShardHandle {
         owner: String,
         offer: String,
     ) -> Result<Result<Accepted, SfuError>, ShardGone> {
-        self.for_room(&room).clone().play(room, owner, offer).await
+        let home = home_index(&room, self.shards.len());
+        let target = self.place_viewer(&room);
+        if target != home {
+            self.ensure_relay(&room, home, target).await?;
+        }
+        let shard = &self.shards[target];
+        let result = shard.clone().play(room, owner, offer).await?;
+        if let Ok(accepted) = &result {
+            shard.viewers.fetch_add(1, Ordering::Relaxed);
+            if target != home
+                && let Ok(mut v) = self.viewers.lock()
+            {
+                v.insert(accepted.session.clone(), target);
+            }
+        }
+        Ok(result)
     }
 
     pub async fn close(
@@ -314,7 +432,11 @@ impl ShardHandle {
         if let Ok(mut s) = self.sources.lock() {
             s.remove(&session);
         }
-        self.for_room(&room).clone().close(room, session).await
+        let shard = self.for_session(&room, &session).clone();
+        if let Ok(mut v) = self.viewers.lock() {
+            v.remove(&session);
+        }
+        shard.close(room, session).await
     }
 
     pub async fn trickle(
@@ -323,7 +445,7 @@ impl ShardHandle {
         session: SessionId,
         sdpfrag: String,
     ) -> Result<Result<usize, SfuError>, ShardGone> {
-        self.for_room(&room)
+        self.for_session(&room, &session)
             .clone()
             .trickle(room, session, sdpfrag)
             .await
@@ -393,6 +515,7 @@ pub fn spawn(
     candidate: SocketAddr,
     io: IoChoice,
     stop: &ShardStop,
+    peers: &Peers,
 ) -> std::io::Result<(Shard, std::thread::JoinHandle<()>)> {
     let local_addr = socket.local_addr()?;
     let (io, waker) = udp::open(socket, io)?;
@@ -402,6 +525,7 @@ pub fn spawn(
     if let Ok(mut w) = stop.wakers.lock() {
         w.push(waker.clone());
     }
+    let viewers = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let handle = Shard {
         index,
         commands: tx,
@@ -409,8 +533,10 @@ pub fn spawn(
         stats: stats.clone(),
         local_addr,
         backend,
+        viewers: viewers.clone(),
     };
     let stop = stop.stop.clone();
+    let peers = peers.clone();
     let thread = std::thread::Builder::new()
         .name(format!("weir-shard-{index}"))
         .spawn(move || {
@@ -420,7 +546,14 @@ pub fn spawn(
             };
             let sfu = Sfu::new(config, Instant::now());
             tracing::info!(shard = index, udp = %local_addr, io = backend.as_str(), "shard running");
-            if let Err(e) = run(index, io, local_addr, sfu, rx, &stats, &stop) {
+            let mut ctx = Ctx {
+                index,
+                peers,
+                viewers,
+                taps: HashMap::new(),
+                generations: HashMap::new(),
+            };
+            if let Err(e) = run(&mut ctx, io, local_addr, sfu, rx, &stats, &stop) {
                 tracing::error!(shard = index, error = %e, "shard I/O failed; shard stopped");
             }
             tracing::info!(shard = index, "shard stopped");
@@ -428,8 +561,25 @@ pub fn spawn(
     Ok((handle, thread))
 }
 
-fn run(
+/// A shard loop's view of its node.
+struct Ctx {
     index: usize,
+    peers: Peers,
+    viewers: Arc<std::sync::atomic::AtomicUsize>,
+    /// Rooms whose frames go to relay sources on other shards.
+    taps: HashMap<RoomId, Vec<(usize, SessionId)>>,
+    /// Last publisher generation seen per relay source here.
+    generations: HashMap<SessionId, u64>,
+}
+
+impl Ctx {
+    fn peer(&self, i: usize) -> Option<&Shard> {
+        self.peers.get().and_then(|p| p.get(i))
+    }
+}
+
+fn run(
+    ctx: &mut Ctx,
     mut io: Box<dyn Io>,
     local_addr: SocketAddr,
     mut sfu: Sfu,
@@ -440,12 +590,12 @@ fn run(
     let mut last = Counters::default();
     let mut last_report = Instant::now();
     let mut last_drops = 0;
-    let shard = index.to_string();
+    let shard = ctx.index.to_string();
     loop {
         while let Ok(cmd) = commands.try_recv() {
-            handle_command(&mut sfu, cmd);
+            handle_command(&mut sfu, cmd, ctx);
         }
-        let deadline = drain(&mut sfu, io.as_mut());
+        let deadline = drain(&mut sfu, io.as_mut(), ctx);
         io.flush()?;
         if stop.load(Ordering::Acquire) {
             return Ok(());
@@ -482,17 +632,54 @@ fn run(
 }
 
 /// Queues what the SFU has to send and returns when it next needs time.
-fn drain(sfu: &mut Sfu, io: &mut dyn Io) -> Instant {
+fn drain(sfu: &mut Sfu, io: &mut dyn Io, ctx: &mut Ctx) -> Instant {
     loop {
         match sfu.poll_output() {
             Output::Transmit(t) => io.queue(t.destination, &t.contents),
-            Output::Event(e) => record_event(e),
+            Output::Event(Event::KeyframeWanted { room, rid }) => {
+                // Viewers here of a room relayed from its home shard.
+                let n = ctx.peers.get().map_or(1, |p| p.len());
+                if let Some(home) = ctx.peer(home_index(&room, n))
+                    && home.index() != ctx.index
+                {
+                    home.post(Command::RoomKeyframe { room, rid });
+                }
+            }
+            Output::Event(e) => {
+                if let Event::SessionClosed {
+                    role: Role::Subscriber,
+                    ..
+                } = &e
+                {
+                    let _ = ctx
+                        .viewers
+                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
+                }
+                record_event(e);
+            }
+            Output::Relay {
+                room,
+                generation,
+                frame,
+            } => {
+                if let Some(taps) = ctx.taps.get(&room) {
+                    for (edge, source) in taps {
+                        if let Some(shard) = ctx.peer(*edge) {
+                            shard.post(Command::Relayed {
+                                source: source.clone(),
+                                generation,
+                                frame: frame.clone(),
+                            });
+                        }
+                    }
+                }
+            }
             Output::Timeout(at) => return at,
         }
     }
 }
 
-fn handle_command(sfu: &mut Sfu, cmd: Command) {
+fn handle_command(sfu: &mut Sfu, cmd: Command, ctx: &mut Ctx) {
     let now = Instant::now();
     // A caller that gave up (client went away) simply misses the reply.
     match cmd {
@@ -533,6 +720,26 @@ fn handle_command(sfu: &mut Sfu, cmd: Command) {
         Command::PushFrame { source, frame } => {
             // A source that was replaced or closed may still have frames in flight.
             let _ = sfu.push_frame(now, &source, frame);
+        }
+        Command::Tap { room, edge, source } => {
+            sfu.set_tap(&room, true);
+            ctx.taps.entry(room).or_default().push((edge, source));
+        }
+        Command::Relayed {
+            source,
+            generation,
+            frame,
+        } => {
+            let last = ctx.generations.insert(source.clone(), generation);
+            if last.is_some_and(|g| g != generation) {
+                // The home shard's publisher changed: viewers here resync at
+                // its first keyframe, on a continuous timeline.
+                let _ = sfu.renew_source(&source);
+            }
+            let _ = sfu.push_frame(now, &source, frame);
+        }
+        Command::RoomKeyframe { room, rid } => {
+            sfu.request_room_keyframe(now, &room, rid.as_deref());
         }
     }
 }
@@ -575,6 +782,12 @@ fn record_event(e: Event) {
             tracing::debug!(%room, %session, ms = after.as_millis() as u64, "first frame sent");
             metrics::histogram!("weir_time_to_first_frame_seconds", "side" => "server")
                 .record(after.as_secs_f64());
+        }
+        Event::KeyframeWanted { room, .. } => {
+            // Handled by the loop (sent to the room's home shard); here only
+            // when the room's source is not a relay (SRT ingest keyframes
+            // come when the encoder sends them).
+            tracing::trace!(%room, "keyframe wanted from a source");
         }
         Event::SubscriberStats {
             session,

@@ -1,7 +1,7 @@
 //! The SFU state machine: sessions, rooms and the forwarding between them.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -124,6 +124,9 @@ pub enum Event {
         room: RoomId,
         after: Duration,
     },
+    /// A viewer of a room whose publisher is a source (a relay from another
+    /// shard or node) needs a keyframe: ask upstream.
+    KeyframeWanted { room: RoomId, rid: Option<String> },
     /// Once a second per viewer: how its video fares.
     SubscriberStats {
         session: SessionId,
@@ -147,6 +150,14 @@ pub enum Event {
 pub enum Output {
     Transmit(Transmit),
     Event(Event),
+    /// A frame of a tapped room, for the caller to hand to other shards or
+    /// nodes that carry viewers of the room ([`Sfu::set_tap`]). `generation`
+    /// changes when the room's publisher changes.
+    Relay {
+        room: RoomId,
+        generation: u64,
+        frame: MediaFrame,
+    },
     /// Nothing more until this time (or new input).
     Timeout(Instant),
 }
@@ -255,6 +266,8 @@ pub struct Sfu {
     /// against the session when popped, and the heap is rebuilt when stale
     /// entries outnumber live ones.
     timers: BinaryHeap<Reverse<(Instant, SessionId)>>,
+    /// Rooms whose frames are also output as [`Output::Relay`].
+    taps: HashSet<RoomId>,
 }
 
 impl std::fmt::Debug for Sfu {
@@ -298,6 +311,7 @@ impl Sfu {
             next_generation: 1,
             last_now: now,
             timers: BinaryHeap::new(),
+            taps: HashSet::new(),
         }
     }
 
@@ -415,6 +429,35 @@ impl Sfu {
         );
         self.install_publisher(room, &id, replaced.as_ref());
         Ok((id, replaced))
+    }
+
+    /// Also outputs every frame of `room` as [`Output::Relay`] (for viewers
+    /// on other shards or nodes), or stops doing so.
+    pub fn set_tap(&mut self, room: &RoomId, on: bool) {
+        if on {
+            self.taps.insert(room.clone());
+        } else {
+            self.taps.remove(room);
+        }
+    }
+
+    /// Asks `room`'s publisher for a keyframe on behalf of viewers elsewhere
+    /// (coalesced like any other request).
+    pub fn request_room_keyframe(&mut self, now: Instant, room: &RoomId, rid: Option<&str>) {
+        self.request_keyframe(now, room, rid.map(Rid::from));
+        self.run(now);
+    }
+
+    /// Treats a source's next frames as a new publisher's (the publisher
+    /// behind a relay changed): viewers resync at its first keyframe.
+    pub fn renew_source(&mut self, source: &SessionId) -> Result<(), SfuError> {
+        let room = self
+            .sources
+            .get(source)
+            .map(|s| s.room.clone())
+            .ok_or(SfuError::UnknownSession)?;
+        self.install_publisher(room, source, None);
+        Ok(())
     }
 
     /// Forwards a frame of a source opened with [`Sfu::accept_source`].
@@ -863,6 +906,17 @@ impl Sfu {
         }) {
             return;
         }
+        if r.publisher
+            .as_ref()
+            .is_some_and(|p| self.sources.contains_key(p))
+        {
+            r.keyframe_requests.insert(rid, now);
+            self.out.push_back(Output::Event(Event::KeyframeWanted {
+                room: room.clone(),
+                rid: rid.map(|r| r.to_string()),
+            }));
+            return;
+        }
         let Some(p) = r.publisher.as_ref().and_then(|p| self.sessions.get_mut(p)) else {
             return;
         };
@@ -896,6 +950,13 @@ impl Sfu {
             MediaKind::Video => r.layers.record(now, frame, self.config.gop),
             MediaKind::Audio => 0,
         };
+        if self.taps.contains(room) {
+            self.out.push_back(Output::Relay {
+                room: room.clone(),
+                generation: r.generation,
+                frame: frame.clone(),
+            });
+        }
         let mut wanted: Vec<LayerKey> = Vec::new();
         for sub in &r.subscribers {
             let Some(s) = self.sessions.get_mut(sub) else {

@@ -58,6 +58,8 @@ pub struct Net {
     /// Real time spent inside the SFU (its inputs and draining its output),
     /// for benchmarks; the peers' work is not in it.
     pub sfu_busy: Duration,
+    /// Frames the SFU output for other shards (tapped rooms).
+    pub relayed: usize,
 }
 
 /// The real clock, read only to measure the SFU's work (`sfu_busy`), never
@@ -101,6 +103,7 @@ impl Net {
             sfu_next: now,
             seed: 0x2545_f491_4f6c_dd1d,
             sfu_busy: Duration::ZERO,
+            relayed: 0,
         }
     }
 
@@ -226,6 +229,7 @@ impl Net {
                         .insert(i, (at, t.source, t.destination, t.contents));
                 }
                 Output::Event(e) => self.events.push(e),
+                Output::Relay { .. } => self.relayed += 1,
                 Output::Timeout(at) => {
                     self.sfu_next = at;
                     break;
