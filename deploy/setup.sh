@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what building and running Weir needs on Debian 12 (and, with
-# --test, what its tests need: Chromium, etcd, Node.js and the e2e npm packages).
+# --test, what its tests need: Chromium, etcd, PostgreSQL, Node.js and the e2e npm packages).
 # Safe to run again: it installs only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +19,9 @@ packages+=(clang libclang-dev ffmpeg libavcodec-dev libavformat-dev libavutil-de
   libswscale-dev libswresample-dev libavfilter-dev libavdevice-dev srt-tools)
 if [ "$with_tests" -eq 1 ]; then
   # etcd-server: the cluster tests start their own etcd (3.4) processes.
-  packages+=(chromium etcd-server)
+  # postgresql: the store's business tests start their own PostgreSQL
+  # server (initdb + postgres from /usr/lib/postgresql/15/bin) per test.
+  packages+=(chromium etcd-server postgresql)
   command -v node >/dev/null 2>&1 || packages+=(nodejs npm)
 fi
 missing=()

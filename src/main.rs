@@ -489,6 +489,12 @@ async fn control(a: ControlArgs) -> anyhow::Result<()> {
     .map_err(config_error)?;
     let database = weir_control_plane::store::database_url(a.database.as_deref(), &a.data_dir)
         .map_err(|e| config_error(format!("--database: {e}")))?;
+    if a.etcd.is_some() && a.database.is_none() {
+        tracing::warn!(
+            "--etcd without --database: this replica keeps users, rooms and follows in its own \
+             SQLite file; give every replica the same --database postgres://… to share them"
+        );
+    }
     let store = weir_control_plane::store::Store::connect(&database, STORE_CONNECT_TIMEOUT)
         .await
         .context("cannot open the business store")?;
@@ -510,7 +516,13 @@ async fn control(a: ControlArgs) -> anyhow::Result<()> {
         &candidate,
         weir_control_plane::election::DEFAULT_TTL,
     );
-    let served = weir_control_plane::serve(listener, state, render, shutdown_signal()).await;
+    let state = Arc::new(state);
+    let workers = tokio::spawn(weir_control_plane::workers::run(
+        Arc::clone(&state),
+        leadership.changes(),
+    ));
+    let served = weir_control_plane::serve_shared(listener, state, render, shutdown_signal()).await;
+    workers.abort();
     leadership.resign().await;
     served
 }

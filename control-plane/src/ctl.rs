@@ -2,14 +2,19 @@
 //! API, and output for people (plain text) or scripts (`--json`).
 //!
 //! Exit codes follow sysexits: 0 ok, 64 bad usage or an argument the control
-//! plane refused, 69 control plane unreachable or unavailable, 77 permission
-//! denied, 1 anything else.
+//! plane refused (or an unknown id), 65 a state that refuses the change
+//! (exists already, room ended), 69 control plane unreachable or
+//! unavailable, 75 a concurrent change (retry), 77 permission denied, 1
+//! anything else.
 
 use std::time::Duration;
 
 use serde::Serialize;
 use tonic::transport::{Channel, Endpoint};
 use weir_protocol::pb;
+use weir_protocol::pb::config_client::ConfigClient;
+use weir_protocol::pb::nodes_client::NodesClient;
+use weir_protocol::pb::rooms_client::RoomsClient;
 use weir_protocol::pb::scheduler_client::SchedulerClient;
 use weir_protocol::pb::tokens_client::TokensClient;
 
@@ -21,8 +26,12 @@ pub const EXIT_OK: i32 = 0;
 pub const EXIT_FAILURE: i32 = 1;
 /// Exit code: bad usage or invalid argument (sysexits `EX_USAGE`).
 pub const EXIT_USAGE: i32 = 64;
+/// Exit code: the thing exists already or its state refuses the change (`EX_DATAERR`).
+pub const EXIT_DATAERR: i32 = 65;
 /// Exit code: the control plane is unreachable or unavailable (`EX_UNAVAILABLE`).
 pub const EXIT_UNAVAILABLE: i32 = 69;
+/// Exit code: a concurrent change got in first; retrying may work (`EX_TEMPFAIL`).
+pub const EXIT_TEMPFAIL: i32 = 75;
 /// Exit code: permission denied (`EX_NOPERM`).
 pub const EXIT_NOPERM: i32 = 77;
 
@@ -56,6 +65,68 @@ pub enum CtlCommand {
     Rooms {
         #[command(subcommand)]
         command: RoomsCommand,
+    },
+    /// Media nodes: list, cordon, drain, uncordon.
+    Nodes {
+        #[command(subcommand)]
+        command: NodesCommand,
+    },
+    /// The config center: get, set, history.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+/// `weir ctl nodes …`.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum NodesCommand {
+    /// Every node: alive ones with their load, and flagged ones that are away.
+    List,
+    /// No new sessions for the node; what it carries stays.
+    Cordon {
+        /// The node id.
+        node: String,
+    },
+    /// Cordon the node and mark its sessions to move away.
+    Drain {
+        /// The node id.
+        node: String,
+    },
+    /// Clear cordon and drain.
+    Uncordon {
+        /// The node id.
+        node: String,
+    },
+}
+
+/// `weir ctl config …`.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum ConfigCommand {
+    /// Values in force (all keys, or the ones named), with versions.
+    Get {
+        /// Keys to show; none: every key.
+        keys: Vec<String>,
+    },
+    /// Validate and write `KEY=VALUE` pairs, all at once or none.
+    Set {
+        /// `KEY=VALUE`, one or more.
+        #[arg(required = true, value_name = "KEY=VALUE")]
+        pairs: Vec<String>,
+        /// Who makes the change (recorded in the history).
+        #[arg(long, env = "USER", default_value = "weir-ctl")]
+        by: String,
+        /// Apply only if the (single) key is at this version now.
+        #[arg(long, value_name = "VERSION")]
+        expect_version: Option<u64>,
+    },
+    /// Past values of a key, newest first.
+    History {
+        /// The key.
+        key: String,
+        /// At most this many entries (default 20, at most 100).
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
     },
 }
 
@@ -100,6 +171,16 @@ impl CtlMode {
 pub enum RoomsCommand {
     /// List the rooms the cluster's nodes carry.
     List,
+    /// A stored room: owner, title, status, times, and where it is carried.
+    Show {
+        /// The room id.
+        room: String,
+    },
+    /// End a stored room (it cannot go live again).
+    End {
+        /// The room id.
+        room: String,
+    },
 }
 
 /// What a command printed and how it ended.
@@ -148,9 +229,13 @@ pub async fn execute(args: CtlArgs) -> Outcome {
     };
     let result = match &args.command {
         CtlCommand::Token(token) => mint_token(channel, token, args.json).await,
-        CtlCommand::Rooms {
-            command: RoomsCommand::List,
-        } => list_rooms(channel, args.json).await,
+        CtlCommand::Rooms { command } => match command {
+            RoomsCommand::List => list_rooms(channel, args.json).await,
+            RoomsCommand::Show { room } => show_room(channel, room, args.json).await,
+            RoomsCommand::End { room } => end_room(channel, room, args.json).await,
+        },
+        CtlCommand::Nodes { command } => nodes(channel, command, args.json).await,
+        CtlCommand::Config { command } => config(channel, command, args.json).await,
     };
     result.unwrap_or_else(|status| status_outcome(&args.control, &status))
 }
@@ -191,6 +276,8 @@ fn status_outcome(url: &str, status: &tonic::Status) -> Outcome {
     use tonic::Code;
     let code = match status.code() {
         Code::InvalidArgument | Code::OutOfRange | Code::NotFound => EXIT_USAGE,
+        Code::AlreadyExists | Code::FailedPrecondition => EXIT_DATAERR,
+        Code::Aborted => EXIT_TEMPFAIL,
         Code::Unavailable | Code::DeadlineExceeded => EXIT_UNAVAILABLE,
         Code::PermissionDenied | Code::Unauthenticated => EXIT_NOPERM,
         _ => EXIT_FAILURE,
@@ -286,6 +373,446 @@ fn to_json_line(value: &impl Serialize) -> String {
     text
 }
 
+/// An aligned table: a header line, then the rows, cells two spaces apart.
+fn table<const N: usize>(header: [&str; N], rows: &[[String; N]], empty: &str) -> String {
+    let mut widths = header.map(str::len);
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let header = header.map(str::to_owned);
+    let mut out = String::new();
+    for row in std::iter::once(&header).chain(rows) {
+        let line: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    if rows.is_empty() {
+        out.push_str(empty);
+        out.push('\n');
+    }
+    out
+}
+
+fn yes_no(b: bool) -> String {
+    if b { "yes" } else { "no" }.to_owned()
+}
+
+/// Unix ms as `2026-11-24T06:11:31Z`, `-` for none.
+fn when(ms: Option<i64>) -> String {
+    match ms.filter(|ms| *ms > 0) {
+        None => "-".to_owned(),
+        Some(ms) => {
+            let secs = ms / 1000;
+            let (days, rest) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+            let (y, m, d) = civil_from_days(days);
+            format!(
+                "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+                rest / 3600,
+                rest % 3600 / 60,
+                rest % 60
+            )
+        }
+    }
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+fn status_name(status: i32) -> &'static str {
+    match pb::RoomStatus::try_from(status) {
+        Ok(pb::RoomStatus::Scheduled) => "scheduled",
+        Ok(pb::RoomStatus::Live) => "live",
+        Ok(pb::RoomStatus::Ended) => "ended",
+        _ => "unknown",
+    }
+}
+
+#[derive(Serialize)]
+struct StoredRoomJson<'a> {
+    room: &'a str,
+    owner: &'a str,
+    title: &'a str,
+    status: &'static str,
+    scheduled_start_unix_ms: Option<i64>,
+    started_unix_ms: Option<i64>,
+    ended_unix_ms: Option<i64>,
+    created_unix_ms: i64,
+    updated_unix_ms: i64,
+    origin_node: Option<&'a str>,
+    live_on_node: bool,
+    subscribers: u32,
+}
+
+fn room_text(room: &pb::Room, carried: Option<&pb::RoomSummary>) -> String {
+    let mut out = String::new();
+    let mut line = |k: &str, v: String| out.push_str(&format!("{k:<16}{v}\n"));
+    line("room", room.id.clone());
+    line("owner", room.owner.clone());
+    line("title", room.title.clone());
+    line("status", status_name(room.status).to_owned());
+    line("scheduled start", when(room.scheduled_start_unix_ms));
+    line("started", when(room.started_unix_ms));
+    line("ended", when(room.ended_unix_ms));
+    line("created", when(Some(room.created_unix_ms)));
+    line(
+        "origin node",
+        carried
+            .map(|c| c.origin_node.clone())
+            .filter(|o| !o.is_empty())
+            .unwrap_or_else(|| "-".to_owned()),
+    );
+    line(
+        "subscribers",
+        carried.map_or(0, |c| c.subscribers).to_string(),
+    );
+    out
+}
+
+fn room_json(room: &pb::Room, carried: Option<&pb::RoomSummary>) -> String {
+    to_json_line(&StoredRoomJson {
+        room: &room.id,
+        owner: &room.owner,
+        title: &room.title,
+        status: status_name(room.status),
+        scheduled_start_unix_ms: room.scheduled_start_unix_ms,
+        started_unix_ms: room.started_unix_ms,
+        ended_unix_ms: room.ended_unix_ms,
+        created_unix_ms: room.created_unix_ms,
+        updated_unix_ms: room.updated_unix_ms,
+        origin_node: carried
+            .map(|c| c.origin_node.as_str())
+            .filter(|o| !o.is_empty()),
+        live_on_node: carried.is_some_and(|c| c.live),
+        subscribers: carried.map_or(0, |c| c.subscribers),
+    })
+}
+
+async fn show_room(channel: Channel, room: &str, json: bool) -> Result<Outcome, tonic::Status> {
+    let stored = RoomsClient::new(channel.clone())
+        .get_room(pb::GetRoomRequest {
+            id: room.to_owned(),
+        })
+        .await?
+        .into_inner();
+    // Where the room is carried now, when the cluster can say.
+    let carried = SchedulerClient::new(channel)
+        .list_rooms(pb::ListRoomsRequest {})
+        .await
+        .ok()
+        .and_then(|r| r.into_inner().rooms.into_iter().find(|r| r.room == room));
+    Ok(Outcome::ok(if json {
+        room_json(&stored, carried.as_ref())
+    } else {
+        room_text(&stored, carried.as_ref())
+    }))
+}
+
+async fn end_room(channel: Channel, room: &str, json: bool) -> Result<Outcome, tonic::Status> {
+    let ended = RoomsClient::new(channel)
+        .end_room(pb::GetRoomRequest {
+            id: room.to_owned(),
+        })
+        .await?
+        .into_inner();
+    Ok(Outcome::ok(if json {
+        room_json(&ended, None)
+    } else {
+        format!("room {} ended\n", ended.id)
+    }))
+}
+
+#[derive(Serialize)]
+struct NodeJson<'a> {
+    id: &'a str,
+    region: &'a str,
+    zone: &'a str,
+    http_url: &'a str,
+    version: &'a str,
+    capacity: u32,
+    sessions: u32,
+    egress_bps: u64,
+    rooms: u32,
+    reported_unix_ms: i64,
+    alive: bool,
+    schedulable: bool,
+    cordoned: bool,
+    draining: bool,
+    self_draining: bool,
+}
+
+fn node_json(n: &pb::NodeStatus) -> NodeJson<'_> {
+    NodeJson {
+        id: &n.id,
+        region: &n.region,
+        zone: &n.zone,
+        http_url: &n.http_url,
+        version: &n.version,
+        capacity: n.capacity,
+        sessions: n.sessions,
+        egress_bps: n.egress_bps,
+        rooms: n.rooms,
+        reported_unix_ms: n.reported_unix_ms,
+        alive: n.alive,
+        schedulable: n.schedulable,
+        cordoned: n.cordoned,
+        draining: n.draining,
+        self_draining: n.self_draining,
+    }
+}
+
+/// The node's state in one word for the table.
+fn node_state(n: &pb::NodeStatus) -> &'static str {
+    match (
+        n.alive,
+        n.draining,
+        n.cordoned,
+        n.self_draining,
+        n.schedulable,
+    ) {
+        (false, ..) => "away",
+        (_, true, ..) => "draining",
+        (_, _, true, ..) => "cordoned",
+        (_, _, _, true, _) => "stopping",
+        (.., true) => "ready",
+        _ => "unhealthy",
+    }
+}
+
+fn nodes_table(nodes: &[pb::NodeStatus]) -> String {
+    let rows: Vec<[String; 7]> = nodes
+        .iter()
+        .map(|n| {
+            [
+                n.id.clone(),
+                node_state(n).to_owned(),
+                if n.region.is_empty() {
+                    "-".to_owned()
+                } else {
+                    n.region.clone()
+                },
+                format!("{}/{}", n.sessions, n.capacity),
+                n.rooms.to_string(),
+                format!("{:.1}", n.egress_bps as f64 / 1e6),
+                if n.version.is_empty() {
+                    "-".to_owned()
+                } else {
+                    n.version.clone()
+                },
+            ]
+        })
+        .collect();
+    table(
+        [
+            "NODE",
+            "STATE",
+            "REGION",
+            "SESSIONS",
+            "ROOMS",
+            "EGRESS_MBPS",
+            "VERSION",
+        ],
+        &rows,
+        "(no nodes)",
+    )
+}
+
+async fn nodes(
+    channel: Channel,
+    command: &NodesCommand,
+    json: bool,
+) -> Result<Outcome, tonic::Status> {
+    let mut client = NodesClient::new(channel);
+    let (node, verb) = match command {
+        NodesCommand::List => {
+            let list = client
+                .list_nodes(pb::ListNodesRequest {})
+                .await?
+                .into_inner();
+            return Ok(Outcome::ok(if json {
+                to_json_line(&serde_json::json!({
+                    "nodes": list.nodes.iter().map(node_json).collect::<Vec<_>>()
+                }))
+            } else {
+                nodes_table(&list.nodes)
+            }));
+        }
+        NodesCommand::Cordon { node } => (node, "cordoned"),
+        NodesCommand::Drain { node } => (node, "draining"),
+        NodesCommand::Uncordon { node } => (node, "uncordoned"),
+    };
+    let request = pb::NodeRequest { id: node.clone() };
+    let status = match command {
+        NodesCommand::Cordon { .. } => client.cordon_node(request).await?,
+        NodesCommand::Drain { .. } => client.drain_node(request).await?,
+        _ => client.uncordon_node(request).await?,
+    }
+    .into_inner();
+    Ok(Outcome::ok(if json {
+        to_json_line(&node_json(&status))
+    } else {
+        format!("node {} {verb}\n", status.id)
+    }))
+}
+
+#[derive(Serialize)]
+struct ConfigEntryJson<'a> {
+    key: &'a str,
+    value: &'a str,
+    version: u64,
+    updated_unix_ms: i64,
+    updated_by: &'a str,
+    default_value: &'a str,
+}
+
+fn entry_json(e: &pb::ConfigEntry) -> ConfigEntryJson<'_> {
+    ConfigEntryJson {
+        key: &e.key,
+        value: &e.value,
+        version: e.version,
+        updated_unix_ms: e.updated_unix_ms,
+        updated_by: &e.updated_by,
+        default_value: &e.default_value,
+    }
+}
+
+fn config_table(entries: &[pb::ConfigEntry]) -> String {
+    let rows: Vec<[String; 5]> = entries
+        .iter()
+        .map(|e| {
+            [
+                e.key.clone(),
+                e.value.clone(),
+                if e.version == 0 {
+                    "default".to_owned()
+                } else {
+                    e.version.to_string()
+                },
+                when(Some(e.updated_unix_ms)),
+                if e.updated_by.is_empty() {
+                    "-".to_owned()
+                } else {
+                    e.updated_by.clone()
+                },
+            ]
+        })
+        .collect();
+    table(
+        ["KEY", "VALUE", "VERSION", "UPDATED", "BY"],
+        &rows,
+        "(no keys)",
+    )
+}
+
+/// `KEY=VALUE` split; the value may contain `=`.
+fn parse_pair(pair: &str) -> Result<(String, String), Outcome> {
+    match pair.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.to_owned())),
+        _ => Err(Outcome::fail(
+            EXIT_USAGE,
+            format_args!("expected KEY=VALUE, got {pair:?}"),
+        )),
+    }
+}
+
+async fn config(
+    channel: Channel,
+    command: &ConfigCommand,
+    json: bool,
+) -> Result<Outcome, tonic::Status> {
+    let mut client = ConfigClient::new(channel);
+    let entries = match command {
+        ConfigCommand::Get { keys } => {
+            let state = client
+                .get_config(pb::GetConfigRequest { keys: keys.clone() })
+                .await?
+                .into_inner();
+            if json {
+                return Ok(Outcome::ok(to_json_line(&serde_json::json!({
+                    "revision": state.revision,
+                    "entries": state.entries.iter().map(entry_json).collect::<Vec<_>>(),
+                }))));
+            }
+            state.entries
+        }
+        ConfigCommand::Set {
+            pairs,
+            by,
+            expect_version,
+        } => {
+            if expect_version.is_some() && pairs.len() != 1 {
+                return Ok(Outcome::fail(
+                    EXIT_USAGE,
+                    "--expect-version applies to a single KEY=VALUE",
+                ));
+            }
+            let mut changes = Vec::with_capacity(pairs.len());
+            for pair in pairs {
+                match parse_pair(pair) {
+                    Ok((key, value)) => changes.push(pb::ConfigChange {
+                        key,
+                        value,
+                        expected_version: *expect_version,
+                    }),
+                    Err(outcome) => return Ok(outcome),
+                }
+            }
+            let keys: Vec<String> = changes.iter().map(|c| c.key.clone()).collect();
+            let state = client
+                .set_config(pb::SetConfigRequest {
+                    changes,
+                    updated_by: by.clone(),
+                })
+                .await?
+                .into_inner();
+            let set: Vec<pb::ConfigEntry> = state
+                .entries
+                .into_iter()
+                .filter(|e| keys.contains(&e.key))
+                .collect();
+            if json {
+                return Ok(Outcome::ok(to_json_line(&serde_json::json!({
+                    "revision": state.revision,
+                    "entries": set.iter().map(entry_json).collect::<Vec<_>>(),
+                }))));
+            }
+            set
+        }
+        ConfigCommand::History { key, limit } => {
+            let history = client
+                .config_history(pb::ConfigHistoryRequest {
+                    key: key.clone(),
+                    limit: *limit,
+                })
+                .await?
+                .into_inner();
+            if json {
+                return Ok(Outcome::ok(to_json_line(&serde_json::json!({
+                    "entries": history.entries.iter().map(entry_json).collect::<Vec<_>>(),
+                }))));
+            }
+            history.entries
+        }
+    };
+    Ok(Outcome::ok(config_table(&entries)))
+}
+
 /// Rooms as an aligned table with a header line.
 fn rooms_table(rooms: &[pb::RoomSummary]) -> String {
     let rows: Vec<[String; 4]> = rooms
@@ -298,36 +825,16 @@ fn rooms_table(rooms: &[pb::RoomSummary]) -> String {
                 } else {
                     r.origin_node.clone()
                 },
-                if r.live {
-                    "yes".to_owned()
-                } else {
-                    "no".to_owned()
-                },
+                yes_no(r.live),
                 r.subscribers.to_string(),
             ]
         })
         .collect();
-    let header = ["ROOM", "ORIGIN", "LIVE", "SUBSCRIBERS"].map(str::to_owned);
-    let mut widths = header.clone().map(|h| h.len());
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let mut out = String::new();
-    for row in std::iter::once(&header).chain(&rows) {
-        let line: Vec<String> = row
-            .iter()
-            .zip(widths)
-            .map(|(cell, w)| format!("{cell:<w$}"))
-            .collect();
-        out.push_str(line.join("  ").trim_end());
-        out.push('\n');
-    }
-    if rows.is_empty() {
-        out.push_str("(no rooms)\n");
-    }
-    out
+    table(
+        ["ROOM", "ORIGIN", "LIVE", "SUBSCRIBERS"],
+        &rows,
+        "(no rooms)",
+    )
 }
 
 #[cfg(test)]
@@ -437,12 +944,76 @@ mod tests {
     }
 
     #[test]
+    fn new_commands_parse() {
+        let args = parse(&[
+            "weir", "ctl", "config", "set", "a.b=1", "c.d=x=y", "--by", "ops",
+        ]);
+        let CtlCommand::Config {
+            command:
+                ConfigCommand::Set {
+                    pairs,
+                    by,
+                    expect_version,
+                },
+        } = args.command
+        else {
+            panic!("not config set")
+        };
+        assert_eq!((pairs.len(), by.as_str(), expect_version), (2, "ops", None));
+        assert_eq!(parse_pair("c.d=x=y").unwrap(), ("c.d".into(), "x=y".into()));
+        assert!(parse_pair("novalue").is_err());
+        assert!(parse_pair("=1").is_err());
+        assert!(Root::try_parse_from(["weir", "ctl", "config", "set"]).is_err());
+        for cmd in ["cordon", "drain", "uncordon"] {
+            let args = parse(&["weir", "ctl", "nodes", cmd, "n1"]);
+            assert!(matches!(args.command, CtlCommand::Nodes { .. }));
+        }
+        let args = parse(&["weir", "ctl", "rooms", "show", "r1", "--json"]);
+        assert!(matches!(
+            args.command,
+            CtlCommand::Rooms {
+                command: RoomsCommand::Show { .. }
+            }
+        ));
+    }
+
+    #[test]
+    fn times_print_as_utc() {
+        assert_eq!(when(None), "-");
+        assert_eq!(when(Some(0)), "-");
+        assert_eq!(when(Some(1_000)), "1970-01-01T00:00:01Z");
+        assert_eq!(when(Some(1_795_500_691_000)), "2026-11-24T06:11:31Z");
+        assert_eq!(when(Some(951_782_400_000)), "2000-02-29T00:00:00Z");
+    }
+
+    #[test]
+    fn node_states_read_plainly() {
+        let mut n = pb::NodeStatus {
+            alive: true,
+            schedulable: true,
+            ..Default::default()
+        };
+        assert_eq!(node_state(&n), "ready");
+        n.cordoned = true;
+        n.schedulable = false;
+        assert_eq!(node_state(&n), "cordoned");
+        n.draining = true;
+        assert_eq!(node_state(&n), "draining");
+        n.alive = false;
+        assert_eq!(node_state(&n), "away");
+    }
+
+    #[test]
     fn statuses_map_to_exit_codes() {
         let cases = [
             (tonic::Status::invalid_argument("x"), EXIT_USAGE),
             (tonic::Status::unavailable("x"), EXIT_UNAVAILABLE),
             (tonic::Status::permission_denied("x"), EXIT_NOPERM),
             (tonic::Status::internal("x"), EXIT_FAILURE),
+            (tonic::Status::already_exists("x"), EXIT_DATAERR),
+            (tonic::Status::failed_precondition("x"), EXIT_DATAERR),
+            (tonic::Status::aborted("x"), EXIT_TEMPFAIL),
+            (tonic::Status::not_found("x"), EXIT_USAGE),
         ];
         for (status, code) in cases {
             assert_eq!(status_outcome("u", &status).code, code);

@@ -2,17 +2,22 @@
 //! [`server`]), the scheduler that places publishers and viewers on media
 //! nodes ([`scheduler`]), the coordinators ([`coordinator`]: in-process, the
 //! embedded default of `weir dev`, and etcd, for clusters), the token issuer ([`tokens`]),
-//! and the client library of `weir ctl` ([`ctl`]).
+//! the business store ([`store`]: users, rooms, follows on SQLite or
+//! PostgreSQL), the config center ([`config_center`]), leader election for
+//! singleton workers ([`election`], [`workers`]), and the client library of `weir ctl` ([`ctl`]).
 
+pub mod config_center;
 pub mod coordinator;
 pub mod ctl;
+pub mod election;
 pub mod scheduler;
 pub mod server;
 pub mod service;
 pub mod store;
 pub mod tokens;
+pub mod workers;
 
 pub use coordinator::{EtcdConfig, EtcdCoordinator, LocalCoordinator};
-pub use server::{RenderMetrics, router, serve};
+pub use server::{RenderMetrics, router, serve, serve_shared};
 pub use service::{ApiError, ConfigError, ControlConfig, ControlState};
 pub use tokens::TokenIssuer;

@@ -6,10 +6,11 @@
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
 
-use weir_protocol::coordinator::NodeInfo;
+use weir_protocol::coordinator::{NodeFlags, NodeInfo};
 use weir_protocol::{NodeId, RoomId};
 
-/// A load report older than this marks its node as unhealthy.
+/// A load report older than this marks its node as unhealthy (the default of
+/// the `scheduler.report_max_age_ms` config key).
 pub const FRESH_REPORT_MS: u64 = 3_000;
 
 /// What the scheduler decides from.
@@ -17,23 +18,55 @@ pub const FRESH_REPORT_MS: u64 = 3_000;
 pub struct Snapshot<'a> {
     /// Nodes whose lease is alive, with their last report.
     pub nodes: &'a [NodeInfo],
-    /// Origin node of each placed room.
+    /// Origin node of each placed room, sorted by room (looked up by binary search).
     pub origins: &'a [(RoomId, NodeId)],
+    /// The operator's flags (cordoned or draining nodes get no new sessions).
+    pub flags: &'a BTreeMap<NodeId, NodeFlags>,
     /// The time the snapshot is judged at, Unix milliseconds.
     pub now_ms: u64,
+    /// Reports older than this make a node unhealthy.
+    pub report_max_age_ms: u64,
+    /// Share of a node's capacity to fill, in thousandths (1000: all of it).
+    pub max_load_permille: u32,
 }
 
+/// No flags: what a snapshot without operator flags points at.
+static NO_FLAGS: BTreeMap<NodeId, NodeFlags> = BTreeMap::new();
+
 impl<'a> Snapshot<'a> {
-    /// Whether the node reported recently and is not draining.
+    /// A snapshot with no operator flags and the default limits.
+    pub fn new(nodes: &'a [NodeInfo], origins: &'a [(RoomId, NodeId)], now_ms: u64) -> Self {
+        Self {
+            nodes,
+            origins,
+            flags: &NO_FLAGS,
+            now_ms,
+            report_max_age_ms: FRESH_REPORT_MS,
+            max_load_permille: 1000,
+        }
+    }
+
+    /// Whether the node reported recently, is not draining by itself, and is
+    /// not cordoned or drained by the operator.
     pub fn is_healthy(&self, node: &NodeInfo) -> bool {
         // A report from too far in the future (clock skew) is no better than
         // an old one.
-        !node.draining && self.now_ms.abs_diff(node.load.reported_at_ms) <= FRESH_REPORT_MS
+        !node.draining
+            && !self.flags.get(&node.id).is_some_and(NodeFlags::excludes)
+            && self.now_ms.abs_diff(node.load.reported_at_ms) <= self.report_max_age_ms
+    }
+
+    /// Whether the node has room for one more session under the load cap.
+    fn has_room(&self, node: &NodeInfo) -> bool {
+        // sessions < capacity * permille / 1000, exactly.
+        u64::from(node.load.sessions) * 1000
+            < u64::from(node.capacity) * u64::from(self.max_load_permille)
     }
 
     /// The room's origin, when it is a healthy node.
     fn live_origin(&self, room: &RoomId) -> Option<&'a NodeInfo> {
-        let (_, origin) = self.origins.iter().find(|(r, _)| r == room)?;
+        let at = self.origins.binary_search_by(|(r, _)| r.cmp(room)).ok()?;
+        let (_, origin) = &self.origins[at];
         self.nodes
             .iter()
             .find(|n| &n.id == origin)
@@ -47,7 +80,7 @@ impl<'a> Snapshot<'a> {
         let mut nodes: Vec<&NodeInfo> = self
             .nodes
             .iter()
-            .filter(|n| self.is_healthy(n) && has_room(n))
+            .filter(|n| self.is_healthy(n) && self.has_room(n))
             .collect();
         nodes.sort_by(|a, b| {
             let in_region = |n: &NodeInfo| region.is_some_and(|r| n.region == r);
@@ -58,10 +91,6 @@ impl<'a> Snapshot<'a> {
         });
         nodes
     }
-}
-
-fn has_room(node: &NodeInfo) -> bool {
-    node.load.sessions < node.capacity
 }
 
 /// Compares sessions / capacity of two nodes exactly, by cross-multiplying.
@@ -83,7 +112,7 @@ pub fn rank_for_viewer<'a>(
         // viewer is turned away rather than sent to a node without the room.
         // With the relay, edges already carrying the room and then other
         // healthy nodes will follow the origin in this list.
-        return if has_room(origin) {
+        return if snapshot.has_room(origin) {
             vec![origin]
         } else {
             Vec::new()
@@ -180,11 +209,43 @@ mod tests {
     }
 
     fn snap<'a>(nodes: &'a [NodeInfo], origins: &'a [(RoomId, NodeId)]) -> Snapshot<'a> {
-        Snapshot {
-            nodes,
-            origins,
-            now_ms: NOW,
-        }
+        Snapshot::new(nodes, origins, NOW)
+    }
+
+    #[test]
+    fn operator_flags_and_live_limits_apply() {
+        let nodes = [
+            node("a", "eu", 0, 10),
+            node("b", "eu", 7, 10),
+            node("c", "eu", 1, 10),
+            node("d", "eu", 2, 10),
+        ];
+        let mut flags = BTreeMap::new();
+        let cordon = NodeFlags {
+            cordoned: true,
+            ..NodeFlags::default()
+        };
+        let drain = NodeFlags {
+            draining: true,
+            ..NodeFlags::default()
+        };
+        flags.insert(NodeId::parse("a").unwrap(), cordon);
+        flags.insert(NodeId::parse("c").unwrap(), drain);
+        // Flags naming a node that is gone change nothing.
+        flags.insert(NodeId::parse("gone").unwrap(), cordon);
+        let mut s = snap(&nodes, &[]);
+        s.flags = &flags;
+        assert_eq!(ids(&rank_for_viewer(&s, &room("r"), None)), ["d", "b"]);
+        // A cap of 0.7: b (7 of 10) is full.
+        s.max_load_permille = 700;
+        assert_eq!(ids(&rank_for_viewer(&s, &room("r"), None)), ["d"]);
+        // A cordoned origin does not take the room's viewers either.
+        let origins = [(room("r"), NodeId::parse("a").unwrap())];
+        s.origins = &origins;
+        assert_eq!(ids(&rank_for_publisher(&s, &room("r"))), ["d"]);
+        // Reports of 500 ms are too old under a 400 ms limit.
+        s.report_max_age_ms = 400;
+        assert!(rank_for_viewer(&s, &room("q"), None).is_empty());
     }
 
     #[test]
@@ -277,8 +338,8 @@ mod tests {
         origin.draining = true;
         let nodes = [node("idle", "eu", 5, 100), origin];
         let origins = [
-            (room("r"), NodeId::parse("origin").unwrap()),
             (room("gone"), NodeId::parse("vanished").unwrap()),
+            (room("r"), NodeId::parse("origin").unwrap()),
         ];
         let s = snap(&nodes, &origins);
         assert_eq!(ids(&rank_for_viewer(&s, &room("r"), None)), ["idle"]);

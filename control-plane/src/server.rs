@@ -10,10 +10,15 @@ use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use weir_protocol::pb::config_server::ConfigServer;
+use weir_protocol::pb::follows_server::FollowsServer;
+use weir_protocol::pb::nodes_server::NodesServer;
+use weir_protocol::pb::rooms_server::RoomsServer;
 use weir_protocol::pb::scheduler_server::SchedulerServer;
 use weir_protocol::pb::tokens_server::TokensServer;
+use weir_protocol::pb::users_server::UsersServer;
 
-use crate::service::grpc::{SchedulerApi, TokensApi};
+use crate::service::grpc::{BusinessApi, SchedulerApi, TokensApi};
 use crate::service::http::{self as gateway, HttpError};
 use crate::service::{ControlState, ErrorKind};
 
@@ -26,12 +31,32 @@ pub async fn router(state: Arc<ControlState>, render_metrics: RenderMetrics) -> 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<SchedulerServer<SchedulerApi>>().await;
     health.set_serving::<TokensServer<TokensApi>>().await;
+    health.set_serving::<UsersServer<BusinessApi>>().await;
+    health.set_serving::<RoomsServer<BusinessApi>>().await;
+    health.set_serving::<FollowsServer<BusinessApi>>().await;
+    health.set_serving::<ConfigServer<BusinessApi>>().await;
+    health.set_serving::<NodesServer<BusinessApi>>().await;
 
-    let grpc =
+    let business = BusinessApi::new(Arc::clone(&state));
+    let mut grpc =
         tonic::service::Routes::new(SchedulerServer::new(SchedulerApi::new(Arc::clone(&state))))
             .add_service(TokensServer::new(TokensApi::new(Arc::clone(&state))))
-            .add_service(health_service)
-            .into_axum_router();
+            .add_service(UsersServer::new(business.clone()))
+            .add_service(RoomsServer::new(business.clone()))
+            .add_service(FollowsServer::new(business.clone()))
+            .add_service(ConfigServer::new(business.clone()))
+            .add_service(NodesServer::new(business))
+            .add_service(health_service);
+    // Reflection lets generic clients (`buf curl`, grpcurl) discover the API.
+    match tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(weir_protocol::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+    {
+        Ok(reflection) => grpc = grpc.add_service(reflection),
+        Err(e) => tracing::warn!(error = %e, "gRPC reflection is unavailable"),
+    }
+    let grpc = grpc.into_axum_router();
 
     let ops = Router::new()
         .route("/healthz", get(|| async { "ok" }))
@@ -57,13 +82,34 @@ pub async fn serve(
     render_metrics: RenderMetrics,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    serve_shared(listener, Arc::new(state), render_metrics, shutdown).await
+}
+
+/// [`serve`] for a state shared with other tasks (the singleton workers).
+pub async fn serve_shared(
+    listener: tokio::net::TcpListener,
+    state: Arc<ControlState>,
+    render_metrics: RenderMetrics,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
-    let app = router(Arc::new(state), render_metrics).await;
+    // The config watch runs while the server does.
+    let background = state.spawn_background();
+    let app = router(state, render_metrics).await;
     tracing::info!(%addr, "control plane serving gRPC and HTTP");
-    axum::serve(listener, app)
+    // Without TCP_NODELAY a gRPC answer written in several frames can wait
+    // for the client's delayed ACK: 40 ms stalls on loopback.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
+    let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
-        .map_err(|e| anyhow::anyhow!("control plane server on {addr} failed: {e}"))
+        .map_err(|e| anyhow::anyhow!("control plane server on {addr} failed: {e}"));
+    background.abort();
+    served
 }
 
 async fn readyz(State(state): State<Arc<ControlState>>) -> Response {

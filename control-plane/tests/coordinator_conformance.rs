@@ -39,6 +39,9 @@ macro_rules! all_cases {
                 only_the_holder_releases,
                 revoke_removes_everything,
                 re_registering_rebinds_the_node_key,
+                node_flags_outlive_leases,
+                config_is_versioned_and_atomic,
+                cluster_view_follows_the_cluster,
             ]
         );
     };
@@ -67,5 +70,9 @@ fn etcd_cluster_backend() -> (etcd::EtcdCluster, weir_control_plane::EtcdCoordin
 conformance_tests!(
     etcd_cluster,
     crate::etcd_cluster_backend(),
-    [claim_is_compare_and_set, revoke_removes_everything]
+    [
+        claim_is_compare_and_set,
+        revoke_removes_everything,
+        config_is_versioned_and_atomic
+    ]
 );

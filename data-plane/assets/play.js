@@ -1,8 +1,17 @@
-// Weir play page: WHEP -> <video>.
+// Weir play page: WHEP -> <video>, or HLS.
 //
 // Connects on load; reconnects by itself when the connection stays 'failed' or
 // 'disconnected' for RECONNECT_GRACE_MS, when it never comes up, or (with
 // back-off) when an attempt fails, e.g. because the room is not live yet.
+//
+// HLS: `?protocol=hls` plays the room's HLS (`/hls/ROOM/master.m3u8`, or the
+// `hls` endpoint the control plane names) instead of WebRTC; `?protocol=webrtc`
+// never leaves WebRTC. By default (`auto`) the page falls back to HLS when the
+// browser has no WebRTC, or when a WebRTC attempt fails while the room has
+// HLS; the Reconnect button tries WebRTC again. HLS plays through hls.js
+// (vendored under /assets, Apache-2.0, loaded only when needed) wherever Media
+// Source Extensions exist, natively otherwise (iOS Safari), or natively when
+// asked with `&hls_player=native`.
 //
 // window.weir (read by automated tests, refreshed every second):
 //   { page: 'play', room, state, error, ttffMs, attempts, connectionState,
@@ -12,6 +21,10 @@
 //                       jitter, freezeCount, nackCount, pliCount, keyFramesDecoded, codec,
 //                       framesReceived, framesDropped },
 //              audio: { packetsReceived, packetsLost, jitter, concealmentRatio, codec } } }
+//   protocol: 'webrtc' | 'hls' (what plays now); fallback: why HLS replaced
+//   WebRTC (null unless it did); hls: { url, player: 'native'|'hls.js',
+//   level, levels: [{width, height, bitrate}], latencyS } while on HLS
+//   (framesDecoded, fps and size then come from the <video> element).
 //   state: 'idle' | 'connecting' | 'connected' | 'disconnected' | 'reconnecting' | 'failed'
 //   ttffMs: ms from the start of the current attempt (assign-viewer call) to the
 //           first video frame presented; null until then. Counters belong to the
@@ -58,9 +71,20 @@
     session: null,
     muted: true,
     rttMs: null,
+    protocol: 'webrtc',
+    fallback: null,
+    hls: null,
     stats: emptyStats(),
   };
   window.weir = weir;
+
+  /** 'auto' | 'webrtc' | 'hls', from ?protocol=. */
+  const wanted = (() => {
+    const p = (W.param('protocol') || 'auto').toLowerCase();
+    return p === 'hls' || p === 'webrtc' ? p : 'auto';
+  })();
+  let hlsPlayer = null;     // hls.js instance while on HLS (non-native)
+  let lastFrames = null;    // {frames, at} for the HLS fps estimate
 
   let gen = 0;              // bumps on every attempt; stale async work checks it
   let pc = null;
@@ -83,9 +107,10 @@
     if (connectTimer !== null) { clearTimeout(connectTimer); connectTimer = null; }
   }
 
-  /** Close the current peer connection and DELETE its session. */
+  /** Close the current peer connection and DELETE its session; stop HLS. */
   function teardown() {
     clearTimers();
+    stopHls();
     if (unwatch) { unwatch(); unwatch = null; }
     if (frameCb !== null && 'cancelVideoFrameCallback' in ui.video) ui.video.cancelVideoFrameCallback(frameCb);
     frameCb = null;
@@ -123,9 +148,16 @@
   }
 
   async function connect(reconnecting) {
+    if (wanted === 'hls' || (wanted === 'auto' && typeof RTCPeerConnection === 'undefined')) {
+      if (wanted !== 'hls') weir.fallback = 'this browser has no WebRTC';
+      playHls(reconnecting);
+      return;
+    }
     const my = ++gen;
     const stale = () => my !== gen;
     teardown();
+    weir.protocol = 'webrtc';
+    weir.hls = null;
     weir.attempts += 1;
     weir.error = null;
     weir.ttffMs = null;
@@ -189,12 +221,13 @@
         console.warn(`weir play: connection ${s} for ${RECONNECT_GRACE_MS} ms, reconnecting`);
         connect(true);
       });
-      connectTimer = setTimeout(() => {
+      connectTimer = setTimeout(async () => {
         connectTimer = null;
         if (stale() || conn.connectionState === 'connected') return;
         weir.error = `no connection after ${CONNECT_TIMEOUT_MS / 1000} s (ICE/DTLS state: ${conn.connectionState})`;
         console.warn('weir play:', weir.error);
         setState('failed');
+        if (await fallBackToHls(my, weir.error)) return;
         connect(true);
       }, CONNECT_TIMEOUT_MS);
     } catch (e) {
@@ -203,13 +236,179 @@
       teardown();
       weir.error = e.message;
       setState('failed');
+      if (await fallBackToHls(my, e.message)) return;
       scheduleRetry(my);
     }
+  }
+
+  // ---- HLS ----------------------------------------------------------------
+
+  /** Where the room's HLS is: the control plane's hls endpoint, else this node. */
+  async function hlsUrl() {
+    try {
+      const a = await W.assign('viewer', room);
+      const ep = a.endpoints.find((e) => e && e.kind === 'hls' && typeof e.url === 'string');
+      if (ep) return ep.url;
+    } catch (e) {
+      console.warn('weir play: no HLS endpoint from the control plane:', e.message);
+    }
+    return `${location.origin}/hls/${encodeURIComponent(room)}/master.m3u8`;
+  }
+
+  /** In auto mode, after a failed WebRTC attempt: switch to HLS if the room has it. */
+  async function fallBackToHls(my, why) {
+    if (wanted !== 'auto' || my !== gen) return false;
+    let url;
+    try {
+      url = await hlsUrl();
+      const r = await fetch(url, { method: 'GET', cache: 'no-store' });
+      if (!r.ok) return false;
+    } catch (_) {
+      return false;
+    }
+    if (my !== gen) return true;
+    console.warn(`weir play: WebRTC failed (${why}); falling back to HLS`);
+    weir.fallback = `WebRTC failed: ${why}`;
+    playHls(true, url);
+    return true;
+  }
+
+  let hlsJsLoading = null;
+  /** Loads the vendored hls.js once. */
+  function loadHlsJs() {
+    if (window.Hls) return Promise.resolve(window.Hls);
+    if (!hlsJsLoading) {
+      hlsJsLoading = new Promise((resolve, reject) => {
+        const el = document.createElement('script');
+        el.src = '/assets/hls.light.min.js';
+        el.onload = () => (window.Hls ? resolve(window.Hls) : reject(new W.WeirError('hls.js did not load')));
+        el.onerror = () => reject(new W.WeirError('cannot load /assets/hls.light.min.js'));
+        document.head.appendChild(el);
+      });
+    }
+    return hlsJsLoading;
+  }
+
+  function stopHls() {
+    if (hlsPlayer) { hlsPlayer.destroy(); hlsPlayer = null; }
+    if (weir.protocol === 'hls' && ui.video.src) {
+      ui.video.removeAttribute('src');
+      ui.video.load();
+    }
+    lastFrames = null;
+  }
+
+  /** Plays the room over HLS; retries with back-off while it has none. */
+  async function playHls(reconnecting, knownUrl) {
+    const my = ++gen;
+    const stale = () => my !== gen;
+    teardown();
+    weir.protocol = 'hls';
+    weir.attempts += 1;
+    weir.error = null;
+    weir.ttffMs = null;
+    weir.stats = emptyStats();
+    weir.rttMs = null;
+    t0 = performance.now();
+    setState(reconnecting ? 'reconnecting' : 'connecting', 'loading HLS');
+    try {
+      if (!room) throw new W.WeirError('no room in the URL (expected /play/ROOM)');
+      const url = knownUrl || await hlsUrl();
+      if (stale()) return;
+      weir.hls = { url, player: null, level: null, levels: [], latencyS: null };
+      const canNative = ui.video.canPlayType('application/vnd.apple.mpegurl') !== '';
+      const hasMse = !!(window.MediaSource || window.ManagedMediaSource);
+      const native = canNative && (!hasMse || W.param('hls_player') === 'native');
+      ui.video.srcObject = null;
+      watchFirstFrame(my);
+      const playing = () => {
+        if (stale()) return;
+        retryDelay = RETRY_MIN_MS;
+        setState('connected', `playing HLS (${weir.hls.player})`);
+      };
+      ui.video.addEventListener('playing', playing, { once: true });
+      if (native) {
+        weir.hls.player = 'native';
+        ui.video.src = url;
+        ui.video.addEventListener('error', () => {
+          if (stale()) return;
+          weir.error = `HLS playback failed (${ui.video.error ? ui.video.error.message || ui.video.error.code : 'error'})`;
+          setState('failed');
+          hlsRetry(my);
+        }, { once: true });
+      } else {
+        const Hls = await loadHlsJs();
+        if (stale()) return;
+        if (!Hls.isSupported()) throw new W.WeirError('this browser can play neither WebRTC nor HLS (no MSE)');
+        weir.hls.player = 'hls.js';
+        const hls = new Hls({ liveSyncDurationCount: 3, manifestLoadingMaxRetry: 2 });
+        hlsPlayer = hls;
+        hls.on(Hls.Events.MANIFEST_PARSED, (_, data) => {
+          weir.hls.levels = data.levels.map((l) => ({ width: l.width, height: l.height, bitrate: l.bitrate }));
+        });
+        hls.on(Hls.Events.LEVEL_SWITCHED, (_, data) => { weir.hls.level = data.level; });
+        hls.on(Hls.Events.ERROR, (_, data) => {
+          if (stale() || !data.fatal) return;
+          weir.error = `HLS: ${data.details}${data.response && data.response.code ? ` (HTTP ${data.response.code})` : ''}`;
+          console.warn('weir play:', weir.error);
+          setState('failed');
+          hlsRetry(my);
+        });
+        hls.loadSource(url);
+        hls.attachMedia(ui.video);
+      }
+      ui.video.play().catch(() => {});
+    } catch (e) {
+      if (stale()) return;
+      console.error('weir play:', e);
+      weir.error = e.message;
+      setState('failed');
+      hlsRetry(my);
+    }
+  }
+
+  function hlsRetry(my) {
+    const delay = retryDelay;
+    retryDelay = Math.min(retryDelay * 2, RETRY_MAX_MS);
+    setState(weir.state, `retrying HLS in ${Math.round(delay / 1000)} s`);
+    retryTimer = setTimeout(() => {
+      retryTimer = null;
+      if (my === gen) playHls(true, weir.hls && weir.hls.url);
+    }, delay);
+  }
+
+  /** Stats of HLS playback, from the <video> element and hls.js. */
+  function pollHlsStats() {
+    const v = ui.video;
+    const sv = weir.stats.video;
+    const q = v.getVideoPlaybackQuality ? v.getVideoPlaybackQuality() : null;
+    const frames = q ? q.totalVideoFrames - q.droppedVideoFrames : (v.webkitDecodedFrameCount || 0);
+    const now = performance.now();
+    if (lastFrames && now > lastFrames.at) {
+      sv.framesPerSecond = Math.round(((frames - lastFrames.frames) * 1000 / (now - lastFrames.at)) * 10) / 10;
+    }
+    lastFrames = { frames, at: now };
+    sv.framesDecoded = frames;
+    sv.framesReceived = q ? q.totalVideoFrames : frames;
+    sv.framesDropped = q ? q.droppedVideoFrames : 0;
+    sv.frameWidth = v.videoWidth || null;
+    sv.frameHeight = v.videoHeight || null;
+    if (hlsPlayer && weir.hls) {
+      const level = hlsPlayer.levels && hlsPlayer.levels[hlsPlayer.currentLevel];
+      weir.hls.level = hlsPlayer.currentLevel;
+      weir.hls.latencyS = Number.isFinite(hlsPlayer.latency) ? Math.round(hlsPlayer.latency * 10) / 10 : null;
+      if (level) {
+        sv.bitrateKbps = Math.round(level.bitrate / 1000);
+        sv.codec = level.videoCodec || null;
+      }
+    }
+    renderStats();
   }
 
   // ---- stats ------------------------------------------------------------
 
   async function pollStats() {
+    if (weir.protocol === 'hls') { pollHlsStats(); return; }
     const conn = pc;
     if (!conn) { renderStats(); return; }
     let report;
@@ -259,6 +458,9 @@
     const f = W.fmt;
     W.renderStats(ui.stats, [
       { title: 'Connection', rows: [
+        ['protocol', weir.protocol === 'hls' ? `HLS (${(weir.hls && weir.hls.player) || '…'})` : 'WebRTC (WHEP)'],
+        ['fallback', weir.fallback],
+        ['HLS latency', weir.hls && weir.hls.latencyS != null ? `${weir.hls.latencyS} s` : null],
         ['state', weir.connectionState || weir.state],
         ['node', weir.endpoint ? weir.endpoint.node_id || weir.endpoint.url : null],
         ['time to first frame', f.ms(weir.ttffMs)],
@@ -309,6 +511,8 @@
   ui.video.addEventListener('click', () => ui.video.play().catch(() => {}));
   ui.reconnect.addEventListener('click', () => {
     retryDelay = RETRY_MIN_MS;
+    // From an HLS fallback, the button tries WebRTC again.
+    weir.fallback = null;
     connect(false);
   });
   window.addEventListener('pagehide', () => {

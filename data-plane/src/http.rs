@@ -39,6 +39,8 @@ pub(crate) struct AppState {
     pub render_metrics: RenderMetrics,
     /// `window.WEIR_CONFIG` for the pages.
     pub page_config: Arc<str>,
+    /// HLS, transcoder and snapshots.
+    pub media: crate::transcode::MediaHub,
 }
 
 /// A refusal: status and a message for the client.
@@ -127,6 +129,18 @@ pub(crate) fn router(state: AppState) -> Router {
                 .patch(session_patch)
                 .options(options_session)
                 .fallback(not_allowed_session),
+        )
+        .route(
+            "/hls/{room}/master.m3u8",
+            get(crate::hls::routes::master).options(crate::hls::routes::options),
+        )
+        .route(
+            "/hls/{room}/{rendition}/{file}",
+            get(crate::hls::routes::file).options(crate::hls::routes::options),
+        )
+        .route(
+            "/rooms/{room}/snapshot.jpg",
+            get(crate::hls::routes::snapshot).options(crate::hls::routes::options),
         )
         .route("/publish/{room}", get(crate::pages::publish))
         .route("/play/{room}", get(crate::pages::play))

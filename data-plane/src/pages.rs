@@ -33,6 +33,18 @@ const ASSETS: &[(&str, &str, &str)] = &[
         "text/javascript; charset=utf-8",
         include_str!("../assets/play.js"),
     ),
+    // hls.js 1.7.4 (light build), Apache-2.0, vendored as published on npm
+    // (see assets/VENDORED.md); the play page loads it only for HLS.
+    (
+        "hls.light.min.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../assets/hls.light.min.js"),
+    ),
+    (
+        "hls.js.LICENSE",
+        "text/plain; charset=utf-8",
+        include_str!("../assets/hls.js.LICENSE"),
+    ),
 ];
 
 /// The page, or a 400 when the room in the URL is not a valid room id.

@@ -12,6 +12,10 @@ pub mod token;
 #[allow(clippy::all, missing_docs, clippy::unwrap_used)]
 pub mod pb {
     tonic::include_proto!("weir.v1");
+
+    /// The encoded `FileDescriptorSet` of `weir.v1`, for gRPC reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/weir_descriptor.bin"));
 }
 
 pub use ids::{IdError, NodeId, RoomId, SessionId};

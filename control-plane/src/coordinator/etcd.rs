@@ -28,22 +28,58 @@
 //! that etcd does not know (expired or revoked) gives
 //! [`CoordError::LeaseExpired`], so a node's agent registers again.
 //!
+//! - `/weir/v1/node-flags/{node}` → the operator's [`NodeFlags`] as JSON,
+//!   bound to no lease (a cordon outlives a node restart); deleted on uncordon.
+//! - `/weir/v1/config/{key}` → the key's [`ConfigValue`] as JSON; its version
+//!   is etcd's own per-key version (1 on the first write, one more per
+//!   change), which [`Coordinator::set_config`] compares in the transaction
+//!   that writes, so concurrent writers never lose an update.
+//!   `/weir/v1/config-history/{key}/{version}` keeps the last
+//!   [`CONFIG_HISTORY_KEPT`] values, written in the same transaction.
+//!
+//! # The cluster mirror
+//!
+//! [`Coordinator::cluster_view`], which the scheduler calls on every
+//! assignment, is answered from a watch-fed copy of the nodes, origins and
+//! node flags instead of a read of every key: one background task (started
+//! on first use, connections of its own) reads the three prefixes in one
+//! transaction and then watches `/weir/v1/` from the next revision. The
+//! copy is used only while its watch is live and has been heard from within
+//! [`MIRROR_QUIET_LIMIT`] (a quiet watch is asked for a progress report);
+//! otherwise, and until a write this process made has come back through
+//! the watch, `cluster_view` reads etcd directly. So a process always sees
+//! its own writes, and other processes' writes a few milliseconds late.
+//!
+//! The config watch ([`Coordinator::next_config`]) is one background task per
+//! coordinator, started on first use, on connections of its own: it reads
+//! the config, then watches the prefix from the next revision, and on any
+//! failure (a member killed, compaction, a cancelled watch) moves to the next
+//! endpoint and reads again, so no change is missed and none is applied twice.
+//!
 //! Retried writes are safe to repeat: a claim that landed but whose answer was
 //! lost finds the node's own id on the retry; a lease granted by a lost
 //! attempt just expires; a revoke retried after it landed reports the lease
 //! as expired.
 
+use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::{Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue, PutOptions, Txn,
+    TxnOp, TxnOpResponse, WatchOptions,
 };
+use tokio::sync::watch;
 use weir_protocol::coordinator::{
-    CoordError, Coordinator, KEY_PREFIX, LeaseId, NodeInfo, node_key, room_origin_key,
+    CONFIG_HISTORY_KEPT, ClusterState, ConfigSnapshot, ConfigValue, ConfigWrite, CoordError,
+    Coordinator, KEY_PREFIX, LeaseId, NodeFlags, NodeInfo, config_history_key, config_key,
+    election_key, node_flags_key, node_key, room_origin_key,
 };
+
+use crate::election::ElectionBackend;
 use weir_protocol::{NodeId, RoomId};
 
 /// Default time budget of one coordinator call, retries included.
@@ -173,6 +209,93 @@ pub struct EtcdCoordinator {
     /// One tonic endpoint per configured member, in `config.endpoints` order.
     targets: Vec<tonic::transport::Endpoint>,
     conn: Mutex<Connections>,
+    /// The config as the watch task last saw it (started on first use).
+    config_watch: OnceLock<watch::Receiver<Arc<ConfigSnapshot>>>,
+    /// The watch tasks run while this lives.
+    alive: Arc<()>,
+    /// The watch-fed copy of nodes, origins and flags.
+    mirror: Arc<Mirror>,
+    /// Whether the mirror's task was started.
+    mirror_started: OnceLock<()>,
+    /// The etcd revision of this process's last write to a mirrored key.
+    last_write: AtomicI64,
+}
+
+/// A mirror heard from less recently than this is not trusted.
+pub const MIRROR_QUIET_LIMIT: Duration = Duration::from_secs(5);
+/// How long `cluster_view` waits for the mirror to catch up with this
+/// process's own write before reading etcd directly.
+const MIRROR_CATCH_UP: Duration = Duration::from_millis(500);
+
+/// The cluster as the watch last showed it.
+#[derive(Debug, Default)]
+struct MirrorState {
+    /// The watch is connected and caught up.
+    synced: bool,
+    /// Last etcd revision applied.
+    revision: i64,
+    /// When the watch last delivered anything (events or progress).
+    heard_at: Option<Instant>,
+    nodes: BTreeMap<NodeId, NodeInfo>,
+    origins: BTreeMap<RoomId, NodeId>,
+    flags: BTreeMap<NodeId, NodeFlags>,
+    /// The state as handed out, with the revision and time it was built
+    /// at; rebuilt on read after a change, at most every [`MIRROR_REBUILD`]
+    /// unless a caller needs a newer revision (its own write).
+    shared: Option<(Arc<ClusterState>, i64, Instant)>,
+}
+
+/// The longest a handed-out view lags behind the mirror. Load reports
+/// change every node's entry every second; rebuilding the view (every
+/// origin cloned) on each would cost more than the lag is worth.
+const MIRROR_REBUILD: Duration = Duration::from_millis(50);
+
+/// The mirror and a channel that announces its revision.
+#[derive(Debug)]
+struct Mirror {
+    state: Mutex<MirrorState>,
+    revision: watch::Sender<i64>,
+}
+
+impl Mirror {
+    fn lock(&self) -> MutexGuard<'_, MirrorState> {
+        // Plain maps updated between statements: a poisoned lock is harmless.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The state when trusted and at least at `revision`.
+    fn view(&self, revision: i64) -> Option<Arc<ClusterState>> {
+        let mut st = self.lock();
+        let fresh = st
+            .heard_at
+            .is_some_and(|t| t.elapsed() < MIRROR_QUIET_LIMIT);
+        if !st.synced || !fresh || st.revision < revision {
+            return None;
+        }
+        let usable = st.shared.as_ref().is_some_and(|(_, built_rev, built_at)| {
+            *built_rev >= revision
+                && (*built_rev == st.revision || built_at.elapsed() < MIRROR_REBUILD)
+        });
+        if !usable {
+            let view = Arc::new(ClusterState {
+                nodes: st.nodes.values().cloned().collect(),
+                origins: st
+                    .origins
+                    .iter()
+                    .map(|(r, n)| (r.clone(), n.clone()))
+                    .collect(),
+                flags: st.flags.clone(),
+            });
+            st.shared = Some((view, st.revision, Instant::now()));
+        }
+        st.shared.as_ref().map(|(view, _, _)| Arc::clone(view))
+    }
+
+    fn unsynced(&self) {
+        self.lock().synced = false;
+    }
 }
 
 /// Clients per endpoint (`None`: connect on next use) and the one to try first.
@@ -258,6 +381,99 @@ fn rooms_prefix() -> String {
     format!("{KEY_PREFIX}rooms/")
 }
 
+fn node_flags_prefix() -> String {
+    format!("{KEY_PREFIX}node-flags/")
+}
+
+fn config_prefix() -> String {
+    format!("{KEY_PREFIX}config/")
+}
+
+fn unix_ms() -> u64 {
+    let ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis();
+    u64::try_from(ms).unwrap_or(u64::MAX)
+}
+
+fn parse_nodes(kvs: Vec<(Vec<u8>, Vec<u8>)>) -> Vec<NodeInfo> {
+    let mut nodes: Vec<NodeInfo> = kvs
+        .into_iter()
+        .filter_map(|(key, value)| match serde_json::from_slice(&value) {
+            Ok(info) => Some(info),
+            Err(e) => {
+                tracing::warn!(key = %String::from_utf8_lossy(&key), error = %e, "etcd: skipping an unreadable node entry");
+                None
+            }
+        })
+        .collect();
+    nodes.sort_by(|a, b| a.id.cmp(&b.id));
+    nodes
+}
+
+fn parse_origins(kvs: Vec<(Vec<u8>, Vec<u8>)>) -> Vec<(RoomId, NodeId)> {
+    let prefix = rooms_prefix();
+    let mut origins: Vec<(RoomId, NodeId)> = kvs
+        .into_iter()
+        .filter_map(|(key, value)| {
+            let key = String::from_utf8(key).ok()?;
+            // Only `rooms/{room}/origin`; other keys under a room
+            // (edges, later) are not origins.
+            let room = key.strip_prefix(&prefix)?.strip_suffix("/origin")?;
+            let parsed = RoomId::parse(room).ok().zip(
+                std::str::from_utf8(&value)
+                    .ok()
+                    .and_then(|v| NodeId::parse(v).ok()),
+            );
+            if parsed.is_none() {
+                tracing::warn!(%key, "etcd: skipping an unreadable room origin");
+            }
+            parsed
+        })
+        .collect();
+    origins.sort();
+    origins
+}
+
+fn parse_flags(kvs: Vec<(Vec<u8>, Vec<u8>)>) -> BTreeMap<NodeId, NodeFlags> {
+    let prefix = node_flags_prefix();
+    kvs.into_iter()
+        .filter_map(|(key, value)| {
+            let key = String::from_utf8(key).ok()?;
+            let node = NodeId::parse(key.strip_prefix(&prefix)?).ok();
+            let flags = serde_json::from_slice::<NodeFlags>(&value).ok();
+            if node.is_none() || flags.is_none() {
+                tracing::warn!(%key, "etcd: skipping unreadable node flags");
+            }
+            node.zip(flags)
+        })
+        .collect()
+}
+
+/// A config key and value from etcd, its version being etcd's own.
+fn parse_config_kv(kv: &KeyValue) -> Option<(String, ConfigValue)> {
+    let key = kv
+        .key_str()
+        .ok()?
+        .strip_prefix(&config_prefix())?
+        .to_owned();
+    match serde_json::from_slice::<ConfigValue>(kv.value()) {
+        Ok(mut value) => {
+            value.version = u64::try_from(kv.version()).unwrap_or(0);
+            Some((key, value))
+        }
+        Err(e) => {
+            tracing::warn!(%key, error = %e, "etcd: skipping an unreadable config value");
+            None
+        }
+    }
+}
+
+fn revision(r: i64) -> u64 {
+    u64::try_from(r).unwrap_or(0)
+}
+
 impl EtcdCoordinator {
     /// Checks the configuration; connects lazily, on the first call, so an
     /// etcd that is down at start-up is no error here.
@@ -294,6 +510,14 @@ impl EtcdCoordinator {
                 clients,
                 preferred: 0,
             }),
+            config_watch: OnceLock::new(),
+            alive: Arc::new(()),
+            mirror: Arc::new(Mirror {
+                state: Mutex::new(MirrorState::default()),
+                revision: watch::Sender::new(0),
+            }),
+            mirror_started: OnceLock::new(),
+            last_write: AtomicI64::new(0),
         })
     }
 
@@ -508,20 +732,7 @@ impl Coordinator for EtcdCoordinator {
     }
 
     async fn nodes(&self) -> Result<Vec<NodeInfo>, CoordError> {
-        let mut nodes: Vec<NodeInfo> = self
-            .list("list_nodes", nodes_prefix())
-            .await?
-            .into_iter()
-            .filter_map(|(key, value)| match serde_json::from_slice(&value) {
-                Ok(info) => Some(info),
-                Err(e) => {
-                    tracing::warn!(key = %String::from_utf8_lossy(&key), error = %e, "etcd: skipping an unreadable node entry");
-                    None
-                }
-            })
-            .collect();
-        nodes.sort_by(|a, b| a.id.cmp(&b.id));
-        Ok(nodes)
+        Ok(parse_nodes(self.list("list_nodes", nodes_prefix()).await?))
     }
 
     async fn claim_room(
@@ -586,30 +797,649 @@ impl Coordinator for EtcdCoordinator {
     }
 
     async fn room_origins(&self) -> Result<Vec<(RoomId, NodeId)>, CoordError> {
-        let prefix = rooms_prefix();
-        let mut origins: Vec<(RoomId, NodeId)> = self
-            .list("list_origins", prefix.clone())
-            .await?
-            .into_iter()
-            .filter_map(|(key, value)| {
-                let key = String::from_utf8(key).ok()?;
-                // Only `rooms/{room}/origin`; other keys under a room
-                // (edges, later) are not origins.
-                let room = key.strip_prefix(&prefix)?.strip_suffix("/origin")?;
-                let parsed = RoomId::parse(room).ok().zip(
-                    std::str::from_utf8(&value)
-                        .ok()
-                        .and_then(|v| NodeId::parse(v).ok()),
-                );
-                if parsed.is_none() {
-                    tracing::warn!(%key, "etcd: skipping an unreadable room origin");
-                }
-                parsed
-            })
-            .collect();
-        origins.sort();
-        Ok(origins)
+        Ok(parse_origins(
+            self.list("list_origins", rooms_prefix()).await?,
+        ))
     }
+
+    async fn cluster(&self) -> Result<ClusterState, CoordError> {
+        let (ranges, _) = self.read_cluster_ranges().await?;
+        let [nodes, origins, flags] = ranges;
+        Ok(ClusterState {
+            nodes: parse_nodes(nodes),
+            origins: parse_origins(origins),
+            flags: parse_flags(flags),
+        })
+    }
+
+    async fn cluster_view(&self) -> Result<Arc<ClusterState>, CoordError> {
+        self.start_mirror();
+        let wanted = self.last_write.load(Ordering::SeqCst);
+        if let Some(view) = self.mirror.view(wanted) {
+            return Ok(view);
+        }
+        // Synced but behind this process's own write: wait a moment.
+        if self.mirror.lock().synced {
+            let mut rx = self.mirror.revision.subscribe();
+            let caught_up =
+                tokio::time::timeout(MIRROR_CATCH_UP, rx.wait_for(|r| *r >= wanted)).await;
+            if matches!(caught_up, Ok(Ok(_)))
+                && let Some(view) = self.mirror.view(wanted)
+            {
+                return Ok(view);
+            }
+        }
+        Ok(Arc::new(self.cluster().await?))
+    }
+
+    async fn set_node_flags(&self, node: &NodeId, flags: NodeFlags) -> Result<(), CoordError> {
+        let key = node_flags_key(node);
+        let value = serde_json::to_vec(&flags)
+            .map_err(|e| CoordError::Unavailable(format!("cannot encode node flags: {e}")))?;
+        let revision = self
+            .call("set_node_flags", self.deadline(), |mut c| {
+                let (key, value) = (key.clone(), value.clone());
+                async move {
+                    Ok(if flags.excludes() {
+                        c.put(key, value, None)
+                            .await?
+                            .header()
+                            .map(|h| h.revision())
+                    } else {
+                        c.delete(key, None).await?.header().map(|h| h.revision())
+                    })
+                }
+            })
+            .await
+            .map_err(|f| f.into_coord(None))?;
+        // The mirror must show this write before it answers again.
+        self.last_write
+            .fetch_max(revision.unwrap_or(i64::MAX), Ordering::SeqCst);
+        Ok(())
+    }
+
+    async fn node_flags(&self) -> Result<BTreeMap<NodeId, NodeFlags>, CoordError> {
+        Ok(parse_flags(
+            self.list("list_node_flags", node_flags_prefix()).await?,
+        ))
+    }
+
+    async fn config(&self) -> Result<ConfigSnapshot, CoordError> {
+        self.read_config().await.map(|(snapshot, _)| snapshot)
+    }
+
+    async fn set_config(
+        &self,
+        writes: &[ConfigWrite],
+        updated_by: &str,
+    ) -> Result<ConfigSnapshot, CoordError> {
+        let mut seen = std::collections::BTreeSet::new();
+        if let Some(w) = writes.iter().find(|w| !seen.insert(w.key.as_str())) {
+            return Err(CoordError::Conflict(format!(
+                "config key {} is written twice in one change",
+                w.key
+            )));
+        }
+        if writes.is_empty() {
+            return Coordinator::config(self).await;
+        }
+        let now = unix_ms();
+        let mut compares = Vec::with_capacity(writes.len());
+        let mut ops = Vec::with_capacity(writes.len() * 3);
+        for w in writes {
+            let key = config_key(&w.key);
+            let version = w.expected_version + 1;
+            let value = serde_json::to_vec(&ConfigValue {
+                value: w.value.clone(),
+                version,
+                updated_ms: now,
+                updated_by: updated_by.to_owned(),
+            })
+            .map_err(|e| CoordError::Unavailable(format!("cannot encode a config value: {e}")))?;
+            let expected = i64::try_from(w.expected_version).unwrap_or(i64::MAX);
+            compares.push(Compare::version(key.clone(), CompareOp::Equal, expected));
+            ops.push(TxnOp::put(key, value.clone(), None));
+            ops.push(TxnOp::put(config_history_key(&w.key, version), value, None));
+            if version > CONFIG_HISTORY_KEPT {
+                ops.push(TxnOp::delete(
+                    config_history_key(&w.key, version - CONFIG_HISTORY_KEPT),
+                    None,
+                ));
+            }
+        }
+        let applied = self
+            .call("set_config", self.deadline(), |mut c| {
+                let txn = Txn::new().when(compares.clone()).and_then(ops.clone());
+                async move { c.txn(txn).await.map(|r| r.succeeded()) }
+            })
+            .await
+            .map_err(|f| f.into_coord(None))?;
+        // A retried transaction that had landed fails its compare: the
+        // caller reads the config and sees its own write.
+        if !applied {
+            return Err(CoordError::Conflict(
+                "a config key changed since it was read".into(),
+            ));
+        }
+        Coordinator::config(self).await
+    }
+
+    async fn config_history(
+        &self,
+        key: &str,
+        limit: usize,
+    ) -> Result<Vec<ConfigValue>, CoordError> {
+        let prefix = format!("{KEY_PREFIX}config-history/{key}/");
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let kvs = self
+            .call("config_history", self.deadline(), |mut c| {
+                let prefix = prefix.clone();
+                async move {
+                    let options = GetOptions::new()
+                        .with_prefix()
+                        .with_sort(
+                            etcd_client::SortTarget::Key,
+                            etcd_client::SortOrder::Descend,
+                        )
+                        .with_limit(limit);
+                    let mut resp = c.get(prefix, Some(options)).await?;
+                    Ok(resp.take_kvs())
+                }
+            })
+            .await
+            .map_err(|f| f.into_coord(None))?;
+        Ok(kvs
+            .iter()
+            .filter_map(|kv| serde_json::from_slice::<ConfigValue>(kv.value()).ok())
+            .collect())
+    }
+
+    async fn next_config(&self, after_revision: u64) -> Result<ConfigSnapshot, CoordError> {
+        let mut rx = self.config_watch()?;
+        let snapshot = rx
+            .wait_for(|s| s.revision > after_revision)
+            .await
+            .map_err(|_| CoordError::Unavailable("the config watch stopped".into()))?;
+        Ok(ConfigSnapshot::clone(&snapshot))
+    }
+}
+
+#[async_trait]
+impl ElectionBackend for EtcdCoordinator {
+    async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, CoordError> {
+        let seconds = ttl_seconds(ttl);
+        self.call("lease_grant", self.deadline(), |mut c| async move {
+            c.lease_grant(seconds, None).await.map(|r| r.id())
+        })
+        .await
+        .map(LeaseId)
+        .map_err(|f| f.into_coord(None))
+    }
+
+    async fn refresh_lease(&self, lease: LeaseId) -> Result<(), CoordError> {
+        self.call("lease_keep_alive", self.deadline(), |mut c| async move {
+            c.lease_keep_alive(lease.0).await.map(drop)
+        })
+        .await
+        .map_err(|f| f.into_coord(Some(lease)))
+    }
+
+    async fn revoke_lease(&self, lease: LeaseId) -> Result<(), CoordError> {
+        Coordinator::revoke(self, lease).await
+    }
+
+    async fn try_lead(
+        &self,
+        name: &str,
+        candidate: &str,
+        lease: LeaseId,
+    ) -> Result<String, CoordError> {
+        let key = election_key(name);
+        let holder = self
+            .call("try_lead", self.deadline(), |mut c| {
+                let txn = Txn::new()
+                    .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+                    .and_then([TxnOp::put(
+                        key.clone(),
+                        candidate,
+                        Some(PutOptions::new().with_lease(lease.0)),
+                    )])
+                    .or_else([TxnOp::get(key.clone(), None)]);
+                async move {
+                    let resp = c.txn(txn).await?;
+                    if resp.succeeded() {
+                        return Ok(None);
+                    }
+                    Ok(resp.op_responses().into_iter().find_map(|r| match r {
+                        TxnOpResponse::Get(get) => get.kvs().first().map(|kv| kv.value().to_vec()),
+                        _ => None,
+                    }))
+                }
+            })
+            .await
+            .map_err(|f| f.into_coord(Some(lease)))?;
+        match holder {
+            None => Ok(candidate.to_owned()),
+            Some(value) => Ok(String::from_utf8_lossy(&value).into_owned()),
+        }
+    }
+
+    async fn leader(&self, name: &str) -> Result<Option<String>, CoordError> {
+        let key = election_key(name);
+        self.call("election_leader", self.deadline(), |mut c| {
+            let key = key.clone();
+            async move {
+                let resp = c.get(key, None).await?;
+                Ok(resp
+                    .kvs()
+                    .first()
+                    .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
+            }
+        })
+        .await
+        .map_err(|f| f.into_coord(None))
+    }
+
+    async fn resign(&self, name: &str, candidate: &str) -> Result<(), CoordError> {
+        let key = election_key(name);
+        self.call("election_resign", self.deadline(), |mut c| {
+            let txn = Txn::new()
+                .when([Compare::value(key.clone(), CompareOp::Equal, candidate)])
+                .and_then([TxnOp::delete(key.clone(), None)]);
+            async move { c.txn(txn).await.map(drop) }
+        })
+        .await
+        .map_err(|f| f.into_coord(None))
+    }
+}
+
+impl EtcdCoordinator {
+    /// Nodes, origins and flags as raw key-values, read in one transaction,
+    /// with the revision they were read at.
+    async fn read_cluster_ranges(&self) -> Result<([Vec<(Vec<u8>, Vec<u8>)>; 3], i64), CoordError> {
+        let prefixes = [nodes_prefix(), rooms_prefix(), node_flags_prefix()];
+        let (ranges, header) = self
+            .call("read_cluster", self.deadline(), |mut c| {
+                let txn = Txn::new().and_then(
+                    prefixes
+                        .clone()
+                        .map(|p| TxnOp::get(p, Some(GetOptions::new().with_prefix()))),
+                );
+                async move {
+                    let resp = c.txn(txn).await?;
+                    let header = resp.header().map_or(0, |h| h.revision());
+                    let ranges: Vec<Vec<(Vec<u8>, Vec<u8>)>> = resp
+                        .op_responses()
+                        .into_iter()
+                        .map(|r| match r {
+                            TxnOpResponse::Get(mut get) => get
+                                .take_kvs()
+                                .into_iter()
+                                .map(KeyValue::into_key_value)
+                                .collect(),
+                            _ => Vec::new(),
+                        })
+                        .collect();
+                    Ok((ranges, header))
+                }
+            })
+            .await
+            .map_err(|f| f.into_coord(None))?;
+        let mut ranges = ranges.into_iter();
+        let mut next = || ranges.next().unwrap_or_default();
+        Ok(([next(), next(), next()], header))
+    }
+
+    /// Starts the mirror's task on first use.
+    fn start_mirror(&self) {
+        if self.mirror_started.set(()).is_err() {
+            return;
+        }
+        match EtcdCoordinator::new(self.config.clone()) {
+            Ok(reader) => {
+                tokio::spawn(mirror_cluster(
+                    reader,
+                    Arc::clone(&self.mirror),
+                    Arc::downgrade(&self.alive),
+                ));
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot start the cluster mirror"),
+        }
+    }
+
+    /// The config and the etcd revision it was read at.
+    async fn read_config(&self) -> Result<(ConfigSnapshot, i64), CoordError> {
+        let (kvs, header) = self
+            .call("get_config", self.deadline(), |mut c| async move {
+                let mut resp = c
+                    .get(config_prefix(), Some(GetOptions::new().with_prefix()))
+                    .await?;
+                let header = resp.header().map_or(0, |h| h.revision());
+                Ok((resp.take_kvs(), header))
+            })
+            .await
+            .map_err(|f| f.into_coord(None))?;
+        let mut snapshot = ConfigSnapshot::default();
+        for kv in &kvs {
+            snapshot.revision = snapshot.revision.max(revision(kv.mod_revision()));
+            if let Some((key, value)) = parse_config_kv(kv) {
+                snapshot.values.insert(key, value);
+            }
+        }
+        Ok((snapshot, header))
+    }
+
+    /// The receiver of the config watch, starting the task on first use.
+    fn config_watch(&self) -> Result<watch::Receiver<Arc<ConfigSnapshot>>, CoordError> {
+        if let Some(rx) = self.config_watch.get() {
+            return Ok(rx.clone());
+        }
+        // Connections of its own, so a long watch never holds up calls.
+        let watcher = EtcdCoordinator::new(self.config.clone())
+            .map_err(|e| CoordError::Unavailable(e.to_string()))?;
+        let (tx, rx) = watch::channel(Arc::new(ConfigSnapshot::default()));
+        match self.config_watch.set(rx.clone()) {
+            Ok(()) => {
+                tokio::spawn(watch_config(watcher, tx, Arc::downgrade(&self.alive)));
+                Ok(rx)
+            }
+            // Another caller started it first.
+            Err(_) => self
+                .config_watch
+                .get()
+                .cloned()
+                .ok_or_else(|| CoordError::Unavailable("config watch not started".into())),
+        }
+    }
+}
+
+/// How often the watch task checks that its coordinator still lives and
+/// that a quiet watch is still connected.
+const WATCH_TICK: Duration = Duration::from_secs(2);
+/// A watch that brought nothing for this long is read again from scratch,
+/// in case its connection died without an error.
+const WATCH_RESYNC: Duration = Duration::from_secs(30);
+
+/// Keeps `tx` up to date with the config in etcd until `alive` is gone.
+async fn watch_config(
+    etcd: EtcdCoordinator,
+    tx: watch::Sender<Arc<ConfigSnapshot>>,
+    alive: Weak<()>,
+) {
+    let mut failures = 0u32;
+    while alive.strong_count() > 0 {
+        match watch_config_once(&etcd, &tx, &alive).await {
+            Ok(()) => failures = 0,
+            Err(e) => {
+                failures += 1;
+                if failures == 1 || failures.is_multiple_of(30) {
+                    tracing::warn!(error = %e, failures, "etcd config watch failed; reading again");
+                }
+                tokio::time::sleep(Duration::from_millis(200).min(WATCH_TICK)).await;
+            }
+        }
+    }
+}
+
+/// One read and one watch of the config, until the watch fails, goes quiet
+/// for too long, or the coordinator is dropped.
+async fn watch_config_once(
+    etcd: &EtcdCoordinator,
+    tx: &watch::Sender<Arc<ConfigSnapshot>>,
+    alive: &Weak<()>,
+) -> Result<(), String> {
+    let (mut snapshot, header) = etcd.read_config().await.map_err(|e| e.to_string())?;
+    publish(tx, &snapshot);
+    let idx = etcd.lock().preferred;
+    let mut client = etcd.client(idx).await.map_err(|e| e.to_string())?;
+    let options = WatchOptions::new()
+        .with_prefix()
+        .with_start_revision(header + 1);
+    let mut stream = match tokio::time::timeout(
+        etcd.config.attempt_timeout,
+        client.watch(config_prefix(), Some(options)),
+    )
+    .await
+    {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            etcd.failed(idx, "watch_config", &e.to_string());
+            return Err(e.to_string());
+        }
+        Err(_) => {
+            etcd.failed(idx, "watch_config", "no answer");
+            return Err("watch: no answer".into());
+        }
+    };
+    let mut quiet = Duration::ZERO;
+    loop {
+        if alive.strong_count() == 0 {
+            return Ok(());
+        }
+        let message = match tokio::time::timeout(WATCH_TICK, stream.message()).await {
+            Err(_) => {
+                quiet += WATCH_TICK;
+                if quiet >= WATCH_RESYNC {
+                    return Ok(());
+                }
+                continue;
+            }
+            Ok(Ok(Some(message))) => message,
+            Ok(Ok(None)) => return Err("the watch stream ended".into()),
+            Ok(Err(e)) => {
+                etcd.failed(idx, "watch_config", &e.to_string());
+                return Err(e.to_string());
+            }
+        };
+        quiet = Duration::ZERO;
+        if message.canceled() || message.compact_revision() > 0 {
+            return Err(format!(
+                "the watch was cancelled ({})",
+                message.cancel_reason()
+            ));
+        }
+        let mut changed = false;
+        for event in message.events() {
+            let Some(kv) = event.kv() else { continue };
+            snapshot.revision = snapshot.revision.max(revision(kv.mod_revision()));
+            changed = true;
+            match event.event_type() {
+                EventType::Put => {
+                    if let Some((key, value)) = parse_config_kv(kv) {
+                        snapshot.values.insert(key, value);
+                    }
+                }
+                EventType::Delete => {
+                    if let Some(key) = kv
+                        .key_str()
+                        .ok()
+                        .and_then(|k| k.strip_prefix(&config_prefix()))
+                    {
+                        snapshot.values.remove(key);
+                    }
+                }
+            }
+        }
+        if changed {
+            publish(tx, &snapshot);
+        }
+    }
+}
+
+/// Keeps `mirror` in step with etcd until `alive` is gone.
+async fn mirror_cluster(etcd: EtcdCoordinator, mirror: Arc<Mirror>, alive: Weak<()>) {
+    let mut failures = 0u32;
+    while alive.strong_count() > 0 {
+        let result = mirror_once(&etcd, &mirror, &alive).await;
+        mirror.unsynced();
+        match result {
+            Ok(()) => failures = 0,
+            Err(e) => {
+                failures += 1;
+                if failures == 1 || failures.is_multiple_of(30) {
+                    tracing::warn!(error = %e, failures, "etcd cluster mirror lost its watch; reading again");
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+/// Applies one watched key change to the mirror.
+fn apply_event(st: &mut MirrorState, kind: EventType, kv: &KeyValue) {
+    let Ok(key) = kv.key_str() else { return };
+    let put = kind == EventType::Put;
+    if let Some(id) = key.strip_prefix(&nodes_prefix()) {
+        let Ok(id) = NodeId::parse(id) else { return };
+        match serde_json::from_slice::<NodeInfo>(kv.value()) {
+            Ok(info) if put => {
+                st.nodes.insert(id, info);
+            }
+            _ => {
+                st.nodes.remove(&id);
+            }
+        }
+    } else if let Some(room) = key
+        .strip_prefix(&rooms_prefix())
+        .and_then(|k| k.strip_suffix("/origin"))
+    {
+        let Ok(room) = RoomId::parse(room) else {
+            return;
+        };
+        match std::str::from_utf8(kv.value()).ok().map(NodeId::parse) {
+            Some(Ok(node)) if put => {
+                st.origins.insert(room, node);
+            }
+            _ => {
+                st.origins.remove(&room);
+            }
+        }
+    } else if let Some(node) = key.strip_prefix(&node_flags_prefix()) {
+        let Ok(node) = NodeId::parse(node) else {
+            return;
+        };
+        match serde_json::from_slice::<NodeFlags>(kv.value()) {
+            Ok(flags) if put => {
+                st.flags.insert(node, flags);
+            }
+            _ => {
+                st.flags.remove(&node);
+            }
+        }
+    }
+}
+
+/// One full read and one watch, until the watch fails or goes quiet.
+async fn mirror_once(
+    etcd: &EtcdCoordinator,
+    mirror: &Mirror,
+    alive: &Weak<()>,
+) -> Result<(), String> {
+    let ([nodes, origins, flags], header) = etcd
+        .read_cluster_ranges()
+        .await
+        .map_err(|e| e.to_string())?;
+    {
+        let mut st = mirror.lock();
+        st.nodes = parse_nodes(nodes)
+            .into_iter()
+            .map(|n| (n.id.clone(), n))
+            .collect();
+        st.origins = parse_origins(origins).into_iter().collect();
+        st.flags = parse_flags(flags);
+        st.revision = header;
+        st.heard_at = Some(Instant::now());
+        st.synced = true;
+        st.shared = None;
+    }
+    mirror.revision.send_replace(header);
+    let idx = etcd.lock().preferred;
+    let mut client = etcd.client(idx).await.map_err(|e| e.to_string())?;
+    let options = WatchOptions::new()
+        .with_prefix()
+        .with_start_revision(header + 1);
+    let mut stream = match tokio::time::timeout(
+        etcd.config.attempt_timeout,
+        client.watch(KEY_PREFIX, Some(options)),
+    )
+    .await
+    {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            etcd.failed(idx, "watch_cluster", &e.to_string());
+            return Err(e.to_string());
+        }
+        Err(_) => {
+            etcd.failed(idx, "watch_cluster", "no answer");
+            return Err("watch: no answer".into());
+        }
+    };
+    let mut progress_asked = false;
+    loop {
+        if alive.strong_count() == 0 {
+            return Ok(());
+        }
+        let message = match tokio::time::timeout(Duration::from_secs(1), stream.message()).await {
+            Err(_) => {
+                let quiet = mirror
+                    .lock()
+                    .heard_at
+                    .map_or(Duration::MAX, |t| t.elapsed());
+                if quiet >= MIRROR_QUIET_LIMIT {
+                    return Err(format!("the watch has been quiet for {quiet:?}"));
+                }
+                if quiet >= Duration::from_secs(2) && !progress_asked {
+                    stream.request_progress().await.map_err(|e| e.to_string())?;
+                    progress_asked = true;
+                }
+                continue;
+            }
+            Ok(Ok(Some(message))) => message,
+            Ok(Ok(None)) => return Err("the watch stream ended".into()),
+            Ok(Err(e)) => {
+                etcd.failed(idx, "watch_cluster", &e.to_string());
+                return Err(e.to_string());
+            }
+        };
+        if message.canceled() || message.compact_revision() > 0 {
+            return Err(format!(
+                "the watch was cancelled ({})",
+                message.cancel_reason()
+            ));
+        }
+        progress_asked = false;
+        let revision = {
+            let mut st = mirror.lock();
+            for event in message.events() {
+                if let Some(kv) = event.kv() {
+                    st.revision = st.revision.max(kv.mod_revision());
+                    apply_event(&mut st, event.event_type(), kv);
+                }
+            }
+            // A progress report (no events) says everything up to its
+            // header's revision has been delivered.
+            // (Not the creation answer: events may still follow it.)
+            if message.events().is_empty()
+                && !message.created()
+                && let Some(h) = message.header()
+            {
+                st.revision = st.revision.max(h.revision());
+            }
+            st.heard_at = Some(Instant::now());
+            st.revision
+        };
+        mirror.revision.send_replace(revision);
+    }
+}
+
+fn publish(tx: &watch::Sender<Arc<ConfigSnapshot>>, snapshot: &ConfigSnapshot) {
+    tx.send_if_modified(|current| {
+        if **current == *snapshot {
+            return false;
+        }
+        *current = Arc::new(snapshot.clone());
+        true
+    });
 }
 
 #[cfg(test)]

@@ -4,27 +4,47 @@
 //! implementation: keys bound to a lease vanish when the lease expires, and a
 //! room's origin is claimed by compare-and-set.
 //!
+//! It also keeps the operator's node flags and the config center's values,
+//! versions and history; a config change wakes every `next_config` waiter.
+//!
 //! Expiry is lazy: every call first prunes the leases whose time to live has
 //! run out, with everything bound to them. The logic lives in a private `State`, whose
 //! methods take `now` as an argument, so the tests step a virtual clock instead
 //! of sleeping.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use weir_protocol::coordinator::{CoordError, Coordinator, LeaseId, NodeInfo};
+use tokio::sync::watch;
+
+use crate::election::ElectionBackend;
+use weir_protocol::coordinator::{
+    CONFIG_HISTORY_KEPT, ClusterState, ConfigSnapshot, ConfigValue, ConfigWrite, CoordError,
+    Coordinator, LeaseId, NodeFlags, NodeInfo,
+};
 use weir_protocol::{NodeId, RoomId};
 
 /// The in-process coordinator (see the module docs).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct LocalCoordinator {
     state: Mutex<State>,
+    /// The config revision, for `next_config` waiters.
+    config_rev: watch::Sender<u64>,
+}
+
+impl Default for LocalCoordinator {
+    fn default() -> Self {
+        Self {
+            state: Mutex::new(State::default()),
+            config_rev: watch::Sender::new(0),
+        }
+    }
 }
 
 impl LocalCoordinator {
-    /// An empty coordinator: no nodes, no leases, no rooms.
+    /// An empty coordinator: no nodes, no leases, no rooms, no config.
     pub fn new() -> Self {
         Self::default()
     }
@@ -73,6 +93,122 @@ impl Coordinator for LocalCoordinator {
     async fn room_origins(&self) -> Result<Vec<(RoomId, NodeId)>, CoordError> {
         Ok(self.lock().room_origins(Instant::now()))
     }
+
+    async fn cluster(&self) -> Result<ClusterState, CoordError> {
+        let now = Instant::now();
+        let mut s = self.lock();
+        Ok(ClusterState {
+            nodes: s.nodes(now),
+            origins: s.room_origins(now),
+            flags: s.flags.clone(),
+        })
+    }
+
+    async fn set_node_flags(&self, node: &NodeId, flags: NodeFlags) -> Result<(), CoordError> {
+        let mut s = self.lock();
+        if !flags.excludes() {
+            s.flags.remove(node);
+        } else {
+            s.flags.insert(node.clone(), flags);
+        }
+        Ok(())
+    }
+
+    async fn node_flags(&self) -> Result<BTreeMap<NodeId, NodeFlags>, CoordError> {
+        Ok(self.lock().flags.clone())
+    }
+
+    async fn config(&self) -> Result<ConfigSnapshot, CoordError> {
+        Ok(self.lock().config.clone())
+    }
+
+    async fn set_config(
+        &self,
+        writes: &[ConfigWrite],
+        updated_by: &str,
+    ) -> Result<ConfigSnapshot, CoordError> {
+        let snapshot = self.lock().set_config(writes, updated_by, unix_ms())?;
+        self.config_rev.send_replace(snapshot.revision);
+        Ok(snapshot)
+    }
+
+    async fn config_history(
+        &self,
+        key: &str,
+        limit: usize,
+    ) -> Result<Vec<ConfigValue>, CoordError> {
+        Ok(self
+            .lock()
+            .history
+            .get(key)
+            .map(|h| h.iter().rev().take(limit).cloned().collect())
+            .unwrap_or_default())
+    }
+
+    async fn next_config(&self, after_revision: u64) -> Result<ConfigSnapshot, CoordError> {
+        let mut rx = self.config_rev.subscribe();
+        // Subscribed first, then checked: no change can slip in between.
+        rx.wait_for(|rev| *rev > after_revision)
+            .await
+            .map_err(|_| CoordError::Unavailable("coordinator dropped".into()))?;
+        Ok(self.lock().config.clone())
+    }
+}
+
+#[async_trait]
+impl ElectionBackend for LocalCoordinator {
+    async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, CoordError> {
+        Ok(self.lock().grant(ttl, Instant::now()))
+    }
+
+    async fn refresh_lease(&self, lease: LeaseId) -> Result<(), CoordError> {
+        let now = Instant::now();
+        let mut s = self.lock();
+        let entry = s.live_lease(lease, now)?;
+        entry.expires_at = now + entry.ttl;
+        Ok(())
+    }
+
+    async fn revoke_lease(&self, lease: LeaseId) -> Result<(), CoordError> {
+        self.lock().revoke(lease, Instant::now())
+    }
+
+    async fn try_lead(
+        &self,
+        name: &str,
+        candidate: &str,
+        lease: LeaseId,
+    ) -> Result<String, CoordError> {
+        let mut s = self.lock();
+        s.live_lease(lease, Instant::now())?;
+        let (leader, _) = s
+            .elections
+            .entry(name.to_owned())
+            .or_insert_with(|| (candidate.to_owned(), lease));
+        Ok(leader.clone())
+    }
+
+    async fn leader(&self, name: &str) -> Result<Option<String>, CoordError> {
+        let mut s = self.lock();
+        s.prune(Instant::now());
+        Ok(s.elections.get(name).map(|(leader, _)| leader.clone()))
+    }
+
+    async fn resign(&self, name: &str, candidate: &str) -> Result<(), CoordError> {
+        let mut s = self.lock();
+        if s.elections.get(name).is_some_and(|(l, _)| l == candidate) {
+            s.elections.remove(name);
+        }
+        Ok(())
+    }
+}
+
+fn unix_ms() -> u64 {
+    let ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis();
+    u64::try_from(ms).unwrap_or(u64::MAX)
 }
 
 #[derive(Debug)]
@@ -91,6 +227,14 @@ struct State {
     nodes: BTreeMap<NodeId, (LeaseId, NodeInfo)>,
     /// Room origins, with the lease the claim is bound to.
     origins: BTreeMap<RoomId, (NodeId, LeaseId)>,
+    /// Operator flags by node (not bound to leases).
+    flags: BTreeMap<NodeId, NodeFlags>,
+    /// Election leaders by name, with the lease each is bound to.
+    elections: BTreeMap<String, (String, LeaseId)>,
+    /// Config values now.
+    config: ConfigSnapshot,
+    /// Past and present values per config key, oldest first.
+    history: BTreeMap<String, VecDeque<ConfigValue>>,
 }
 
 impl Default for State {
@@ -100,6 +244,10 @@ impl Default for State {
             leases: HashMap::new(),
             nodes: BTreeMap::new(),
             origins: BTreeMap::new(),
+            flags: BTreeMap::new(),
+            elections: BTreeMap::new(),
+            config: ConfigSnapshot::default(),
+            history: BTreeMap::new(),
         }
     }
 }
@@ -116,6 +264,8 @@ impl State {
         self.nodes
             .retain(|_, (lease, _)| leases.contains_key(lease));
         self.origins
+            .retain(|_, (_, lease)| leases.contains_key(lease));
+        self.elections
             .retain(|_, (_, lease)| leases.contains_key(lease));
     }
 
@@ -161,7 +311,22 @@ impl State {
         self.leases.remove(&lease);
         self.nodes.retain(|_, (l, _)| *l != lease);
         self.origins.retain(|_, (_, l)| *l != lease);
+        self.elections.retain(|_, (_, l)| *l != lease);
         Ok(())
+    }
+
+    fn grant(&mut self, ttl: Duration, now: Instant) -> LeaseId {
+        self.prune(now);
+        let lease = LeaseId(self.next_lease);
+        self.next_lease += 1;
+        self.leases.insert(
+            lease,
+            Lease {
+                ttl,
+                expires_at: now + ttl,
+            },
+        );
+        lease
     }
 
     fn nodes(&mut self, now: Instant) -> Vec<NodeInfo> {
@@ -193,6 +358,43 @@ impl State {
         {
             self.origins.remove(room);
         }
+    }
+
+    /// All of `writes` if every key is at its expected version, else none.
+    fn set_config(
+        &mut self,
+        writes: &[ConfigWrite],
+        updated_by: &str,
+        now_ms: u64,
+    ) -> Result<ConfigSnapshot, CoordError> {
+        for w in writes {
+            let current = self.config.values.get(&w.key).map_or(0, |v| v.version);
+            if current != w.expected_version {
+                return Err(CoordError::Conflict(format!(
+                    "config key {} is at version {current}, not {}",
+                    w.key, w.expected_version
+                )));
+            }
+        }
+        if writes.is_empty() {
+            return Ok(self.config.clone());
+        }
+        self.config.revision += 1;
+        for w in writes {
+            let value = ConfigValue {
+                value: w.value.clone(),
+                version: w.expected_version + 1,
+                updated_ms: now_ms,
+                updated_by: updated_by.to_owned(),
+            };
+            let history = self.history.entry(w.key.clone()).or_default();
+            history.push_back(value.clone());
+            while history.len() as u64 > CONFIG_HISTORY_KEPT {
+                history.pop_front();
+            }
+            self.config.values.insert(w.key.clone(), value);
+        }
+        Ok(self.config.clone())
     }
 
     fn room_origins(&mut self, now: Instant) -> Vec<(RoomId, NodeId)> {

@@ -12,6 +12,8 @@ use std::sync::Arc;
 
 use weir_protocol::coordinator::Coordinator;
 
+use crate::election::ElectionBackend;
+
 pub use etcd::{EtcdConfig, EtcdConfigError, EtcdCoordinator, parse_endpoints};
 pub use local::LocalCoordinator;
 
@@ -29,6 +31,29 @@ pub fn from_flag(etcd: Option<&str>) -> Result<Arc<dyn Coordinator>, EtcdConfigE
             let config = EtcdConfig::new(parse_endpoints(list)?);
             tracing::info!(endpoints = ?config.endpoints, "coordinator: etcd");
             Ok(Arc::new(EtcdCoordinator::new(config)?))
+        }
+    }
+}
+
+/// One coordinator seen both as a [`Coordinator`] and as an [`ElectionBackend`].
+pub type CoordinatorWithElection = (Arc<dyn Coordinator>, Arc<dyn ElectionBackend>);
+
+/// [`from_flag`], with the same coordinator also as an election backend
+/// (for the control plane's singleton workers).
+pub fn with_election_from_flag(
+    etcd: Option<&str>,
+) -> Result<CoordinatorWithElection, EtcdConfigError> {
+    match etcd {
+        None => {
+            tracing::info!("coordinator: in-process (no --etcd): this process forms no cluster");
+            let local = Arc::new(LocalCoordinator::new());
+            Ok((local.clone(), local))
+        }
+        Some(list) => {
+            let config = EtcdConfig::new(parse_endpoints(list)?);
+            tracing::info!(endpoints = ?config.endpoints, "coordinator: etcd");
+            let etcd = Arc::new(EtcdCoordinator::new(config)?);
+            Ok((etcd.clone(), etcd))
         }
     }
 }

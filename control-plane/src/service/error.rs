@@ -4,6 +4,9 @@
 use weir_protocol::RoomId;
 use weir_protocol::coordinator::CoordError;
 
+use crate::config_center::ConfigValueError;
+use crate::store::StoreError;
+
 /// Why an API call failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -27,6 +30,21 @@ pub enum ApiError {
     /// Something that should not happen; the message says what.
     #[error("internal error: {0}")]
     Internal(String),
+    /// The business store refused or failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A config value was refused (the message names the key).
+    #[error("invalid config: {0}")]
+    Config(#[from] ConfigValueError),
+    /// A thing the request names does not exist.
+    #[error("{what} {id:?} not found")]
+    NotFound { what: &'static str, id: String },
+    /// The thing is not in a state that allows the call.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// This control plane runs without a business store.
+    #[error("this control plane has no business store (start it with --database or a --data-dir)")]
+    NoStore,
 }
 
 impl ApiError {
@@ -41,10 +59,23 @@ impl ApiError {
     /// The class of the error, shared by both transports.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Self::InvalidArgument { .. } => ErrorKind::InvalidArgument,
-            Self::NoNode { .. } | Self::Coordinator(_) => ErrorKind::Unavailable,
+            Self::InvalidArgument { .. } | Self::Config(_) => ErrorKind::InvalidArgument,
+            Self::NoNode { .. } | Self::NoStore => ErrorKind::Unavailable,
+            Self::Coordinator(CoordError::Conflict(_)) => ErrorKind::Aborted,
+            Self::Coordinator(CoordError::Unsupported(_)) => ErrorKind::Unimplemented,
+            Self::Coordinator(_) => ErrorKind::Unavailable,
             Self::MintingDisabled => ErrorKind::PermissionDenied,
             Self::Internal(_) => ErrorKind::Internal,
+            Self::NotFound { .. } => ErrorKind::NotFound,
+            Self::FailedPrecondition(_) => ErrorKind::FailedPrecondition,
+            Self::Store(e) => match e {
+                StoreError::Invalid { .. } => ErrorKind::InvalidArgument,
+                StoreError::NotFound { .. } => ErrorKind::NotFound,
+                StoreError::AlreadyExists { .. } => ErrorKind::AlreadyExists,
+                StoreError::FailedPrecondition(_) => ErrorKind::FailedPrecondition,
+                StoreError::Unavailable(_) => ErrorKind::Unavailable,
+                _ => ErrorKind::Internal,
+            },
         }
     }
 }
@@ -55,8 +86,12 @@ impl ApiError {
 pub enum ErrorKind {
     InvalidArgument,
     NotFound,
+    AlreadyExists,
+    FailedPrecondition,
+    Aborted,
     PermissionDenied,
     Unavailable,
+    Unimplemented,
     Internal,
 }
 
@@ -66,8 +101,12 @@ impl ErrorKind {
         match self {
             Self::InvalidArgument => "invalid_argument",
             Self::NotFound => "not_found",
+            Self::AlreadyExists => "already_exists",
+            Self::FailedPrecondition => "failed_precondition",
+            Self::Aborted => "aborted",
             Self::PermissionDenied => "permission_denied",
             Self::Unavailable => "unavailable",
+            Self::Unimplemented => "unimplemented",
             Self::Internal => "internal",
         }
     }
@@ -77,8 +116,12 @@ impl ErrorKind {
         match self {
             Self::InvalidArgument => tonic::Code::InvalidArgument,
             Self::NotFound => tonic::Code::NotFound,
+            Self::AlreadyExists => tonic::Code::AlreadyExists,
+            Self::FailedPrecondition => tonic::Code::FailedPrecondition,
+            Self::Aborted => tonic::Code::Aborted,
             Self::PermissionDenied => tonic::Code::PermissionDenied,
             Self::Unavailable => tonic::Code::Unavailable,
+            Self::Unimplemented => tonic::Code::Unimplemented,
             Self::Internal => tonic::Code::Internal,
         }
     }
@@ -88,8 +131,12 @@ impl ErrorKind {
         match self {
             Self::InvalidArgument => http::StatusCode::BAD_REQUEST,
             Self::NotFound => http::StatusCode::NOT_FOUND,
+            Self::AlreadyExists | Self::FailedPrecondition | Self::Aborted => {
+                http::StatusCode::CONFLICT
+            }
             Self::PermissionDenied => http::StatusCode::FORBIDDEN,
             Self::Unavailable => http::StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unimplemented => http::StatusCode::NOT_IMPLEMENTED,
             Self::Internal => http::StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -98,5 +145,53 @@ impl ErrorKind {
 impl From<ApiError> for tonic::Status {
     fn from(err: ApiError) -> Self {
         tonic::Status::new(err.kind().grpc_code(), err.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_errors_keep_their_class() {
+        let cases = [
+            (
+                StoreError::invalid("title", "is empty"),
+                tonic::Code::InvalidArgument,
+            ),
+            (
+                StoreError::NotFound {
+                    what: "room",
+                    id: "r".into(),
+                },
+                tonic::Code::NotFound,
+            ),
+            (
+                StoreError::AlreadyExists {
+                    what: "user",
+                    id: "u".into(),
+                },
+                tonic::Code::AlreadyExists,
+            ),
+            (
+                StoreError::FailedPrecondition("ended".into()),
+                tonic::Code::FailedPrecondition,
+            ),
+            (
+                StoreError::Unavailable("down".into()),
+                tonic::Code::Unavailable,
+            ),
+            (StoreError::Internal("x".into()), tonic::Code::Internal),
+        ];
+        for (err, code) in cases {
+            let status = tonic::Status::from(ApiError::from(err.clone()));
+            assert_eq!(status.code(), code, "{err}");
+            assert_eq!(status.message(), err.to_string());
+        }
+        // The field is named in the message.
+        let status = tonic::Status::from(ApiError::from(StoreError::invalid("title", "is empty")));
+        assert_eq!(status.message(), "invalid title: is empty");
+        let conflict = ApiError::from(CoordError::Conflict("x".into()));
+        assert_eq!(conflict.kind(), ErrorKind::Aborted);
     }
 }

@@ -1,4 +1,5 @@
-//! The gRPC services: thin translations between protobuf messages and the
+//! The gRPC services (`weir.v1.Scheduler`, `Tokens`, `Users`, `Rooms`,
+//! `Follows`, `Config`, `Nodes`): thin translations between protobuf messages and the
 //! calls of [`ControlState`]. Errors become `tonic::Status` through
 //! `From<ApiError>`; every reply, good or bad, carries the request id.
 
@@ -9,10 +10,11 @@ use tonic::{Request, Response, Status};
 use weir_protocol::pb;
 
 use super::{
-    ApiError, Assignment, ControlState, Endpoint, EndpointKind, IssuedToken, MintRequest,
-    REQUEST_ID_HEADER, RequestId,
+    ApiError, Assignment, ConfigEntryView, ConfigUpdate, ControlState, CreateRoom, Endpoint,
+    EndpointKind, IssuedToken, ListQuery, MintRequest, NodeView, REQUEST_ID_HEADER, RequestId,
 };
 use crate::scheduler::RoomSummary;
+use crate::store::{Follow, Room, RoomStatus, User};
 
 /// `weir.v1.Scheduler` over [`ControlState`].
 #[derive(Debug, Clone)]
@@ -178,5 +180,398 @@ impl From<IssuedToken> for pb::MintTokenResponse {
             token: t.token,
             expires_unix: unix_i64(t.expires_unix),
         }
+    }
+}
+
+/// The business and operator services (`weir.v1.Users`, `Rooms`,
+/// `Follows`, `Config`, `Nodes`) over [`ControlState`].
+#[derive(Debug, Clone)]
+pub struct BusinessApi {
+    state: Arc<ControlState>,
+}
+
+impl BusinessApi {
+    /// The services for `state`.
+    pub fn new(state: Arc<ControlState>) -> Self {
+        Self { state }
+    }
+}
+
+fn ms_i64(ms: u64) -> i64 {
+    i64::try_from(ms).unwrap_or(i64::MAX)
+}
+
+impl From<RoomStatus> for pb::RoomStatus {
+    fn from(s: RoomStatus) -> Self {
+        match s {
+            RoomStatus::Scheduled => Self::Scheduled,
+            RoomStatus::Live => Self::Live,
+            RoomStatus::Ended => Self::Ended,
+        }
+    }
+}
+
+fn room_status(value: i32) -> Result<Option<RoomStatus>, ApiError> {
+    match pb::RoomStatus::try_from(value) {
+        Ok(pb::RoomStatus::Unspecified) => Ok(None),
+        Ok(pb::RoomStatus::Scheduled) => Ok(Some(RoomStatus::Scheduled)),
+        Ok(pb::RoomStatus::Live) => Ok(Some(RoomStatus::Live)),
+        Ok(pb::RoomStatus::Ended) => Ok(Some(RoomStatus::Ended)),
+        Err(_) => Err(ApiError::invalid(
+            "status",
+            format!("{value} is not a room status"),
+        )),
+    }
+}
+
+impl From<User> for pb::User {
+    fn from(u: User) -> Self {
+        Self {
+            id: u.id.into(),
+            name: u.name,
+            created_unix_ms: ms_i64(u.created_ms),
+        }
+    }
+}
+
+impl From<Room> for pb::Room {
+    fn from(r: Room) -> Self {
+        Self {
+            id: r.id.into(),
+            owner: r.owner.into(),
+            title: r.title,
+            status: pb::RoomStatus::from(r.status).into(),
+            scheduled_start_unix_ms: r.scheduled_start_ms.map(ms_i64),
+            started_unix_ms: r.started_ms.map(ms_i64),
+            ended_unix_ms: r.ended_ms.map(ms_i64),
+            created_unix_ms: ms_i64(r.created_ms),
+            updated_unix_ms: ms_i64(r.updated_ms),
+        }
+    }
+}
+
+impl From<Follow> for pb::FollowEdge {
+    fn from(f: Follow) -> Self {
+        Self {
+            follower: f.follower.into(),
+            followee: f.followee.into(),
+            created_unix_ms: ms_i64(f.created_ms),
+        }
+    }
+}
+
+impl From<ConfigEntryView> for pb::ConfigEntry {
+    fn from(e: ConfigEntryView) -> Self {
+        Self {
+            key: e.key,
+            value: e.value,
+            version: e.version,
+            updated_unix_ms: ms_i64(e.updated_ms),
+            updated_by: e.updated_by,
+            default_value: e.default_value,
+            description: e.description,
+        }
+    }
+}
+
+fn config_state((entries, revision): (Vec<ConfigEntryView>, u64)) -> pb::ConfigState {
+    pb::ConfigState {
+        entries: entries.into_iter().map(pb::ConfigEntry::from).collect(),
+        revision,
+    }
+}
+
+impl From<NodeView> for pb::NodeStatus {
+    fn from(n: NodeView) -> Self {
+        let info = n.info.as_ref();
+        Self {
+            id: n.id.into(),
+            region: info.map(|i| i.region.clone()).unwrap_or_default(),
+            zone: info.map(|i| i.zone.clone()).unwrap_or_default(),
+            http_url: info.map(|i| i.http_url.clone()).unwrap_or_default(),
+            version: info.map(|i| i.version.clone()).unwrap_or_default(),
+            capacity: info.map_or(0, |i| i.capacity),
+            sessions: info.map_or(0, |i| i.load.sessions),
+            egress_bps: info.map_or(0, |i| i.load.egress_bps),
+            rooms: info.map_or(0, |i| u32::try_from(i.load.rooms.len()).unwrap_or(u32::MAX)),
+            reported_unix_ms: info.map_or(0, |i| ms_i64(i.load.reported_at_ms)),
+            alive: n.alive,
+            schedulable: n.schedulable,
+            cordoned: n.flags.cordoned,
+            draining: n.flags.draining,
+            self_draining: info.is_some_and(|i| i.draining),
+            flags_updated_unix_ms: ms_i64(n.flags.updated_ms),
+        }
+    }
+}
+
+fn next_token(next: Option<String>) -> String {
+    next.unwrap_or_default()
+}
+
+#[tonic::async_trait]
+impl pb::users_server::Users for BusinessApi {
+    async fn create_user(
+        &self,
+        request: Request<pb::CreateUserRequest>,
+    ) -> Result<Response<pb::User>, Status> {
+        let rid = request_id(request.metadata());
+        let req = request.into_inner();
+        let result = self.state.create_user(&rid, &req.id, &req.name).await;
+        reply(&rid, result.map(pb::User::from))
+    }
+
+    async fn get_user(
+        &self,
+        request: Request<pb::GetUserRequest>,
+    ) -> Result<Response<pb::User>, Status> {
+        let rid = request_id(request.metadata());
+        let result = self.state.get_user(&rid, &request.into_inner().id).await;
+        reply(&rid, result.map(pb::User::from))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::rooms_server::Rooms for BusinessApi {
+    async fn create_room(
+        &self,
+        request: Request<pb::CreateRoomRequest>,
+    ) -> Result<Response<pb::Room>, Status> {
+        let rid = request_id(request.metadata());
+        let req = request.into_inner();
+        let create = CreateRoom {
+            id: req.id,
+            owner: req.owner,
+            title: req.title,
+            scheduled_start_ms: req.scheduled_start_unix_ms,
+        };
+        let result = self.state.create_room(&rid, create).await;
+        reply(&rid, result.map(pb::Room::from))
+    }
+
+    async fn get_room(
+        &self,
+        request: Request<pb::GetRoomRequest>,
+    ) -> Result<Response<pb::Room>, Status> {
+        let rid = request_id(request.metadata());
+        let result = self.state.get_room(&rid, &request.into_inner().id).await;
+        reply(&rid, result.map(pb::Room::from))
+    }
+
+    async fn list_rooms(
+        &self,
+        request: Request<pb::RoomQuery>,
+    ) -> Result<Response<pb::RoomPage>, Status> {
+        let rid = request_id(request.metadata());
+        let req = request.into_inner();
+        let result = match room_status(req.status) {
+            Ok(status) => {
+                let query = ListQuery {
+                    page_size: req.page_size,
+                    page_token: req.page_token,
+                };
+                self.state
+                    .list_stored_rooms(&rid, &req.owner, status, query)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        reply(
+            &rid,
+            result.map(|page| pb::RoomPage {
+                rooms: page.items.into_iter().map(pb::Room::from).collect(),
+                next_page_token: next_token(page.next),
+            }),
+        )
+    }
+
+    async fn go_live(
+        &self,
+        request: Request<pb::GetRoomRequest>,
+    ) -> Result<Response<pb::Room>, Status> {
+        let rid = request_id(request.metadata());
+        let result = self.state.go_live(&rid, &request.into_inner().id).await;
+        reply(&rid, result.map(pb::Room::from))
+    }
+
+    async fn end_room(
+        &self,
+        request: Request<pb::GetRoomRequest>,
+    ) -> Result<Response<pb::Room>, Status> {
+        let rid = request_id(request.metadata());
+        let result = self.state.end_room(&rid, &request.into_inner().id).await;
+        reply(&rid, result.map(pb::Room::from))
+    }
+
+    async fn set_room_title(
+        &self,
+        request: Request<pb::SetRoomTitleRequest>,
+    ) -> Result<Response<pb::Room>, Status> {
+        let rid = request_id(request.metadata());
+        let req = request.into_inner();
+        let result = self.state.set_room_title(&rid, &req.id, &req.title).await;
+        reply(&rid, result.map(pb::Room::from))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::follows_server::Follows for BusinessApi {
+    async fn follow(
+        &self,
+        request: Request<pb::FollowRequest>,
+    ) -> Result<Response<pb::FollowEdge>, Status> {
+        let rid = request_id(request.metadata());
+        let req = request.into_inner();
+        let result = self.state.follow(&rid, &req.follower, &req.followee).await;
+        reply(&rid, result.map(pb::FollowEdge::from))
+    }
+
+    async fn unfollow(
+        &self,
+        request: Request<pb::FollowRequest>,
+    ) -> Result<Response<pb::UnfollowResponse>, Status> {
+        let rid = request_id(request.metadata());
+        let req = request.into_inner();
+        let result = self
+            .state
+            .unfollow(&rid, &req.follower, &req.followee)
+            .await;
+        reply(&rid, result.map(|()| pb::UnfollowResponse {}))
+    }
+
+    async fn list_followers(
+        &self,
+        request: Request<pb::FollowQuery>,
+    ) -> Result<Response<pb::FollowPage>, Status> {
+        self.follows(request, true).await
+    }
+
+    async fn list_following(
+        &self,
+        request: Request<pb::FollowQuery>,
+    ) -> Result<Response<pb::FollowPage>, Status> {
+        self.follows(request, false).await
+    }
+}
+
+impl BusinessApi {
+    async fn follows(
+        &self,
+        request: Request<pb::FollowQuery>,
+        followers: bool,
+    ) -> Result<Response<pb::FollowPage>, Status> {
+        let rid = request_id(request.metadata());
+        let req = request.into_inner();
+        let query = ListQuery {
+            page_size: req.page_size,
+            page_token: req.page_token,
+        };
+        let result = self
+            .state
+            .list_follows(&rid, &req.user, followers, query)
+            .await;
+        reply(
+            &rid,
+            result.map(|page| pb::FollowPage {
+                follows: page.items.into_iter().map(pb::FollowEdge::from).collect(),
+                next_page_token: next_token(page.next),
+            }),
+        )
+    }
+}
+
+#[tonic::async_trait]
+impl pb::config_server::Config for BusinessApi {
+    async fn get_config(
+        &self,
+        request: Request<pb::GetConfigRequest>,
+    ) -> Result<Response<pb::ConfigState>, Status> {
+        let rid = request_id(request.metadata());
+        let result = self
+            .state
+            .get_config(&rid, &request.into_inner().keys)
+            .await;
+        reply(&rid, result.map(config_state))
+    }
+
+    async fn set_config(
+        &self,
+        request: Request<pb::SetConfigRequest>,
+    ) -> Result<Response<pb::ConfigState>, Status> {
+        let rid = request_id(request.metadata());
+        let req = request.into_inner();
+        let changes = req
+            .changes
+            .into_iter()
+            .map(|c| ConfigUpdate {
+                key: c.key,
+                value: c.value,
+                expected_version: c.expected_version,
+            })
+            .collect();
+        let result = self.state.set_config(&rid, changes, &req.updated_by).await;
+        reply(&rid, result.map(config_state))
+    }
+
+    async fn config_history(
+        &self,
+        request: Request<pb::ConfigHistoryRequest>,
+    ) -> Result<Response<pb::ConfigHistoryResponse>, Status> {
+        let rid = request_id(request.metadata());
+        let req = request.into_inner();
+        let result = self.state.config_history(&rid, &req.key, req.limit).await;
+        reply(
+            &rid,
+            result.map(|entries| pb::ConfigHistoryResponse {
+                entries: entries.into_iter().map(pb::ConfigEntry::from).collect(),
+            }),
+        )
+    }
+}
+
+#[tonic::async_trait]
+impl pb::nodes_server::Nodes for BusinessApi {
+    async fn list_nodes(
+        &self,
+        request: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        let rid = request_id(request.metadata());
+        let result = self.state.list_nodes(&rid).await;
+        reply(
+            &rid,
+            result.map(|nodes| pb::ListNodesResponse {
+                nodes: nodes.into_iter().map(pb::NodeStatus::from).collect(),
+            }),
+        )
+    }
+
+    async fn cordon_node(
+        &self,
+        request: Request<pb::NodeRequest>,
+    ) -> Result<Response<pb::NodeStatus>, Status> {
+        let rid = request_id(request.metadata());
+        let result = self.state.cordon_node(&rid, &request.into_inner().id).await;
+        reply(&rid, result.map(pb::NodeStatus::from))
+    }
+
+    async fn drain_node(
+        &self,
+        request: Request<pb::NodeRequest>,
+    ) -> Result<Response<pb::NodeStatus>, Status> {
+        let rid = request_id(request.metadata());
+        let result = self.state.drain_node(&rid, &request.into_inner().id).await;
+        reply(&rid, result.map(pb::NodeStatus::from))
+    }
+
+    async fn uncordon_node(
+        &self,
+        request: Request<pb::NodeRequest>,
+    ) -> Result<Response<pb::NodeStatus>, Status> {
+        let rid = request_id(request.metadata());
+        let result = self
+            .state
+            .uncordon_node(&rid, &request.into_inner().id)
+            .await;
+        reply(&rid, result.map(pb::NodeStatus::from))
     }
 }

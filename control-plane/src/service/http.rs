@@ -1,12 +1,15 @@
 //! The HTTP/JSON gateway for web pages: the same calls as the gRPC services,
-//! with JSON bodies. Every error, including a body axum refuses (not JSON,
-//! wrong content type, too big), is answered with
+//! with JSON bodies: assignments, carried rooms and tokens, and the
+//! business calls a page needs (`/v1/users`, `/v1/rooms` `POST` and
+//! `/v1/rooms/{id}[/live|/end]`, `/v1/follows`, `/v1/unfollow`). Every
+//! error, including a body axum refuses (not JSON, wrong content type, too
+//! big), is answered with
 //! `{"error": "<message>", "code": "<kind>"}` and a 4xx/5xx status.
 
 use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -14,8 +17,11 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tower_http::cors::{Any, CorsLayer};
 
-use super::{ApiError, ControlState, ErrorKind, MintRequest, REQUEST_ID_HEADER, RequestId};
+use super::{
+    ApiError, ControlState, CreateRoom, ErrorKind, MintRequest, REQUEST_ID_HEADER, RequestId,
+};
 use crate::scheduler::RoomSummary;
+use crate::store::{Follow, Room, User};
 
 /// Largest JSON body accepted.
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
@@ -218,6 +224,219 @@ async fn mint_token(
     respond(&rid, result)
 }
 
+/// A stored room as JSON.
+#[derive(Debug, Serialize)]
+pub struct StoredRoomJson {
+    pub id: String,
+    pub owner: String,
+    pub title: String,
+    /// `scheduled`, `live` or `ended`.
+    pub status: &'static str,
+    pub scheduled_start_unix_ms: Option<u64>,
+    pub started_unix_ms: Option<u64>,
+    pub ended_unix_ms: Option<u64>,
+    pub created_unix_ms: u64,
+    pub updated_unix_ms: u64,
+}
+
+impl From<Room> for StoredRoomJson {
+    fn from(r: Room) -> Self {
+        Self {
+            id: r.id.into(),
+            owner: r.owner.into(),
+            title: r.title,
+            status: r.status.as_str(),
+            scheduled_start_unix_ms: r.scheduled_start_ms,
+            started_unix_ms: r.started_ms,
+            ended_unix_ms: r.ended_ms,
+            created_unix_ms: r.created_ms,
+            updated_unix_ms: r.updated_ms,
+        }
+    }
+}
+
+/// A user as JSON.
+#[derive(Debug, Serialize)]
+pub struct UserJson {
+    pub id: String,
+    pub name: String,
+    pub created_unix_ms: u64,
+}
+
+impl From<User> for UserJson {
+    fn from(u: User) -> Self {
+        Self {
+            id: u.id.into(),
+            name: u.name,
+            created_unix_ms: u.created_ms,
+        }
+    }
+}
+
+/// A follow as JSON.
+#[derive(Debug, Serialize)]
+pub struct FollowJson {
+    pub follower: String,
+    pub followee: String,
+    pub created_unix_ms: u64,
+}
+
+impl From<Follow> for FollowJson {
+    fn from(f: Follow) -> Self {
+        Self {
+            follower: f.follower.into(),
+            followee: f.followee.into(),
+            created_unix_ms: f.created_ms,
+        }
+    }
+}
+
+/// Body of `POST /v1/users`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateUserBody {
+    #[serde(default)]
+    pub id: String,
+    pub name: String,
+}
+
+/// Body of `POST /v1/rooms`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRoomBody {
+    #[serde(default)]
+    pub id: String,
+    pub owner: String,
+    pub title: String,
+    #[serde(default)]
+    pub scheduled_start_unix_ms: Option<i64>,
+}
+
+/// Body of `POST /v1/follows` and `POST /v1/unfollow`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FollowBody {
+    pub follower: String,
+    pub followee: String,
+}
+
+/// Runs `call` on a parsed body, or answers the body's rejection.
+async fn with_body<B, T, F, Fut>(headers: &HeaderMap, body: Body<B>, call: F) -> Response
+where
+    T: Serialize,
+    F: FnOnce(RequestId, B) -> Fut,
+    Fut: std::future::Future<Output = Result<T, ApiError>>,
+{
+    let rid = request_id(headers);
+    let result = match body {
+        Ok(Json(b)) => call(rid.clone(), b).await.map_err(HttpError::from),
+        Err(rejection) => Err(rejection.into()),
+    };
+    respond(&rid, result)
+}
+
+async fn create_user(
+    State(state): State<Arc<ControlState>>,
+    headers: HeaderMap,
+    body: Body<CreateUserBody>,
+) -> Response {
+    with_body(&headers, body, |rid, b| async move {
+        state
+            .create_user(&rid, &b.id, &b.name)
+            .await
+            .map(UserJson::from)
+    })
+    .await
+}
+
+async fn get_user(
+    State(state): State<Arc<ControlState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    let rid = request_id(&headers);
+    let result = state.get_user(&rid, &id).await.map(UserJson::from);
+    respond(&rid, result.map_err(HttpError::from))
+}
+
+async fn create_room(
+    State(state): State<Arc<ControlState>>,
+    headers: HeaderMap,
+    body: Body<CreateRoomBody>,
+) -> Response {
+    with_body(&headers, body, |rid, b| async move {
+        let create = CreateRoom {
+            id: b.id,
+            owner: b.owner,
+            title: b.title,
+            scheduled_start_ms: b.scheduled_start_unix_ms,
+        };
+        state
+            .create_room(&rid, create)
+            .await
+            .map(StoredRoomJson::from)
+    })
+    .await
+}
+
+async fn get_room(
+    State(state): State<Arc<ControlState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    let rid = request_id(&headers);
+    let result = state.get_room(&rid, &id).await.map(StoredRoomJson::from);
+    respond(&rid, result.map_err(HttpError::from))
+}
+
+async fn go_live(
+    State(state): State<Arc<ControlState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    let rid = request_id(&headers);
+    let result = state.go_live(&rid, &id).await.map(StoredRoomJson::from);
+    respond(&rid, result.map_err(HttpError::from))
+}
+
+async fn end_room(
+    State(state): State<Arc<ControlState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    let rid = request_id(&headers);
+    let result = state.end_room(&rid, &id).await.map(StoredRoomJson::from);
+    respond(&rid, result.map_err(HttpError::from))
+}
+
+async fn follow(
+    State(state): State<Arc<ControlState>>,
+    headers: HeaderMap,
+    body: Body<FollowBody>,
+) -> Response {
+    with_body(&headers, body, |rid, b| async move {
+        state
+            .follow(&rid, &b.follower, &b.followee)
+            .await
+            .map(FollowJson::from)
+    })
+    .await
+}
+
+async fn unfollow(
+    State(state): State<Arc<ControlState>>,
+    headers: HeaderMap,
+    body: Body<FollowBody>,
+) -> Response {
+    with_body(&headers, body, |rid, b| async move {
+        state
+            .unfollow(&rid, &b.follower, &b.followee)
+            .await
+            .map(|()| serde_json::json!({}))
+    })
+    .await
+}
+
 async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> HttpError {
     HttpError {
         status: StatusCode::METHOD_NOT_ALLOWED,
@@ -240,7 +459,14 @@ pub fn routes(state: Arc<ControlState>) -> Router {
     Router::new()
         .route("/v1/assign-publisher", post(assign_publisher))
         .route("/v1/assign-viewer", post(assign_viewer))
-        .route("/v1/rooms", get(list_rooms))
+        .route("/v1/rooms", get(list_rooms).post(create_room))
+        .route("/v1/rooms/{id}", get(get_room))
+        .route("/v1/rooms/{id}/live", post(go_live))
+        .route("/v1/rooms/{id}/end", post(end_room))
+        .route("/v1/users", post(create_user))
+        .route("/v1/users/{id}", get(get_user))
+        .route("/v1/follows", post(follow))
+        .route("/v1/unfollow", post(unfollow))
         .route("/v1/tokens", post(mint_token))
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

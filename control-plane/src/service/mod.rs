@@ -5,9 +5,12 @@
 //! and sign tokens. Request ids, tracing spans and metrics are handled here,
 //! once for both transports.
 
+mod business;
+mod config;
 pub mod error;
 pub mod grpc;
 pub mod http;
+mod nodes;
 
 use std::future::Future;
 use std::str::FromStr;
@@ -16,13 +19,18 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use tracing::Instrument;
-use weir_protocol::coordinator::{CoordError, Coordinator, NodeInfo};
+use weir_protocol::coordinator::{ClusterState, CoordError, Coordinator, NodeInfo};
 use weir_protocol::{Mode, NodeId, RoomId};
 
+use crate::config_center::{LiveConfig, LiveConfigCell};
 use crate::scheduler::{self, RoomSummary, Snapshot};
+use crate::store::{RoomStatus, Store};
 use crate::tokens::{MAX_SUBJECT_LEN, MAX_TOKEN_TTL, TokenIssueError, TokenIssuer};
 
+pub use business::{CreateRoom, ListQuery};
+pub use config::{ConfigEntryView, ConfigUpdate};
 pub use error::{ApiError, ErrorKind};
+pub use nodes::NodeView;
 
 /// Longest wait for the coordinator before a call counts as failed (and a
 /// degraded answer from the last view is considered).
@@ -34,9 +42,9 @@ pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// Settings of the control plane's API.
 #[derive(Debug, Clone)]
 pub struct ControlConfig {
-    /// Owner of every room, and so the subject of publish tokens: there is no
-    /// rooms store yet, so one configured user (`dev` in `weir dev`) owns all
-    /// rooms.
+    /// Owner of the rooms the store does not know (and of every room when
+    /// there is no store), and so the subject of their publish tokens (`dev`
+    /// in `weir dev`). A room in the store is owned by its stored owner.
     pub default_owner: String,
     /// Whether `MintToken` / `POST /v1/tokens` hands out arbitrary tokens.
     /// `weir dev` enables it; a cluster leaves it off.
@@ -76,12 +84,15 @@ impl ControlConfig {
     }
 }
 
-/// Everything the API needs: the coordinator, the token issuer, the settings
-/// and the last good view of the cluster.
+/// Everything the API needs: the coordinator, the token issuer, the
+/// business store, the settings (fixed at start and live from the config
+/// center) and the last good view of the cluster.
 pub struct ControlState {
     coordinator: Arc<dyn Coordinator>,
     tokens: TokenIssuer,
     config: ControlConfig,
+    store: Option<Store>,
+    live: Arc<LiveConfigCell>,
     last_view: Mutex<Option<Arc<ClusterView>>>,
 }
 
@@ -96,8 +107,7 @@ impl std::fmt::Debug for ControlState {
 /// The cluster as read from the coordinator at one moment.
 #[derive(Debug)]
 struct ClusterView {
-    nodes: Vec<NodeInfo>,
-    origins: Vec<(RoomId, NodeId)>,
+    cluster: Arc<ClusterState>,
     taken_at_ms: u64,
     taken_at: Instant,
 }
@@ -204,8 +214,44 @@ impl ControlState {
             coordinator,
             tokens,
             config,
+            store: None,
+            live: Arc::new(LiveConfigCell::default()),
             last_view: Mutex::new(None),
         })
+    }
+
+    /// The same state with a business store (users, rooms, follows).
+    pub fn with_store(mut self, store: Store) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// The business store, if there is one.
+    pub fn store(&self) -> Option<&Store> {
+        self.store.as_ref()
+    }
+
+    fn require_store(&self) -> Result<&Store, ApiError> {
+        self.store.as_ref().ok_or(ApiError::NoStore)
+    }
+
+    /// The coordinator.
+    pub fn coordinator(&self) -> &Arc<dyn Coordinator> {
+        &self.coordinator
+    }
+
+    /// The settings applied now from the config center.
+    pub fn live_config(&self) -> LiveConfig {
+        self.live.get()
+    }
+
+    /// Starts what runs beside the API: the config watch, which applies
+    /// every change of the config center without a restart.
+    pub fn spawn_background(&self) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(crate::config_center::watch(
+            Arc::clone(&self.coordinator),
+            Arc::clone(&self.live),
+        ))
     }
 
     /// The settings.
@@ -218,9 +264,12 @@ impl ControlState {
         &self.tokens
     }
 
-    /// Whether the coordinator answers (for `/readyz`).
+    /// Whether the coordinator and the store answer (for `/readyz`).
     pub async fn ready(&self) -> Result<(), ApiError> {
         with_timeout(self.coordinator.nodes()).await?;
+        if let Some(store) = &self.store {
+            store.ping().await?;
+        }
         Ok(())
     }
 
@@ -233,7 +282,8 @@ impl ControlState {
         observe("AssignPublisher", rid, async {
             let room = parse_room(room)?;
             let (view, degraded) = self.view().await?;
-            let snapshot = view.snapshot();
+            let live = self.live.get();
+            let snapshot = view.snapshot(&live);
             let node = scheduler::rank_for_publisher(&snapshot, &room)
                 .into_iter()
                 .next()
@@ -242,9 +292,7 @@ impl ControlState {
                     role: "publisher",
                 })?;
             let endpoints = vec![endpoint(EndpointKind::Whip, node, &room)];
-            // No rooms store yet: the configured default owner owns every
-            // room, so publish tokens are all minted for that user.
-            let owner = self.config.default_owner.clone();
+            let owner = self.owner_of(&room).await?;
             let minted = self.mint(&room, Mode::Publish, &owner, None)?;
             Ok(Assignment {
                 room,
@@ -270,7 +318,8 @@ impl ControlState {
                 return Err(ApiError::invalid("region", "longer than 64 bytes"));
             }
             let (view, degraded) = self.view().await?;
-            let snapshot = view.snapshot();
+            let live = self.live.get();
+            let snapshot = view.snapshot(&live);
             let region = Some(region).filter(|r| !r.is_empty());
             let endpoints: Vec<Endpoint> = scheduler::rank_for_viewer(&snapshot, &room, region)
                 .into_iter()
@@ -297,8 +346,8 @@ impl ControlState {
     /// Rooms the cluster carries, sorted by room id.
     pub async fn list_rooms(&self, rid: &RequestId) -> Result<Vec<RoomSummary>, ApiError> {
         observe("ListRooms", rid, async {
-            let (nodes, origins) = self.read_cluster().await?;
-            Ok(scheduler::room_summaries(&nodes, &origins))
+            let cluster = self.read_cluster().await?;
+            Ok(scheduler::room_summaries(&cluster.nodes, &cluster.origins))
         })
         .await
     }
@@ -316,7 +365,7 @@ impl ControlState {
             let room = parse_room(&req.room)?;
             let mode = Mode::from_str(&req.mode).map_err(|e| ApiError::invalid("mode", e))?;
             let subject = match req.subject.as_str() {
-                "" if mode == Mode::Publish => self.config.default_owner.clone(),
+                "" if mode == Mode::Publish => self.owner_of(&room).await?,
                 "" => anonymous("anon"),
                 s => {
                     validate_subject(s)?;
@@ -348,6 +397,23 @@ impl ControlState {
         .await
     }
 
+    /// Who publishes `room`: its owner in the store; for a room the store
+    /// does not know (or with no store), the configured default owner, so
+    /// ad-hoc rooms (`weir dev`, tests) keep working. An ended room takes no
+    /// publisher.
+    async fn owner_of(&self, room: &RoomId) -> Result<String, ApiError> {
+        let Some(store) = &self.store else {
+            return Ok(self.config.default_owner.clone());
+        };
+        match store.find_room(room).await? {
+            Some(r) if r.status == RoomStatus::Ended => Err(ApiError::FailedPrecondition(format!(
+                "room {room} has ended; create a new room to publish"
+            ))),
+            Some(r) => Ok(r.owner.into()),
+            None => Ok(self.config.default_owner.clone()),
+        }
+    }
+
     fn mint(
         &self,
         room: &RoomId,
@@ -355,6 +421,7 @@ impl ControlState {
         subject: &str,
         ttl: Option<Duration>,
     ) -> Result<crate::tokens::MintedToken, ApiError> {
+        let ttl = ttl.or(Some(self.live.get().token_default_ttl));
         self.tokens
             .mint(room, mode, subject, ttl)
             .map_err(|e| match e {
@@ -368,20 +435,17 @@ impl ControlState {
             })
     }
 
-    async fn read_cluster(&self) -> Result<(Vec<NodeInfo>, Vec<(RoomId, NodeId)>), ApiError> {
-        let nodes = with_timeout(self.coordinator.nodes()).await?;
-        let origins = with_timeout(self.coordinator.room_origins()).await?;
-        Ok((nodes, origins))
+    async fn read_cluster(&self) -> Result<Arc<ClusterState>, ApiError> {
+        Ok(with_timeout(self.coordinator.cluster_view()).await?)
     }
 
     /// The cluster now, or the last good view (degraded) when the coordinator
     /// does not answer and that view is recent enough.
     async fn view(&self) -> Result<(Arc<ClusterView>, bool), ApiError> {
         match self.read_cluster().await {
-            Ok((nodes, origins)) => {
+            Ok(cluster) => {
                 let view = Arc::new(ClusterView {
-                    nodes,
-                    origins,
+                    cluster,
                     taken_at_ms: unix_ms(),
                     taken_at: Instant::now(),
                 });
@@ -402,6 +466,11 @@ impl ControlState {
         }
     }
 
+    /// Drops the last view so the next assignment reads the cluster afresh.
+    fn forget_view(&self) {
+        *self.lock_view() = None;
+    }
+
     fn lock_view(&self) -> std::sync::MutexGuard<'_, Option<Arc<ClusterView>>> {
         // Only ever holds a swap of one Arc: a poisoned lock still has good data.
         self.last_view
@@ -413,11 +482,12 @@ impl ControlState {
 impl ClusterView {
     /// The view judged as of when it was taken: a degraded answer sends
     /// clients where the cluster last said they could go.
-    fn snapshot(&self) -> Snapshot<'_> {
+    fn snapshot(&self, live: &LiveConfig) -> Snapshot<'_> {
         Snapshot {
-            nodes: &self.nodes,
-            origins: &self.origins,
-            now_ms: self.taken_at_ms,
+            flags: &self.cluster.flags,
+            report_max_age_ms: live.report_max_age_ms,
+            max_load_permille: live.max_load_permille,
+            ..Snapshot::new(&self.cluster.nodes, &self.cluster.origins, self.taken_at_ms)
         }
     }
 }

@@ -289,3 +289,162 @@ pub async fn re_registering_rebinds_the_node_key(c: &dyn Coordinator) {
     c.revoke(new).await.unwrap();
     assert!(c.nodes().await.unwrap().is_empty());
 }
+
+/// Operator flags: set, listed, cleared; they outlive the node's lease and
+/// come back with `cluster()` together with nodes and origins.
+pub async fn node_flags_outlive_leases(c: &dyn Coordinator) {
+    use weir_protocol::coordinator::NodeFlags;
+    assert!(c.node_flags().await.unwrap().is_empty());
+    let a = c.register_node(node("a"), NODE_TTL).await.unwrap();
+    c.claim_room(&room("r"), &id("a"), a).await.unwrap();
+    let cordon = NodeFlags {
+        cordoned: true,
+        draining: false,
+        updated_ms: 42,
+    };
+    let drain = NodeFlags {
+        cordoned: true,
+        draining: true,
+        updated_ms: 43,
+    };
+    c.set_node_flags(&id("a"), cordon).await.unwrap();
+    // Flags may name a node that is not registered (yet, or any more).
+    c.set_node_flags(&id("away"), drain).await.unwrap();
+    let flags = c.node_flags().await.unwrap();
+    assert_eq!(flags.len(), 2);
+    assert_eq!(flags[&id("a")], cordon);
+    assert_eq!(flags[&id("away")], drain);
+
+    let cluster = c.cluster().await.unwrap();
+    assert_eq!(cluster.nodes, vec![node("a")]);
+    assert_eq!(cluster.origins, vec![(room("r"), id("a"))]);
+    assert_eq!(cluster.flags, flags);
+
+    c.revoke(a).await.unwrap();
+    assert_eq!(c.node_flags().await.unwrap()[&id("a")], cordon);
+    // Clearing both flags removes the entry.
+    c.set_node_flags(&id("a"), NodeFlags::default())
+        .await
+        .unwrap();
+    let flags = c.node_flags().await.unwrap();
+    assert_eq!(flags.keys().collect::<Vec<_>>(), [&id("away")]);
+    c.set_node_flags(&id("away"), NodeFlags::default())
+        .await
+        .unwrap();
+    assert!(c.cluster().await.unwrap().flags.is_empty());
+}
+
+/// Config values: versions count from 1, a write at a stale version changes
+/// nothing (all or none of a multi-key write), history is newest first, the
+/// revision grows with every change and `next_config` wakes on it.
+pub async fn config_is_versioned_and_atomic(c: &dyn Coordinator) {
+    use weir_protocol::coordinator::ConfigWrite;
+    let w = |key: &str, value: &str, expected_version: u64| ConfigWrite {
+        key: key.into(),
+        value: value.into(),
+        expected_version,
+    };
+    let empty = c.config().await.unwrap();
+    assert!(empty.values.is_empty());
+    assert_eq!(empty.revision, 0);
+
+    let one = c.set_config(&[w("a.x", "1", 0)], "alice").await.unwrap();
+    assert!(one.revision > 0);
+    let v = &one.values["a.x"];
+    assert_eq!(
+        (v.value.as_str(), v.version, v.updated_by.as_str()),
+        ("1", 1, "alice")
+    );
+    assert!(v.updated_ms > 0);
+    assert_eq!(c.config().await.unwrap(), one);
+
+    // A stale version: nothing is written, not even the other, fresh key.
+    let err = c
+        .set_config(&[w("b.y", "x", 0), w("a.x", "2", 0)], "bob")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, CoordError::Conflict(_)), "{err}");
+    assert_eq!(c.config().await.unwrap(), one);
+
+    // The watch: a waiter behind the current revision returns at once; one
+    // at it wakes on the next change.
+    assert_eq!(c.next_config(0).await.unwrap(), one);
+    let waiter = c.next_config(one.revision);
+    let writer = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        c.set_config(&[w("a.x", "2", 1), w("b.y", "yes", 0)], "bob")
+            .await
+            .unwrap()
+    };
+    let (seen, two) = tokio::join!(
+        async {
+            tokio::time::timeout(Duration::from_secs(10), waiter)
+                .await
+                .expect("next_config did not wake on a change")
+                .unwrap()
+        },
+        writer
+    );
+    assert!(two.revision > one.revision);
+    assert_eq!(seen, two);
+    assert_eq!(two.values["a.x"].version, 2);
+    assert_eq!(two.values["b.y"].version, 1);
+
+    for i in 3..=5u64 {
+        c.set_config(&[w("a.x", &i.to_string(), i - 1)], "carol")
+            .await
+            .unwrap();
+    }
+    let history = c.config_history("a.x", 3).await.unwrap();
+    let values: Vec<(&str, u64)> = history
+        .iter()
+        .map(|v| (v.value.as_str(), v.version))
+        .collect();
+    assert_eq!(values, [("5", 5), ("4", 4), ("3", 3)]);
+    assert_eq!(c.config_history("a.x", 100).await.unwrap().len(), 5);
+    assert!(c.config_history("never.set", 10).await.unwrap().is_empty());
+    // A key is never confused with another that it prefixes.
+    c.set_config(&[w("a.xy", "z", 0)], "dave").await.unwrap();
+    assert_eq!(c.config_history("a.x", 100).await.unwrap().len(), 5);
+}
+
+/// `cluster_view` shows what `cluster` shows: at once for this process's own
+/// flag writes, and within moments for membership changes.
+pub async fn cluster_view_follows_the_cluster(c: &dyn Coordinator) {
+    use weir_protocol::coordinator::NodeFlags;
+    let view = c.cluster_view().await.unwrap();
+    assert!(view.nodes.is_empty() && view.origins.is_empty() && view.flags.is_empty());
+    let a = c.register_node(node("a"), NODE_TTL).await.unwrap();
+    c.claim_room(&room("r"), &id("a"), a).await.unwrap();
+    // Eventually (a watch-fed copy may lag a little behind a register).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let view = c.cluster_view().await.unwrap();
+        if view.nodes == vec![node("a")] && view.origins == vec![(room("r"), id("a"))] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "view never showed a: {view:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Own flag writes: visible on the very next read.
+    for i in 0..5u64 {
+        let flags = NodeFlags {
+            cordoned: true,
+            draining: i % 2 == 1,
+            updated_ms: i,
+        };
+        c.set_node_flags(&id("a"), flags).await.unwrap();
+        assert_eq!(c.cluster_view().await.unwrap().flags[&id("a")], flags);
+    }
+    c.set_node_flags(&id("a"), NodeFlags::default())
+        .await
+        .unwrap();
+    assert!(c.cluster_view().await.unwrap().flags.is_empty());
+    c.revoke(a).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !c.cluster_view().await.unwrap().nodes.is_empty() {
+        assert!(Instant::now() < deadline, "revoked node still in the view");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(c.cluster().await.unwrap().origins.is_empty());
+}

@@ -175,7 +175,14 @@ impl Postgres {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             let ready = Command::new(bin.join("pg_isready"))
-                .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "weir"])
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &self.port.to_string(),
+                    "-U",
+                    "weir",
+                ])
                 .args(["-d", "postgres", "-t", "2"])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -188,7 +195,10 @@ impl Postgres {
                 && let Ok(Some(status)) = child.try_wait()
             {
                 self.child = None;
-                return Err(format!("postgres exited ({status}); log:\n{}", self.log_tail()));
+                return Err(format!(
+                    "postgres exited ({status}); log:\n{}",
+                    self.log_tail()
+                ));
             }
             if Instant::now() >= deadline {
                 return Err(format!(

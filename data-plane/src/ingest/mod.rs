@@ -1,7 +1,9 @@
 //! SRT ingest: one SRT listener per node; each admitted caller's MPEG-TS is
 //! demultiplexed and turned into frames for the room's WebRTC viewers —
 //! H.264 as is (no re-encoding), AAC transcoded to Opus on a thread of its
-//! own, Opus as is.
+//! own, Opus as is — and handed to the room's media services (HLS packager,
+//! transcoder ladder, snapshots; see `crate::transcode`), which never make
+//! ingest wait.
 //!
 //! Admission, in order: the streamid must parse (either form of
 //! `weir_protocol::streamid`), ask to publish, carry a valid publish token
@@ -33,6 +35,7 @@ use weir_sfu::{Codec, MediaFrame, MediaKind, MediaTime, SfuError};
 
 use crate::agent::{Agent, ClaimError};
 use crate::shard::ShardHandle;
+use crate::transcode::{MediaHub, RoomMedia};
 
 use self::audio::{AacJob, AudioTranscoder};
 use self::h264::H264Stream;
@@ -126,6 +129,7 @@ pub(crate) struct IngestContext {
     pub shard: ShardHandle,
     pub verifier: Arc<TokenVerifier>,
     pub agent: Arc<Agent>,
+    pub media: MediaHub,
 }
 
 /// A bound SRT listener, not yet serving.
@@ -447,17 +451,20 @@ async fn run_connection(
         let _ = shard.push_frame(source.clone(), frame);
     });
     let mut bridge = Bridge::new(room.clone(), sink);
+    bridge.media = ctx.media.open(room);
     let mut demux = TsDemuxer::new();
     let mut pes = Vec::new();
     let mut reported = ts::DemuxStats::default();
+    let mut origins: std::collections::VecDeque<(u64, Instant)> = Default::default();
+    let mut pushes = 0u64;
     let ended = loop {
         let item = tokio::select! {
             item = socket.next() => item,
             _ = &mut stop => break "replaced",
             _ = shutdown.changed() => break "shutdown",
         };
-        let bytes = match item {
-            Some(Ok((_, bytes))) => bytes,
+        let (origin, bytes) = match item {
+            Some(Ok(v)) => v,
             Some(Err(e)) => {
                 tracing::debug!(%room, error = %e, "SRT receive error");
                 break "error";
@@ -467,8 +474,21 @@ async fn run_connection(
         metrics::counter!("weir_srt_bytes_received_total").increment(bytes.len() as u64);
         demux.push(&bytes, &mut pes);
         let now = Instant::now();
+        // When the publisher sent each recent message (SRT's origin time on
+        // our clock), by the demuxer's push count: a frame's send time is
+        // that of the message that carried its start.
+        pushes += 1;
+        origins.push_back((pushes, origin));
+        if origins.len() > 1024 {
+            origins.pop_front();
+        }
         for p in pes.drain(..) {
-            bridge.pes(p, now);
+            let sent = origins
+                .iter()
+                .find(|(n, _)| *n == p.started)
+                .map(|(_, t)| *t)
+                .unwrap_or(origin);
+            bridge.pes(p, now, sent);
         }
         let stats = demux.stats();
         if stats != reported {
@@ -560,6 +580,8 @@ struct Bridge {
     reencode: Option<VideoTranscoder>,
     reencode_failed: bool,
     warned_h265: bool,
+    /// HLS, ladder and snapshots of this publisher.
+    media: RoomMedia,
 }
 
 impl Bridge {
@@ -576,12 +598,13 @@ impl Bridge {
             reencode: None,
             reencode_failed: false,
             warned_h265: false,
+            media: RoomMedia::none(),
         }
     }
 
-    fn pes(&mut self, p: Pes, now: Instant) {
+    fn pes(&mut self, p: Pes, now: Instant, sent: Instant) {
         match p.kind {
-            StreamKind::H264 => self.h264(p, now),
+            StreamKind::H264 => self.h264(p, now, sent),
             StreamKind::H265 => {
                 if !self.warned_h265 {
                     self.warned_h265 = true;
@@ -595,7 +618,7 @@ impl Bridge {
         }
     }
 
-    fn h264(&mut self, p: Pes, now: Instant) {
+    fn h264(&mut self, p: Pes, now: Instant, sent: Instant) {
         if *self.video_pid.get_or_insert(p.pid) != p.pid {
             return;
         }
@@ -611,8 +634,14 @@ impl Bridge {
             return;
         };
         let (out, network_time) = self.timeline.map(pts, p.epoch, now);
+        // HLS and the ladder take the stream as sent (B-frames and all),
+        // decode time on the same timeline.
+        let dts = out - (pts - p.dts.unwrap_or(pts)).clamp(0, 90_000);
+        self.media.video(&au.data, au.keyframe, out, dts);
         if let Some(reencoder) = self.reencode.as_mut() {
+            let capture = Some(wall_clock(sent));
             reencoder.push(VideoJob {
+                capture,
                 au: au.data,
                 keyframe: au.keyframe,
                 pts: out,
@@ -621,16 +650,16 @@ impl Bridge {
             return;
         }
         metrics::counter!("weir_srt_frames_total", "kind" => "video").increment(1);
-        (self.sink)(video_frame(out, network_time, au));
+        (self.sink)(video_frame(out, network_time, au, Some(wall_clock(sent))));
     }
 
     fn start_reencoder(&mut self) {
         let sink = self.sink.clone();
         let spawned = VideoTranscoder::spawn(
             format!("weir-h264-{}", self.room),
-            move |unit, network_time| {
+            move |unit, network_time, capture| {
                 metrics::counter!("weir_srt_frames_total", "kind" => "video").increment(1);
-                sink(video_frame(unit.time, network_time, unit.au));
+                sink(video_frame(unit.time, network_time, unit.au, capture));
             },
         );
         match spawned {
@@ -654,13 +683,23 @@ impl Bridge {
     }
 
     fn aac(&mut self, p: Pes, now: Instant) {
-        if !self.audio_pid_ok(p.pid) || self.aac_failed {
+        if !self.audio_pid_ok(p.pid) {
             return;
         }
         let Some(pts) = p.pts else {
             metrics::counter!("weir_srt_untimed_frames_total").increment(1);
             return;
         };
+        let frames = audio::adts_frames(&p.data);
+        let (out, network_time) = self.timeline.map(pts, p.epoch, now);
+        // HLS carries the AAC as it is.
+        for (i, f) in frames.iter().enumerate() {
+            let offset90 = i as i64 * 1024 * 90_000 / i64::from(f.rate);
+            self.media.aac(f.data, out + offset90);
+        }
+        if self.aac_failed {
+            return;
+        }
         if self.aac.is_none() {
             let sink = self.sink.clone();
             let spawned = AudioTranscoder::spawn(
@@ -679,12 +718,11 @@ impl Bridge {
                 }
             }
         }
-        let (out, network_time) = self.timeline.map(pts, p.epoch, now);
         let base48 = out * 48_000 / 90_000;
         let Some(aac) = &self.aac else {
             return;
         };
-        for (i, f) in audio::adts_frames(&p.data).into_iter().enumerate() {
+        for (i, f) in frames.into_iter().enumerate() {
             let offset = i as i64 * 1024 * 48_000 / i64::from(f.rate);
             aac.push(AacJob {
                 adts: f.data.to_vec(),
@@ -717,7 +755,25 @@ impl Bridge {
     }
 }
 
-fn video_frame(time90: i64, network_time: Instant, au: h264::AccessUnit) -> MediaFrame {
+/// `at` on the wall clock.
+fn wall_clock(at: Instant) -> SystemTime {
+    let now = Instant::now();
+    let sys = SystemTime::now();
+    if at <= now {
+        sys.checked_sub(now - at).unwrap_or(sys)
+    } else {
+        sys + (at - now)
+    }
+}
+
+/// A video frame for the SFU; `capture` (when the publisher sent it)
+/// travels to viewers as abs-capture-time, so delay can be measured.
+fn video_frame(
+    time90: i64,
+    network_time: Instant,
+    au: h264::AccessUnit,
+    capture: Option<SystemTime>,
+) -> MediaFrame {
     MediaFrame {
         kind: MediaKind::Video,
         codec: Codec::H264,
@@ -726,7 +782,10 @@ fn video_frame(time90: i64, network_time: Instant, au: h264::AccessUnit) -> Medi
         network_time,
         keyframe: au.keyframe,
         rid: None,
-        capture_time: None,
+        capture_time: capture.map(|capture_time| str0m::rtp::AbsCaptureTime {
+            capture_time,
+            clock_offset: None,
+        }),
         data: au.data.into(),
     }
 }

@@ -73,6 +73,9 @@ pub struct Pes {
     pub epoch: u32,
     /// The elementary stream bytes.
     pub data: Vec<u8>,
+    /// Which call of [`TsDemuxer::push`] (counted from 1) brought its first
+    /// byte: lets the caller tell when the PES started to arrive.
+    pub started: u64,
 }
 
 impl Pes {
@@ -113,6 +116,8 @@ struct EsState {
 struct PendingPes {
     /// The demuxer's epoch when the PES started.
     epoch: u32,
+    /// The push that brought its start.
+    started: u64,
     pts: Option<i64>,
     dts: Option<i64>,
     /// Expected payload length when the PES header gives one.
@@ -146,6 +151,8 @@ pub struct TsDemuxer {
     last_time: Option<i64>,
     epoch: u32,
     stats: DemuxStats,
+    /// Calls of `push` so far.
+    pushes: u64,
 }
 
 /// CRC-32/MPEG-2 of PSI sections.
@@ -197,6 +204,7 @@ impl TsDemuxer {
     /// Feeds bytes (any split: SRT carries 1316-byte messages, but nothing
     /// here relies on it) and appends every completed PES to `out`.
     pub fn push(&mut self, mut bytes: &[u8], out: &mut Vec<Pes>) {
+        self.pushes += 1;
         if !self.carry.is_empty() {
             let need = PACKET_SIZE - self.carry.len();
             let take = need.min(bytes.len());
@@ -570,6 +578,7 @@ impl TsDemuxer {
                     if let Some(state) = self.streams.get_mut(&pid) {
                         state.pending = Some(PendingPes {
                             epoch: self.epoch,
+                            started: self.pushes,
                             pts,
                             dts,
                             expected: header.expected,
@@ -654,6 +663,7 @@ impl TsDemuxer {
             dts,
             epoch,
             data: p.data,
+            started: p.started,
         });
     }
 }

@@ -9,7 +9,7 @@
 //! on a thread of its own with a bounded queue.
 
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use ffmpeg_next as ffmpeg;
 
@@ -173,6 +173,8 @@ pub struct VideoJob {
     pub pts: i64,
     /// The wall clock `pts` maps to.
     pub network_time: Instant,
+    /// When the publisher sent it (abs-capture-time for viewers).
+    pub capture: Option<SystemTime>,
 }
 
 /// The sending side of a re-encoder thread: never blocks.
@@ -186,10 +188,10 @@ pub struct VideoTranscoder {
 
 impl VideoTranscoder {
     /// Starts the thread; each re-encoded access unit goes to `emit` with
-    /// its media time (90 kHz) and wall clock.
+    /// its media time (90 kHz), wall clock and send time.
     pub fn spawn(
         name: String,
-        emit: impl FnMut(EncodedUnit, Instant) + Send + 'static,
+        emit: impl FnMut(EncodedUnit, Instant, Option<SystemTime>) + Send + 'static,
     ) -> Result<Self, TranscodeError> {
         // Opened once here so a missing codec is reported at once; the
         // thread opens its own (ffmpeg's scaler may not cross threads).
@@ -229,14 +231,15 @@ impl VideoTranscoder {
 fn run(
     mut codec: H264Reencoder,
     rx: Receiver<VideoJob>,
-    mut emit: impl FnMut(EncodedUnit, Instant),
+    mut emit: impl FnMut(EncodedUnit, Instant, Option<SystemTime>),
 ) {
     let mut out = Vec::new();
     let mut errors = 0u64;
     // Wall clock of recent inputs by media time, to give outputs theirs.
-    let mut clocks: std::collections::VecDeque<(i64, Instant)> = Default::default();
+    let mut clocks: std::collections::VecDeque<(i64, Instant, Option<SystemTime>)> =
+        Default::default();
     while let Ok(job) = rx.recv() {
-        clocks.push_back((job.pts, job.network_time));
+        clocks.push_back((job.pts, job.network_time, job.capture));
         if clocks.len() > 64 {
             clocks.pop_front();
         }
@@ -248,14 +251,14 @@ fn run(
             }
         }
         for unit in out.drain(..) {
-            let wall = clocks
+            let (wall, capture) = clocks
                 .iter()
-                .find(|(t, _)| *t == unit.time)
-                .map(|(_, w)| *w)
-                .unwrap_or(job.network_time);
+                .find(|(t, _, _)| *t == unit.time)
+                .map(|(_, w, c)| (*w, *c))
+                .unwrap_or((job.network_time, job.capture));
             metrics::counter!("weir_transcode_frames_total", "kind" => "video", "encoder" => codec.encoder_name)
                 .increment(1);
-            emit(unit, wall);
+            emit(unit, wall, capture);
         }
     }
 }
