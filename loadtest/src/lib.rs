@@ -164,9 +164,15 @@ pub fn summarize(room: &str, reports: &[ViewerReport]) -> anyhow::Result<Summary
     })
 }
 
-/// Asks the control plane for the room's WHEP endpoint and a play token.
-pub async fn assign_viewer(control: &str, room: &str) -> anyhow::Result<Target> {
-    let url = format!("{}/v1/assign-viewer", control.trim_end_matches('/'));
+/// Asks the control plane's JSON gateway (`/v1/{call}`) for `room`'s first
+/// endpoint of `kind` and a token: (endpoint URL, token).
+async fn assign(
+    control: &str,
+    call: &str,
+    kind: &str,
+    room: &str,
+) -> anyhow::Result<(String, String)> {
+    let url = format!("{}/v1/{call}", control.trim_end_matches('/'));
     let body = serde_json::json!({ "room": room }).to_string();
     let res = http::request(
         "POST",
@@ -177,58 +183,32 @@ pub async fn assign_viewer(control: &str, room: &str) -> anyhow::Result<Target> 
     )
     .await?;
     if res.status != 200 {
-        bail!(
-            "assign-viewer answered {}: {}",
-            res.status,
-            res.text().trim()
-        );
+        bail!("{call} answered {}: {}", res.status, res.text().trim());
     }
     let v: serde_json::Value =
-        serde_json::from_slice(&res.body).context("assign-viewer: bad JSON")?;
+        serde_json::from_slice(&res.body).with_context(|| format!("{call}: bad JSON"))?;
     let token = v["token"]
         .as_str()
-        .context("assign-viewer: no token")?
+        .with_context(|| format!("{call}: no token"))?
         .to_owned();
-    let whep_url = v["endpoints"]
+    let endpoint = v["endpoints"]
         .as_array()
-        .and_then(|e| e.iter().find(|e| e["kind"] == "whep"))
+        .and_then(|e| e.iter().find(|e| e["kind"] == kind))
         .and_then(|e| e["url"].as_str())
-        .context("assign-viewer: no WHEP endpoint")?
+        .with_context(|| format!("{call}: no {kind} endpoint"))?
         .to_owned();
+    Ok((endpoint, token))
+}
+
+/// Asks the control plane for the room's WHEP endpoint and a play token.
+pub async fn assign_viewer(control: &str, room: &str) -> anyhow::Result<Target> {
+    let (whep_url, token) = assign(control, "assign-viewer", "whep", room).await?;
     Ok(Target { whep_url, token })
 }
 
 /// Asks the control plane where to publish `room`, with a publish token.
 pub async fn assign_publisher(control: &str, room: &str) -> anyhow::Result<PublishTarget> {
-    let url = format!("{}/v1/assign-publisher", control.trim_end_matches('/'));
-    let body = serde_json::json!({ "room": room }).to_string();
-    let res = http::request(
-        "POST",
-        &url,
-        &[("Content-Type", "application/json")],
-        body.as_bytes(),
-        Duration::from_secs(10),
-    )
-    .await?;
-    if res.status != 200 {
-        bail!(
-            "assign-publisher answered {}: {}",
-            res.status,
-            res.text().trim()
-        );
-    }
-    let v: serde_json::Value =
-        serde_json::from_slice(&res.body).context("assign-publisher: bad JSON")?;
-    let token = v["token"]
-        .as_str()
-        .context("assign-publisher: no token")?
-        .to_owned();
-    let whip_url = v["endpoints"]
-        .as_array()
-        .and_then(|e| e.iter().find(|e| e["kind"] == "whip"))
-        .and_then(|e| e["url"].as_str())
-        .context("assign-publisher: no WHIP endpoint")?
-        .to_owned();
+    let (whip_url, token) = assign(control, "assign-publisher", "whip", room).await?;
     Ok(PublishTarget { whip_url, token })
 }
 
