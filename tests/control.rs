@@ -21,92 +21,16 @@ mod etcd;
 #[path = "../control-plane/tests/support/postgres.rs"]
 mod pg;
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
+use std::path::Path;
+use std::process::{Command, Output};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use common::proc::Proc;
 use common::{request, temp_dir};
 use weir_protocol::pb;
 
 /// How long processes may take to start and to agree (CI is slow).
 const DEADLINE: Duration = Duration::from_secs(30);
-
-/// A `weir` child process, stdout lines on a channel, stderr (JSON logs)
-/// in a file; killed on drop.
-struct Proc {
-    name: String,
-    child: Child,
-    log: PathBuf,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Proc {
-    fn spawn(name: &str, dir: &Path, args: &[&str]) -> Self {
-        let log = dir.join(format!("{name}.log"));
-        let mut child = Command::new(env!("CARGO_BIN_EXE_weir"))
-            .args(["--log-format", "json"])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
-            .spawn()
-            .expect("the weir binary runs");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Self {
-            name: name.to_owned(),
-            child,
-            log,
-            lines,
-        }
-    }
-
-    fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
-    }
-
-    fn wait_line<T>(&self, what: &str, pick: impl Fn(&str) -> Option<T>) -> T {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some(v) = pick(&line) {
-                        return v;
-                    }
-                }
-                Err(_) => panic!(
-                    "{} did not print {what} within {DEADLINE:?}; log:\n{}",
-                    self.name,
-                    self.log_tail()
-                ),
-            }
-        }
-    }
-
-    fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
 
 /// A running `weir control`.
 struct Control {

@@ -2,6 +2,8 @@
 //! loopback ports, and small HTTP helpers.
 #![allow(dead_code, unused_imports, clippy::unwrap_used)]
 
+pub mod proc;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
