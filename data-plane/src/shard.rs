@@ -279,6 +279,8 @@ pub struct ShardHandle {
     /// Viewers a home shard takes before new viewers of its rooms go to the
     /// least loaded shard (0: never).
     spill: usize,
+    /// Serializes viewer placement with its reservation.
+    placing: Arc<Mutex<()>>,
 }
 
 impl ShardHandle {
@@ -293,6 +295,7 @@ impl ShardHandle {
             viewers: Arc::default(),
             relays: Arc::default(),
             spill,
+            placing: Arc::default(),
         }
     }
 
@@ -407,19 +410,42 @@ impl ShardHandle {
         offer: String,
     ) -> Result<Result<Accepted, SfuError>, ShardGone> {
         let home = home_index(&room, self.shards.len());
-        let target = self.place_viewer(&room);
-        if target != home {
-            self.ensure_relay(&room, home, target).await?;
-        }
+        // Place and reserve in one step, so viewers arriving together do not
+        // all see the same count (the reservation is returned on failure).
+        let target = {
+            let _placing = self.placing.lock();
+            let target = self.place_viewer(&room);
+            self.shards[target].viewers.fetch_add(1, Ordering::Relaxed);
+            target
+        };
         let shard = &self.shards[target];
-        let result = shard.clone().play(room, owner, offer).await?;
-        if let Ok(accepted) = &result {
-            shard.viewers.fetch_add(1, Ordering::Relaxed);
-            if target != home
-                && let Ok(mut v) = self.viewers.lock()
-            {
-                v.insert(accepted.session.clone(), target);
+        let release = || {
+            let _ = shard
+                .viewers
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
+        };
+        if target != home
+            && let Err(e) = self.ensure_relay(&room, home, target).await
+        {
+            release();
+            return Err(e);
+        }
+        let result = match shard.clone().play(room, owner, offer).await {
+            Ok(r) => r,
+            Err(e) => {
+                release();
+                return Err(e);
             }
+        };
+        match &result {
+            Ok(accepted) => {
+                if target != home
+                    && let Ok(mut v) = self.viewers.lock()
+                {
+                    v.insert(accepted.session.clone(), target);
+                }
+            }
+            Err(_) => release(),
         }
         Ok(result)
     }
