@@ -354,3 +354,86 @@ fn print_table(s: &Summary) {
         println!("error: {e}");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args() -> LoadtestArgs {
+        LoadtestArgs {
+            // Nothing listens here: every case must fail before connecting.
+            control: "http://127.0.0.1:1".into(),
+            room: "r".into(),
+            publishers: 0,
+            clip: None,
+            clip_kbps: 1500,
+            viewers: 1,
+            duration: 1,
+            ramp_ms: 0,
+            bind: "127.0.0.1".parse().unwrap_or(IpAddr::from([127, 0, 0, 1])),
+            json: true,
+        }
+    }
+
+    #[tokio::test]
+    async fn bounds_and_bad_input_are_refused_before_any_traffic() {
+        for (bad, want) in [
+            (
+                LoadtestArgs {
+                    viewers: 0,
+                    ..args()
+                },
+                "--viewers",
+            ),
+            (
+                LoadtestArgs {
+                    viewers: MAX_VIEWERS + 1,
+                    ..args()
+                },
+                "--viewers",
+            ),
+            (
+                LoadtestArgs {
+                    duration: 0,
+                    ..args()
+                },
+                "--duration",
+            ),
+            (
+                LoadtestArgs {
+                    duration: MAX_DURATION_SECS + 1,
+                    ..args()
+                },
+                "--duration",
+            ),
+            (
+                LoadtestArgs {
+                    publishers: MAX_PUBLISHERS + 1,
+                    ..args()
+                },
+                "--publishers",
+            ),
+            (
+                LoadtestArgs {
+                    room: "no spaces".into(),
+                    ..args()
+                },
+                "--room",
+            ),
+        ] {
+            let e = run(bad)
+                .await
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(e.contains(want), "{e:?} should name {want}");
+        }
+        // A control plane that does not answer is a clear error, not a hang.
+        let e = run(args())
+            .await
+            .err()
+            .map(|e| format!("{e:#}"))
+            .unwrap_or_default();
+        assert!(e.contains("cannot connect"), "{e}");
+    }
+}
