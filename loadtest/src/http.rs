@@ -167,3 +167,58 @@ mod tests {
         );
     }
 }
+
+/// A WHIP or WHEP session on a node: the offer/answer exchange and the
+/// `DELETE` that ends it.
+#[derive(Debug)]
+pub struct WebRtcSession {
+    /// The session URL (`Location`, made absolute), when the node gave one.
+    url: Option<String>,
+    auth: String,
+}
+
+impl WebRtcSession {
+    /// POSTs `offer_sdp` to `endpoint` (`what` names it in errors: "WHIP" or
+    /// "WHEP"); returns the session and the answer SDP.
+    pub async fn open(
+        what: &str,
+        endpoint: &str,
+        token: &str,
+        offer_sdp: &str,
+    ) -> anyhow::Result<(Self, String)> {
+        let auth = format!("Bearer {token}");
+        let res = request(
+            "POST",
+            endpoint,
+            &[
+                ("Content-Type", "application/sdp"),
+                ("Authorization", &auth),
+            ],
+            offer_sdp.as_bytes(),
+            Duration::from_secs(10),
+        )
+        .await?;
+        if res.status != 201 {
+            bail!("{what} answered {}: {}", res.status, res.text().trim());
+        }
+        let url = match (res.header("location"), split_url(endpoint)) {
+            (Some(loc), Ok((authority, _))) => Some(format!("http://{authority}{loc}")),
+            _ => None,
+        };
+        Ok((Self { url, auth }, res.text()))
+    }
+
+    /// Leaves politely; the node would notice the silence anyway.
+    pub async fn close(self) {
+        if let Some(url) = self.url {
+            let _ = request(
+                "DELETE",
+                &url,
+                &[("Authorization", &self.auth)],
+                b"",
+                Duration::from_secs(5),
+            )
+            .await;
+        }
+    }
+}

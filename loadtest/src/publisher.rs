@@ -68,25 +68,16 @@ async fn publish(
     let audio = change.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None);
     let video = change.add_media(MediaKind::Video, Direction::SendOnly, None, None, None);
     let (offer, pending) = change.apply().context("no offer")?;
-    let auth = format!("Bearer {}", target.token);
-    let res = http::request(
-        "POST",
+    let (session, answer) = http::WebRtcSession::open(
+        "WHIP",
         &target.whip_url,
-        &[
-            ("Content-Type", "application/sdp"),
-            ("Authorization", &auth),
-        ],
-        offer.to_sdp_string().as_bytes(),
-        Duration::from_secs(10),
+        &target.token,
+        &offer.to_sdp_string(),
     )
     .await?;
-    if res.status != 201 {
-        bail!("WHIP answered {}: {}", res.status, res.text().trim());
-    }
-    let location = res.header("location").map(str::to_owned);
     rtc.sdp_api().accept_answer(
         pending,
-        SdpAnswer::from_sdp_string(&res.text()).context("bad SDP answer")?,
+        SdpAnswer::from_sdp_string(&answer).context("bad SDP answer")?,
     )?;
 
     let frame_interval = Duration::from_secs(1) / clip.fps;
@@ -168,18 +159,6 @@ async fn publish(
         }
     }
     .await;
-    if let Some(loc) = location
-        && let Ok((authority, _)) = http::split_url(&target.whip_url)
-    {
-        let url = format!("http://{authority}{loc}");
-        let _ = http::request(
-            "DELETE",
-            &url,
-            &[("Authorization", &auth)],
-            b"",
-            Duration::from_secs(5),
-        )
-        .await;
-    }
+    session.close().await;
     result
 }

@@ -76,25 +76,16 @@ async fn play(
     let video = change.add_media(MediaKind::Video, Direction::RecvOnly, None, None, None);
     let (offer, pending) = change.apply().context("no offer")?;
 
-    let auth = format!("Bearer {}", target.token);
-    let res = http::request(
-        "POST",
+    let (session, answer) = http::WebRtcSession::open(
+        "WHEP",
         &target.whep_url,
-        &[
-            ("Content-Type", "application/sdp"),
-            ("Authorization", &auth),
-        ],
-        offer.to_sdp_string().as_bytes(),
-        Duration::from_secs(10),
+        &target.token,
+        &offer.to_sdp_string(),
     )
     .await?;
-    if res.status != 201 {
-        bail!("WHEP answered {}: {}", res.status, res.text().trim());
-    }
     report.join = Some(start.elapsed());
     let joined_at = SystemTime::now();
-    let location = res.header("location").map(str::to_owned);
-    let answer = SdpAnswer::from_sdp_string(&res.text()).context("bad SDP answer")?;
+    let answer = SdpAnswer::from_sdp_string(&answer).context("bad SDP answer")?;
     rtc.sdp_api().accept_answer(pending, answer)?;
 
     let mut buf = vec![0u8; 2048];
@@ -180,19 +171,6 @@ async fn play(
     if let Some(f) = first {
         report.played = Instant::now().saturating_duration_since(f);
     }
-    if let Some(loc) = location {
-        // Leave politely; the node would notice the silence anyway.
-        if let Ok((authority, _)) = http::split_url(&target.whep_url) {
-            let url = format!("http://{authority}{loc}");
-            let _ = http::request(
-                "DELETE",
-                &url,
-                &[("Authorization", &auth)],
-                b"",
-                Duration::from_secs(5),
-            )
-            .await;
-        }
-    }
+    session.close().await;
     result
 }
