@@ -1,7 +1,8 @@
 //! Weir's wire contracts, shared by every plane: the gRPC API (generated from
 //! `proto/`), validated ids, the signed token format, the SRT streamid grammar, and the `Coordinator`
-//! trait that both planes talk to (implementations live in the planes).
+//! and room bus traits that both planes talk to (implementations live in the planes).
 
+pub mod bus;
 pub mod coordinator;
 pub mod ids;
 pub mod streamid;
