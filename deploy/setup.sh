@@ -21,7 +21,10 @@ if [ "$with_tests" -eq 1 ]; then
   # etcd-server: the cluster tests start their own etcd (3.4) processes.
   # postgresql: the store's business tests start their own PostgreSQL
   # server (initdb + postgres from /usr/lib/postgresql/15/bin) per test.
-  packages+=(chromium etcd-server postgresql)
+  # nats-server: the room bus tests start their own JetStream servers
+  # (one, or a 3-server cluster) per test.
+  # nginx: the CDN failover test puts two caching proxies in front of a node.
+  packages+=(chromium etcd-server postgresql nats-server nginx-light)
   command -v node >/dev/null 2>&1 || packages+=(nodejs npm)
 fi
 missing=()
