@@ -41,6 +41,8 @@ pub(crate) struct AppState {
     pub page_config: Arc<str>,
     /// HLS, transcoder and snapshots.
     pub media: crate::transcode::MediaHub,
+    /// The room events WebSocket.
+    pub events: crate::bus::ws::EventsState,
 }
 
 /// A refusal: status and a message for the client.
@@ -141,6 +143,11 @@ pub(crate) fn router(state: AppState) -> Router {
         .route(
             "/rooms/{room}/snapshot.jpg",
             get(crate::hls::routes::snapshot).options(crate::hls::routes::options),
+        )
+        .merge(
+            Router::new()
+                .route("/rooms/{room}/events", get(crate::bus::ws::events))
+                .with_state(state.events.clone()),
         )
         .route("/publish/{room}", get(crate::pages::publish))
         .route("/play/{room}", get(crate::pages::play))

@@ -1,9 +1,11 @@
 //! Weir's media node: the UDP shard running the sans-IO SFU, the HTTP
 //! surface (WHIP, WHEP, HLS, pages, metrics, health), SRT ingest with its
-//! HLS packager, transcoder and snapshots, and the agent that keeps the
-//! node registered with the coordinator.
+//! HLS packager, transcoder and snapshots, the room bus (danmaku, likes,
+//! gifts over WebSocket), and the agent that keeps the node registered with
+//! the coordinator.
 
 mod agent;
+pub mod bus;
 pub mod hls;
 mod http;
 pub mod ingest;
@@ -20,6 +22,7 @@ use anyhow::Context;
 use tokio::sync::watch;
 use weir_protocol::NodeId;
 use weir_protocol::TokenVerifier;
+use weir_protocol::bus::{Retention, RoomBus};
 use weir_protocol::coordinator::{Coordinator, NodeInfo, NodeLoad};
 
 pub use http::{MAX_SDP_BYTES, RenderMetrics};
@@ -58,6 +61,10 @@ pub struct NodeConfig {
     pub srt: Option<SrtConfig>,
     /// HLS, transcoding ladder and snapshots of SRT-published rooms.
     pub media: MediaConfig,
+    /// The room bus (JetStream in clusters); `None`: an in-process one.
+    pub room_bus: Option<Arc<dyn RoomBus>>,
+    /// Settings of the node's room feeds.
+    pub hub: bus::HubConfig,
 }
 
 /// A node whose sockets are bound, ready to serve.
@@ -72,6 +79,10 @@ pub struct Node {
     state: http::AppState,
     shutdown_tx: watch::Sender<bool>,
     public_url: String,
+    hub: Arc<bus::Hub>,
+    /// Tells WebSocket clients to leave (axum's graceful shutdown does not
+    /// wait for upgraded connections).
+    events_stop: watch::Sender<bool>,
 }
 
 impl Node {
@@ -167,9 +178,22 @@ impl Node {
         );
         let media = transcode::MediaHub::new(config.media.clone())
             .context("cannot prepare HLS under the data directory")?;
+        let room_bus = config
+            .room_bus
+            .clone()
+            .unwrap_or_else(|| Arc::new(bus::LocalBus::new(Retention::default())));
+        let hub = bus::Hub::new(room_bus, config.node_id.to_string(), config.hub.clone());
+        let (events_stop, events_stop_rx) = watch::channel(false);
+        let verifier = Arc::new(verifier);
+        let events = bus::ws::EventsState {
+            hub: Arc::clone(&hub),
+            verifier: Arc::clone(&verifier),
+            stop: events_stop_rx,
+        };
         let state = http::AppState {
             shard: shard.clone(),
-            verifier: Arc::new(verifier),
+            verifier,
+            events,
             agent: agent.clone(),
             render_metrics,
             page_config: page_config.into(),
@@ -186,7 +210,14 @@ impl Node {
             state,
             shutdown_tx,
             public_url,
+            hub,
+            events_stop,
         })
+    }
+
+    /// The node's room feeds.
+    pub fn hub(&self) -> &Arc<bus::Hub> {
+        &self.hub
     }
 
     /// Where HTTP is served.
@@ -234,8 +265,13 @@ impl Node {
             agent,
             state,
             shutdown_tx,
+            events_stop,
             ..
         } = self;
+        let shutdown = async move {
+            shutdown.await;
+            let _ = events_stop.send(true);
+        };
         let srt_task = srt.map(|srt| {
             let ctx = ingest::IngestContext {
                 shard: shard.clone(),

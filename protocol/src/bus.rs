@@ -79,8 +79,27 @@ pub enum EventBody {
     },
     /// A streamer this room's viewers may follow went live.
     GoLive { streamer: String, room: String, title: String },
-    /// A notice from the platform (muted, slow mode, room ended, ...).
+    /// A notice from the platform (room ended, ...).
     System { code: String, text: String },
+    /// The streamer (or an operator) moderated the room; every node applies
+    /// it. `seconds == 0` lifts it.
+    Moderation {
+        action: ModerationAction,
+        /// The user it is about (empty for room-wide actions).
+        user: String,
+        seconds: u32,
+        by: String,
+    },
+}
+
+/// What a moderation event does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModerationAction {
+    /// `user` may not send danmaku for `seconds`.
+    Mute,
+    /// Every user may send one danmaku per `seconds`.
+    SlowMode,
 }
 
 impl EventBody {
@@ -89,7 +108,10 @@ impl EventBody {
         match self {
             Self::Danmaku { .. } => EventClass::Chat,
             Self::Likes { .. } | Self::Online { .. } => EventClass::Counter,
-            Self::Gift { .. } | Self::GoLive { .. } | Self::System { .. } => EventClass::Critical,
+            Self::Gift { .. }
+            | Self::GoLive { .. }
+            | Self::System { .. }
+            | Self::Moderation { .. } => EventClass::Critical,
         }
     }
 }
@@ -120,6 +142,9 @@ impl RoomEvent {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Delivered {
     pub offset: u64,
+    /// The id it was published with, if any (gift id, or a node's id for a
+    /// danmaku it already showed its own clients while the bus was away).
+    pub msg_id: Option<String>,
     pub event: RoomEvent,
 }
 

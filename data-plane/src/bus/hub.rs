@@ -1,0 +1,905 @@
+//! The node's side of the room bus: one [`RoomFeed`] per room the node's
+//! clients are in. A feed subscribes to the bus **once** and keeps the room's
+//! recent events (as many as the bus keeps per room) in one shared, ordered
+//! log; every client of the room reads that log through its own cursor, so
+//! an event is stored and encoded once however many clients there are, and a
+//! slow client only falls behind on its own cursor (it never slows the room).
+//!
+//! Recovery: a client that comes back with `since=OFFSET&epoch=E` starts its
+//! cursor right after `OFFSET` when the log still holds it, which it does for
+//! everything the bus still holds (the log is loaded from the bus when the
+//! feed starts: one read per room, never one per client), or is told
+//! `recovered: false`.
+//!
+//! While the broker is away the feed keeps its clients talking: their
+//! danmaku are shown at once as `local` frames and queued; when the broker
+//! returns the feed catches up from its last offset and publishes the queue
+//! (with the same message ids, so nothing doubles).
+//!
+//! Likes are merged on the node and published a few times a second; each
+//! node publishes its online count when it changes; moderation (mute, slow
+//! mode) travels on the bus so every node applies it.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use tokio::sync::watch;
+use weir_protocol::RoomId;
+use weir_protocol::bus::{
+    BusError, Delivered, EventBody, EventClass, MAX_DANMAKU_BYTES, ModerationAction, RoomBus,
+    RoomEvent,
+};
+
+use super::frame::{Format, ServerFrame};
+
+/// Limits that protect rooms; the config center's `chat.*` keys set them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatLimits {
+    /// Danmaku per second one connection may send (token bucket rate).
+    pub conn_rate: f64,
+    /// Burst one connection may send at once.
+    pub conn_burst: f64,
+    /// Danmaku per second one user may send over all their connections to
+    /// this node.
+    pub user_rate: f64,
+    pub user_burst: f64,
+    /// Longest danmaku, in bytes.
+    pub max_text_bytes: usize,
+    /// Largest client frame, in bytes (a bigger one closes the connection).
+    pub max_frame_bytes: usize,
+    /// A danmaku containing one of these (case-insensitive) is refused: the
+    /// moderation hook run before anything is published.
+    pub blocked_words: Vec<String>,
+    /// Events a client may lag behind before low-priority events (danmaku,
+    /// old counters) are skipped for it.
+    pub shed_lag: u64,
+    /// Events a client may lag behind before it is disconnected.
+    pub max_lag: u64,
+}
+
+impl Default for ChatLimits {
+    fn default() -> Self {
+        Self {
+            conn_rate: 2.0,
+            conn_burst: 5.0,
+            user_rate: 3.0,
+            user_burst: 8.0,
+            max_text_bytes: MAX_DANMAKU_BYTES,
+            max_frame_bytes: 4096,
+            blocked_words: Vec::new(),
+            shed_lag: 200,
+            max_lag: 5000,
+        }
+    }
+}
+
+/// Settings of the node's room feeds.
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    /// Events kept per room (match the bus's per-room retention, so every
+    /// event the bus still holds can be recovered from the node).
+    pub history: usize,
+    /// How often merged likes are published.
+    pub likes_every: Duration,
+    /// How often the online count is published (when it changed).
+    pub online_every: Duration,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        Self {
+            history: 1000,
+            likes_every: Duration::from_millis(250),
+            online_every: Duration::from_secs(2),
+        }
+    }
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A token bucket.
+#[derive(Debug, Clone)]
+pub(crate) struct Bucket {
+    tokens: f64,
+    at_ms: u64,
+}
+
+impl Bucket {
+    pub(crate) fn new(burst: f64) -> Self {
+        Self {
+            tokens: burst,
+            at_ms: now_ms(),
+        }
+    }
+
+    /// Takes one token if there is one.
+    pub(crate) fn take(&mut self, rate: f64, burst: f64, now: u64) -> bool {
+        let dt = now.saturating_sub(self.at_ms) as f64 / 1000.0;
+        self.at_ms = now;
+        self.tokens = (self.tokens + dt * rate).min(burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// One item of a room's log.
+#[derive(Debug)]
+pub(crate) struct Item {
+    /// Node-local position: contiguous, so cursors are simple.
+    pub seq: u64,
+    pub kind: ItemKind,
+    json: std::sync::OnceLock<Bytes>,
+    msgpack: std::sync::OnceLock<Bytes>,
+}
+
+#[derive(Debug)]
+pub(crate) enum ItemKind {
+    /// An event from the bus; `prev` is the offset before it in this room.
+    Bus {
+        offset: u64,
+        prev: u64,
+        delivered: Delivered,
+    },
+    /// A danmaku shown while the broker was away.
+    Local { id: String, event: RoomEvent },
+    /// The log lost contiguity after `after`.
+    Gap { after: u64 },
+    /// The broker left or came back.
+    Status { degraded: bool },
+}
+
+impl Item {
+    fn new(seq: u64, kind: ItemKind) -> Arc<Self> {
+        Arc::new(Self {
+            seq,
+            kind,
+            json: std::sync::OnceLock::new(),
+            msgpack: std::sync::OnceLock::new(),
+        })
+    }
+
+    pub(crate) fn class(&self) -> EventClass {
+        match &self.kind {
+            ItemKind::Bus { delivered, .. } => delivered.event.body.class(),
+            ItemKind::Local { .. } => EventClass::Chat,
+            ItemKind::Gap { .. } | ItemKind::Status { .. } => EventClass::Critical,
+        }
+    }
+
+    pub(crate) fn offset(&self) -> Option<u64> {
+        match &self.kind {
+            ItemKind::Bus { offset, .. } => Some(*offset),
+            _ => None,
+        }
+    }
+
+    fn frame(&self) -> ServerFrame {
+        match &self.kind {
+            ItemKind::Bus {
+                offset,
+                prev,
+                delivered,
+            } => ServerFrame::Event {
+                offset: *offset,
+                prev: *prev,
+                at_ms: delivered.event.at_ms,
+                id: delivered.msg_id.clone(),
+                body: delivered.event.body.clone(),
+            },
+            ItemKind::Local { id, event } => ServerFrame::Local {
+                id: id.clone(),
+                at_ms: event.at_ms,
+                body: event.body.clone(),
+            },
+            ItemKind::Gap { after } => ServerFrame::Gap { after: *after },
+            ItemKind::Status { degraded } => ServerFrame::Status {
+                degraded: *degraded,
+            },
+        }
+    }
+
+    /// The item's frame, encoded once per format.
+    pub(crate) fn encoded(&self, format: Format) -> Bytes {
+        let cell = match format {
+            Format::Json => &self.json,
+            Format::Msgpack => &self.msgpack,
+        };
+        cell.get_or_init(|| self.frame().encode(format)).clone()
+    }
+}
+
+/// Why a client's frame was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub code: &'static str,
+    pub reason: String,
+}
+
+impl Refusal {
+    fn new(code: &'static str, reason: impl Into<String>) -> Self {
+        Self {
+            code,
+            reason: reason.into(),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct FeedState {
+    /// The log, oldest first; `seq`s are contiguous.
+    items: VecDeque<Arc<Item>>,
+    next_seq: u64,
+    /// Bus events in the log (the rest are local notices).
+    bus_items: usize,
+    /// Offset of the newest bus event in the log (0: none).
+    last_offset: u64,
+    /// Every bus event with an offset above this is in the log.
+    complete_after: u64,
+    epoch: u64,
+    degraded: bool,
+    /// Danmaku shown locally while the broker was away, to publish.
+    queued: VecDeque<(String, RoomEvent)>,
+    likes_total: u64,
+    likes_pending: u64,
+    like_users: HashSet<String>,
+    online: HashMap<String, (u32, u64)>,
+    muted: HashMap<String, u64>,
+    slow_mode_s: u32,
+    last_danmaku: HashMap<String, u64>,
+    gift_board: HashMap<String, i64>,
+}
+
+/// One room as this node carries it.
+pub struct RoomFeed {
+    pub room: RoomId,
+    state: Mutex<FeedState>,
+    /// The newest `seq` (wakes clients).
+    head: watch::Sender<u64>,
+    /// Whether the log was loaded from the bus (clients wait for it).
+    ready: watch::Sender<bool>,
+    clients: AtomicU64,
+    node: String,
+    config: HubConfig,
+}
+
+impl std::fmt::Debug for RoomFeed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RoomFeed").field("room", &self.room).finish()
+    }
+}
+
+impl RoomFeed {
+    fn lock(&self) -> MutexGuard<'_, FeedState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Appends to the log and wakes clients. Caller holds the lock.
+    fn push(&self, st: &mut FeedState, kind: ItemKind) {
+        let is_bus = matches!(kind, ItemKind::Bus { .. });
+        let seq = st.next_seq;
+        st.next_seq += 1;
+        st.items.push_back(Item::new(seq, kind));
+        if is_bus {
+            st.bus_items += 1;
+        }
+        while st.bus_items > self.config.history || st.items.len() > self.config.history * 2 {
+            let Some(old) = st.items.pop_front() else {
+                break;
+            };
+            if let ItemKind::Bus { offset, .. } = old.kind {
+                st.bus_items -= 1;
+                st.complete_after = offset;
+            }
+        }
+        self.head.send_replace(seq);
+    }
+
+    /// Takes a bus event into the log and the room's state.
+    fn apply(&self, st: &mut FeedState, d: Delivered) {
+        if d.offset <= st.last_offset {
+            return; // Already have it (a re-subscribe overlapped).
+        }
+        match &d.event.body {
+            EventBody::Likes { delta, .. } => st.likes_total += delta,
+            EventBody::Online { node, count } => {
+                st.online.insert(node.clone(), (*count, d.event.at_ms));
+            }
+            EventBody::Moderation {
+                action,
+                user,
+                seconds,
+                ..
+            } => match action {
+                ModerationAction::Mute if *seconds == 0 => {
+                    st.muted.remove(user);
+                }
+                ModerationAction::Mute => {
+                    st.muted.insert(
+                        user.clone(),
+                        d.event.at_ms + u64::from(*seconds) * 1000,
+                    );
+                }
+                ModerationAction::SlowMode => st.slow_mode_s = *seconds,
+            },
+            EventBody::Gift {
+                from_user, amount, ..
+            } => *st.gift_board.entry(from_user.clone()).or_default() += amount,
+            _ => {}
+        }
+        let prev = st.last_offset;
+        st.last_offset = d.offset;
+        self.push(
+            st,
+            ItemKind::Bus {
+                offset: d.offset,
+                prev,
+                delivered: d,
+            },
+        );
+    }
+
+    /// The room's counters now.
+    pub fn counters(&self) -> (u64, u64) {
+        let st = self.lock();
+        let fresh_after = now_ms().saturating_sub(3 * self.config.online_every.as_millis() as u64);
+        let mut online: u64 = st
+            .online
+            .iter()
+            .filter(|(node, (_, at))| *node != &self.node && *at >= fresh_after)
+            .map(|(_, (n, _))| u64::from(*n))
+            .sum();
+        online += self.clients.load(Ordering::Relaxed);
+        (st.likes_total + st.likes_pending, online)
+    }
+
+    /// Top gift senders seen in the log, most first.
+    pub fn gift_board(&self, n: usize) -> Vec<(String, i64)> {
+        let st = self.lock();
+        let mut board: Vec<(String, i64)> =
+            st.gift_board.iter().map(|(u, a)| (u.clone(), *a)).collect();
+        board.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        board.truncate(n);
+        board
+    }
+
+    /// Waits until the log is loaded.
+    pub async fn wait_ready(&self) {
+        let mut rx = self.ready.subscribe();
+        let _ = rx.wait_for(|r| *r).await;
+    }
+
+    pub fn head(&self) -> watch::Receiver<u64> {
+        self.head.subscribe()
+    }
+
+    /// Where a client starts: `(first seq to send, recovered, missed, epoch,
+    /// last offset, degraded)`.
+    pub(crate) fn start(&self, since: Option<(u64, u64)>) -> Start {
+        let st = self.lock();
+        let head = st.next_seq;
+        let base = Start {
+            from_seq: head,
+            recovered: None,
+            missed: 0,
+            epoch: st.epoch,
+            offset: st.last_offset,
+            degraded: st.degraded,
+        };
+        let Some((since, epoch)) = since else {
+            return base;
+        };
+        if epoch != st.epoch || since > st.last_offset {
+            return Start {
+                recovered: Some(false),
+                ..base
+            };
+        }
+        if since == st.last_offset {
+            return Start {
+                recovered: Some(true),
+                ..base
+            };
+        }
+        if since < st.complete_after {
+            return Start {
+                recovered: Some(false),
+                ..base
+            };
+        }
+        // The first bus item after `since`; everything from it on is sent.
+        let idx = st.items.partition_point(|i| i.offset().is_none_or(|o| o <= since));
+        let from_seq = st.items.get(idx).map_or(head, |i| i.seq);
+        let missed = st.items.iter().skip(idx).filter(|i| i.offset().is_some()).count() as u64;
+        Start {
+            from_seq,
+            recovered: Some(true),
+            missed,
+            ..base
+        }
+    }
+
+    /// Log items from `from_seq` on, at most `max`; `Err(oldest)` when the
+    /// log no longer holds `from_seq`.
+    pub(crate) fn read(&self, from_seq: u64, max: usize) -> Result<Vec<Arc<Item>>, u64> {
+        let st = self.lock();
+        let oldest = st.items.front().map_or(st.next_seq, |i| i.seq);
+        if from_seq < oldest {
+            return Err(oldest);
+        }
+        let skip = (from_seq - oldest) as usize;
+        Ok(st.items.iter().skip(skip).take(max).cloned().collect())
+    }
+
+    pub fn clients(&self) -> u64 {
+        self.clients.load(Ordering::Relaxed)
+    }
+}
+
+/// Where a new client starts reading.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Start {
+    pub from_seq: u64,
+    pub recovered: Option<bool>,
+    pub missed: u64,
+    pub epoch: u64,
+    pub offset: u64,
+    pub degraded: bool,
+}
+
+/// The node's room feeds.
+pub struct Hub {
+    bus: Arc<dyn RoomBus>,
+    node: String,
+    config: HubConfig,
+    limits: RwLock<Arc<ChatLimits>>,
+    feeds: Mutex<HashMap<RoomId, Arc<RoomFeed>>>,
+    users: Mutex<HashMap<String, Bucket>>,
+    next_id: AtomicU64,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub").field("node", &self.node).finish()
+    }
+}
+
+/// Holds a client's place in a room; dropping it leaves.
+pub struct Membership {
+    pub feed: Arc<RoomFeed>,
+    hub: Arc<Hub>,
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        let left = self.feed.clients.fetch_sub(1, Ordering::Relaxed) - 1;
+        metrics::gauge!("weir_room_clients").decrement(1.0);
+        if left == 0 {
+            self.hub.maybe_close(&self.feed);
+        }
+    }
+}
+
+impl Hub {
+    pub fn new(bus: Arc<dyn RoomBus>, node: String, config: HubConfig) -> Arc<Self> {
+        Arc::new(Self {
+            bus,
+            node,
+            config,
+            limits: RwLock::new(Arc::new(ChatLimits::default())),
+            feeds: Mutex::default(),
+            users: Mutex::default(),
+            next_id: AtomicU64::new(0),
+        })
+    }
+
+    pub fn bus(&self) -> &Arc<dyn RoomBus> {
+        &self.bus
+    }
+
+    pub fn limits(&self) -> Arc<ChatLimits> {
+        Arc::clone(&self.limits.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Applies new limits to every room at once.
+    pub fn set_limits(&self, limits: ChatLimits) {
+        *self.limits.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(limits);
+    }
+
+    /// Rooms with clients on this node.
+    pub fn rooms(&self) -> Vec<Arc<RoomFeed>> {
+        self.feeds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Joins `room`, starting its feed if this is its first client here.
+    pub fn join(self: &Arc<Self>, room: &RoomId) -> Membership {
+        let mut feeds = self.feeds.lock().unwrap_or_else(|e| e.into_inner());
+        let feed = feeds
+            .entry(room.clone())
+            .or_insert_with(|| {
+                let feed = Arc::new(RoomFeed {
+                    room: room.clone(),
+                    state: Mutex::default(),
+                    head: watch::channel(0).0,
+                    ready: watch::channel(false).0,
+                    clients: AtomicU64::new(0),
+                    node: self.node.clone(),
+                    config: self.config.clone(),
+                });
+                metrics::gauge!("weir_bus_rooms").increment(1.0);
+                tokio::spawn(Arc::clone(self).run_feed(Arc::clone(&feed)));
+                feed
+            })
+            .clone();
+        feed.clients.fetch_add(1, Ordering::Relaxed);
+        metrics::gauge!("weir_room_clients").increment(1.0);
+        Membership {
+            feed,
+            hub: Arc::clone(self),
+        }
+    }
+
+    fn maybe_close(&self, feed: &Arc<RoomFeed>) {
+        let mut feeds = self.feeds.lock().unwrap_or_else(|e| e.into_inner());
+        if feed.clients.load(Ordering::Relaxed) == 0
+            && feeds.get(&feed.room).is_some_and(|f| Arc::ptr_eq(f, feed))
+        {
+            feeds.remove(&feed.room);
+            metrics::gauge!("weir_bus_rooms").decrement(1.0);
+        }
+    }
+
+    fn is_open(&self, feed: &Arc<RoomFeed>) -> bool {
+        self.feeds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&feed.room)
+            .is_some_and(|f| Arc::ptr_eq(f, feed))
+    }
+
+    fn set_degraded(&self, feed: &RoomFeed, degraded: bool) {
+        let mut st = feed.lock();
+        if st.degraded != degraded {
+            st.degraded = degraded;
+            if degraded {
+                metrics::gauge!("weir_bus_degraded_rooms").increment(1.0);
+            } else {
+                metrics::gauge!("weir_bus_degraded_rooms").decrement(1.0);
+            }
+            feed.push(&mut st, ItemKind::Status { degraded });
+        }
+    }
+
+    /// Loads the room's held events, then follows the bus; on loss, marks
+    /// the room degraded and catches up from its last offset when the broker
+    /// returns. Ends when the room has no clients here.
+    async fn run_feed(self: Arc<Self>, feed: Arc<RoomFeed>) {
+        let mut backoff = Duration::from_millis(100);
+        let mut likes_tick = tokio::time::interval(self.config.likes_every);
+        let mut online_tick = tokio::time::interval(self.config.online_every);
+        let mut last_online = u64::MAX;
+        'outer: while self.is_open(&feed) {
+            // (Re)load: epoch, then the held events after what we have.
+            let loaded = async {
+                let epoch = self.bus.epoch().await?;
+                let after = {
+                    let st = feed.lock();
+                    if st.epoch == epoch { st.last_offset } else { 0 }
+                };
+                let events = match self.bus.read_after(&feed.room, after, usize::MAX).await {
+                    Err(BusError::Gone { .. }) => {
+                        // The broker dropped events while we were away.
+                        // Clients are told; the events still held after
+                        // the ones we have are taken in below.
+                        {
+                            let mut st = feed.lock();
+                            feed.push(&mut st, ItemKind::Gap { after });
+                            st.complete_after = st.last_offset;
+                        }
+                        self.bus.read_after(&feed.room, 0, usize::MAX).await?
+                    }
+                    other => other?,
+                };
+                let sub = self
+                    .bus
+                    .subscribe(
+                        &feed.room,
+                        events.last().map_or(after, |d| d.offset),
+                    )
+                    .await?;
+                Ok::<_, BusError>((epoch, events, sub))
+            }
+            .await;
+            let (epoch, events, mut sub) = match loaded {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::warn!(room = %feed.room, error = %e, "room bus unavailable; room degraded");
+                    self.set_degraded(&feed, true);
+                    feed.ready.send_replace(true);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    continue;
+                }
+            };
+            {
+                let mut st = feed.lock();
+                if st.epoch != epoch {
+                    if st.epoch != 0 {
+                        let after = st.last_offset;
+                        feed.push(&mut st, ItemKind::Gap { after });
+                    }
+                    st.epoch = epoch;
+                    st.last_offset = 0;
+                    st.complete_after = 0;
+                }
+                if st.last_offset == 0
+                    && let Some(first) = events.first()
+                {
+                    // Whatever came before the oldest held event is gone.
+                    st.complete_after = first.offset - 1;
+                }
+                for d in events {
+                    feed.apply(&mut st, d);
+                }
+            }
+            self.set_degraded(&feed, false);
+            feed.ready.send_replace(true);
+            backoff = Duration::from_millis(100);
+            self.flush_queue(&feed).await;
+            loop {
+                tokio::select! {
+                    next = sub.next() => match next {
+                        Ok(d) => {
+                            let mut st = feed.lock();
+                            feed.apply(&mut st, d);
+                        }
+                        Err(e) => {
+                            tracing::warn!(room = %feed.room, error = %e, "room bus subscription lost; room degraded");
+                            self.set_degraded(&feed, true);
+                            continue 'outer;
+                        }
+                    },
+                    _ = likes_tick.tick() => {
+                        if !self.is_open(&feed) {
+                            break 'outer;
+                        }
+                        self.flush_likes(&feed).await;
+                    }
+                    _ = online_tick.tick() => {
+                        let n = feed.clients();
+                        if n != last_online {
+                            let event = RoomEvent {
+                                at_ms: now_ms(),
+                                body: EventBody::Online { node: self.node.clone(), count: n as u32 },
+                            };
+                            if self.bus.publish(&feed.room, &event, None).await.is_ok() {
+                                last_online = n;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        tracing::debug!(room = %feed.room, "room feed stopped");
+    }
+
+    async fn flush_likes(&self, feed: &RoomFeed) {
+        let (delta, users) = {
+            let mut st = feed.lock();
+            if st.likes_pending == 0 {
+                return;
+            }
+            let users = st.like_users.len() as u32;
+            st.like_users.clear();
+            (std::mem::take(&mut st.likes_pending), users)
+        };
+        let event = RoomEvent {
+            at_ms: now_ms(),
+            body: EventBody::Likes {
+                node: self.node.clone(),
+                delta,
+                users,
+            },
+        };
+        if self.bus.publish(&feed.room, &event, None).await.is_err() {
+            // Kept for the next try: likes are counters, late is fine.
+            let mut st = feed.lock();
+            st.likes_pending += delta;
+        }
+    }
+
+    async fn flush_queue(&self, feed: &RoomFeed) {
+        loop {
+            let Some((id, event)) = feed.lock().queued.front().cloned() else {
+                return;
+            };
+            match self.bus.publish(&feed.room, &event, Some(&id)).await {
+                Ok(_) => {
+                    feed.lock().queued.pop_front();
+                }
+                Err(e) => {
+                    tracing::debug!(room = %feed.room, error = %e, "queued danmaku wait for the bus");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn new_msg_id(&self) -> String {
+        format!(
+            "{}-{}-{}",
+            self.node,
+            uuid::Uuid::new_v4().simple(),
+            self.next_id.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
+    /// Checks a danmaku against the room's rules and this node's per-user
+    /// limit (the connection's own limit is the caller's).
+    pub fn check_danmaku(&self, feed: &RoomFeed, user: &str, text: &str) -> Result<(), Refusal> {
+        let limits = self.limits();
+        let text_trimmed = text.trim();
+        if text_trimmed.is_empty() {
+            return Err(Refusal::new("empty", "a danmaku needs some text"));
+        }
+        if text.len() > limits.max_text_bytes {
+            return Err(Refusal::new(
+                "too_long",
+                format!(
+                    "a danmaku may be at most {} bytes; this one is {}",
+                    limits.max_text_bytes,
+                    text.len()
+                ),
+            ));
+        }
+        if text.chars().any(|c| c.is_control() && c != '\n') {
+            return Err(Refusal::new(
+                "bad_text",
+                "a danmaku may not contain control characters",
+            ));
+        }
+        let lower = text.to_lowercase();
+        if let Some(word) = limits
+            .blocked_words
+            .iter()
+            .find(|w| !w.is_empty() && lower.contains(&w.to_lowercase()))
+        {
+            return Err(Refusal::new(
+                "moderated",
+                format!("refused by the room's moderation: contains {word:?}"),
+            ));
+        }
+        let now = now_ms();
+        {
+            let st = feed.lock();
+            if let Some(until) = st.muted.get(user)
+                && *until > now
+            {
+                return Err(Refusal::new(
+                    "muted",
+                    format!(
+                        "you are muted in this room for {} more seconds",
+                        (until - now).div_ceil(1000)
+                    ),
+                ));
+            }
+            if st.slow_mode_s > 0
+                && let Some(last) = st.last_danmaku.get(user)
+            {
+                let wait = u64::from(st.slow_mode_s) * 1000;
+                if now.saturating_sub(*last) < wait {
+                    return Err(Refusal::new(
+                        "slow_mode",
+                        format!(
+                            "slow mode: one danmaku per {} s; wait {} s",
+                            st.slow_mode_s,
+                            (wait - now.saturating_sub(*last)).div_ceil(1000)
+                        ),
+                    ));
+                }
+            }
+        }
+        let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
+        if users.len() > 100_000 {
+            users.retain(|_, b| now.saturating_sub(b.at_ms) < 60_000);
+        }
+        let bucket = users
+            .entry(user.to_owned())
+            .or_insert_with(|| Bucket::new(limits.user_burst));
+        if !bucket.take(limits.user_rate, limits.user_burst, now) {
+            return Err(Refusal::new(
+                "rate_limited",
+                format!(
+                    "too many danmaku from you: at most {} per second",
+                    limits.user_rate
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Publishes a checked danmaku; returns its offset, or 0 when the broker
+    /// is away and it was shown locally (it is published when it returns).
+    pub async fn send_danmaku(&self, feed: &RoomFeed, user: &str, text: &str) -> u64 {
+        let id = self.new_msg_id();
+        let event = RoomEvent {
+            at_ms: now_ms(),
+            body: EventBody::Danmaku {
+                user: user.to_owned(),
+                text: text.to_owned(),
+            },
+        };
+        feed.lock().last_danmaku.insert(user.to_owned(), event.at_ms);
+        let degraded = feed.lock().degraded;
+        if !degraded {
+            match self.bus.publish(&feed.room, &event, Some(&id)).await {
+                Ok(p) => {
+                    metrics::counter!("weir_danmaku_published_total").increment(1);
+                    return p.offset;
+                }
+                Err(e) => {
+                    tracing::warn!(room = %feed.room, error = %e, "danmaku not published; shown locally");
+                }
+            }
+        }
+        metrics::counter!("weir_danmaku_local_total").increment(1);
+        let mut st = feed.lock();
+        st.queued.push_back((id.clone(), event.clone()));
+        while st.queued.len() > self.config.history {
+            st.queued.pop_front();
+            metrics::counter!("weir_danmaku_dropped_total", "reason" => "queue_full").increment(1);
+        }
+        feed.push(&mut st, ItemKind::Local { id, event });
+        0
+    }
+
+    /// Counts likes, published merged a few times a second.
+    pub fn like(&self, feed: &RoomFeed, user: &str, count: u32) {
+        let mut st = feed.lock();
+        st.likes_pending += u64::from(count);
+        if st.like_users.len() < 100_000 {
+            st.like_users.insert(user.to_owned());
+        }
+    }
+
+    /// Publishes a moderation event (the caller checked the right to).
+    pub async fn moderate(
+        &self,
+        feed: &RoomFeed,
+        by: &str,
+        action: ModerationAction,
+        user: &str,
+        seconds: u32,
+    ) -> Result<u64, BusError> {
+        let event = RoomEvent {
+            at_ms: now_ms(),
+            body: EventBody::Moderation {
+                action,
+                user: user.to_owned(),
+                seconds,
+                by: by.to_owned(),
+            },
+        };
+        let published = self
+            .bus
+            .publish(&feed.room, &event, Some(&self.new_msg_id()))
+            .await?;
+        Ok(published.offset)
+    }
+}

@@ -1,0 +1,456 @@
+//! `GET /rooms/{room}/events`: a room's events over WebSocket.
+//!
+//! Query: `token` (a play or publish token for the room; or an
+//! `Authorization: Bearer` header), `since` and `epoch` (both, to recover
+//! what was missed since the last event a client got), `format=json` for JSON
+//! text frames instead of MessagePack. Everything is checked before the
+//! upgrade: a bad request is a plain 4xx saying why. After it, a bad frame
+//! is answered with a `refused` frame and changes nothing; only an oversized
+//! frame, a flood of bad ones, or a client too slow to keep up closes the
+//! connection, with a `bye` frame saying why.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use tokio::sync::watch;
+use weir_protocol::bus::{EventClass, ModerationAction};
+use weir_protocol::{Mode, RoomId, TokenVerifier};
+
+use super::frame::{ClientFrame, Format, ServerFrame};
+use super::hub::{Bucket, Hub, RoomFeed, now_ms};
+
+/// Longest a single frame may take to reach a client before it counts as
+/// too slow and is disconnected.
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bad frames a connection may send before it is closed.
+pub const MAX_BAD_FRAMES: u32 = 20;
+/// How often a client gets the room's counters (when they changed).
+pub const COUNTERS_EVERY: Duration = Duration::from_secs(1);
+/// Log items sent per wake-up before the connection looks at its input.
+const BATCH: usize = 256;
+
+/// What the events endpoint needs.
+#[derive(Clone)]
+pub(crate) struct EventsState {
+    pub hub: Arc<Hub>,
+    pub verifier: Arc<TokenVerifier>,
+    pub stop: watch::Receiver<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct EventsQuery {
+    token: Option<String>,
+    since: Option<u64>,
+    epoch: Option<u64>,
+    format: Option<String>,
+}
+
+fn refuse(status: StatusCode, message: impl Into<String>) -> Response {
+    metrics::counter!("weir_events_refused_total", "status" => status.as_u16().to_string())
+        .increment(1);
+    (status, format!("{}\n", message.into())).into_response()
+}
+
+pub(crate) async fn events(
+    State(state): State<EventsState>,
+    Path(room): Path<String>,
+    query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Response {
+    let room = match RoomId::parse(&room) {
+        Ok(r) => r,
+        Err(e) => return refuse(StatusCode::BAD_REQUEST, format!("bad room in URL: {e}")),
+    };
+    let Query(q) = match query {
+        Ok(q) => q,
+        Err(e) => {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                format!("bad query: {e} (known: token, since, epoch, format)"),
+            );
+        }
+    };
+    let format = match q.format.as_deref() {
+        None | Some("msgpack") => Format::Msgpack,
+        Some("json") => Format::Json,
+        Some(other) => {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                format!("format must be json or msgpack, not {other:?}"),
+            );
+        }
+    };
+    let since = match (q.since, q.epoch) {
+        (None, None) => None,
+        (Some(s), Some(e)) => Some((s, e)),
+        _ => {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                "since and epoch go together: give both to recover, or neither",
+            );
+        }
+    };
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim);
+    let Some(token) = q.token.as_deref().or(bearer) else {
+        return refuse(
+            StatusCode::UNAUTHORIZED,
+            "missing token: add ?token=<play or publish token for this room> (or Authorization: Bearer)",
+        );
+    };
+    let now = now_ms() / 1000;
+    let claims = match state.verifier.verify(token, now) {
+        Ok(c) => c,
+        Err(e) => return refuse(StatusCode::UNAUTHORIZED, e.to_string()),
+    };
+    if claims.room != room {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            format!("the token is for room {}, not {room}", claims.room),
+        );
+    }
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(e) => {
+            return refuse(
+                StatusCode::UPGRADE_REQUIRED,
+                format!("this is a WebSocket endpoint: {e}"),
+            );
+        }
+    };
+    let limits = state.hub.limits();
+    let client = Client {
+        hub: Arc::clone(&state.hub),
+        room,
+        user: claims.sub,
+        streamer: claims.mode == Mode::Publish,
+        format,
+        stop: state.stop.clone(),
+    };
+    ws.max_message_size(limits.max_frame_bytes)
+        .max_frame_size(limits.max_frame_bytes)
+        .on_upgrade(move |socket| client.run(socket, since))
+}
+
+struct Client {
+    hub: Arc<Hub>,
+    room: RoomId,
+    user: String,
+    streamer: bool,
+    format: Format,
+    stop: watch::Receiver<bool>,
+}
+
+/// Why a connection ends.
+enum End {
+    Closed,
+    Bye(&'static str, String),
+}
+
+impl Client {
+    fn frame(&self, f: &ServerFrame) -> Message {
+        self.message(f.encode(self.format))
+    }
+
+    fn message(&self, bytes: bytes::Bytes) -> Message {
+        match self.format {
+            Format::Msgpack => Message::Binary(bytes),
+            // Encoded from serde_json: valid UTF-8.
+            Format::Json => match axum::extract::ws::Utf8Bytes::try_from(bytes) {
+                Ok(text) => Message::Text(text),
+                Err(_) => Message::Text("{}".into()),
+            },
+        }
+    }
+
+    async fn send(&self, socket: &mut WebSocket, message: Message) -> Result<(), End> {
+        match tokio::time::timeout(SEND_TIMEOUT, socket.send(message)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(End::Closed),
+            Err(_) => Err(End::Bye(
+                "too_slow",
+                format!("a frame took over {SEND_TIMEOUT:?} to reach you"),
+            )),
+        }
+    }
+
+    async fn run(self, mut socket: WebSocket, since: Option<(u64, u64)>) {
+        metrics::counter!("weir_events_connections_total").increment(1);
+        let membership = self.hub.join(&self.room);
+        let feed = Arc::clone(&membership.feed);
+        // A room whose bus is away still serves (degraded) after this.
+        let _ = tokio::time::timeout(Duration::from_secs(5), feed.wait_ready()).await;
+        let end = self.serve(&mut socket, &feed, since).await;
+        if let End::Bye(code, reason) = end {
+            metrics::counter!("weir_events_disconnected_total", "reason" => code).increment(1);
+            tracing::info!(room = %self.room, user = %self.user, code, %reason, "events client disconnected");
+            let bye = self.frame(&ServerFrame::Bye {
+                code: code.to_owned(),
+                reason: reason.clone(),
+            });
+            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                let _ = socket.send(bye).await;
+                let _ = socket
+                    .send(Message::Close(Some(CloseFrame {
+                        code: if code == "shutdown" { 1001 } else { 1008 },
+                        reason: code.into(),
+                    })))
+                    .await;
+            })
+            .await;
+        }
+        drop(membership);
+    }
+
+    async fn serve(
+        &self,
+        socket: &mut WebSocket,
+        feed: &Arc<RoomFeed>,
+        since: Option<(u64, u64)>,
+    ) -> End {
+        let start = feed.start(since);
+        let hello = ServerFrame::Hello {
+            room: self.room.to_string(),
+            epoch: start.epoch,
+            offset: start.offset,
+            recovered: start.recovered,
+            missed: start.missed,
+            degraded: start.degraded,
+            user: self.user.clone(),
+        };
+        if let Some(false) = start.recovered {
+            metrics::counter!("weir_events_recoveries_total", "result" => "gone").increment(1);
+        } else if start.recovered.is_some() {
+            metrics::counter!("weir_events_recoveries_total", "result" => "ok").increment(1);
+        }
+        if let Err(end) = self.send(socket, self.frame(&hello)).await {
+            return end;
+        }
+        let mut cursor = start.from_seq;
+        let mut head = feed.head();
+        let mut stop = self.stop.clone();
+        let limits = self.hub.limits();
+        let mut danmaku_bucket = Bucket::new(limits.conn_burst);
+        let mut like_bucket = Bucket::new(20.0);
+        let mut bad_frames = 0u32;
+        let mut counters = tokio::time::interval(COUNTERS_EVERY);
+        let mut last_counters = (u64::MAX, u64::MAX);
+        loop {
+            // Send what the log has beyond our cursor.
+            let newest = *head.borrow_and_update();
+            while cursor <= newest {
+                let items = match feed.read(cursor, BATCH) {
+                    Ok(items) => items,
+                    Err(_) => {
+                        return End::Bye(
+                            "too_slow",
+                            "you fell behind the room's history; reconnect to resync".into(),
+                        );
+                    }
+                };
+                let Some(last) = items.last() else { break };
+                let next_cursor = last.seq + 1;
+                let lag = newest.saturating_sub(cursor);
+                let limits = self.hub.limits();
+                if lag > limits.max_lag {
+                    return End::Bye(
+                        "too_slow",
+                        format!("{lag} events behind the room; reconnect to resync"),
+                    );
+                }
+                let shedding = lag > limits.shed_lag;
+                let mut skipped: Option<(EventClass, u64, u64)> = None;
+                for item in &items {
+                    let class = item.class();
+                    if shedding && class != EventClass::Critical {
+                        let through = item.offset().unwrap_or(0);
+                        // Danmaku and counters are let go; counters come
+                        // back as totals in the next `counters` frame.
+                        skipped = Some(match skipped {
+                            Some((c, n, _)) => (c.min(class), n + 1, through),
+                            None => (class, 1, through),
+                        });
+                        continue;
+                    }
+                    if let Some((class, count, through)) = skipped.take() {
+                        metrics::counter!("weir_events_skipped_total").increment(count);
+                        let f = ServerFrame::Skipped {
+                            class,
+                            count,
+                            through,
+                        };
+                        if let Err(end) = self.send(socket, self.frame(&f)).await {
+                            return end;
+                        }
+                    }
+                    if let Err(end) = self
+                        .send(socket, self.message(item.encoded(self.format)))
+                        .await
+                    {
+                        return end;
+                    }
+                }
+                if let Some((class, count, through)) = skipped {
+                    metrics::counter!("weir_events_skipped_total").increment(count);
+                    let f = ServerFrame::Skipped {
+                        class,
+                        count,
+                        through,
+                    };
+                    if let Err(end) = self.send(socket, self.frame(&f)).await {
+                        return end;
+                    }
+                }
+                cursor = next_cursor;
+            }
+            tokio::select! {
+                changed = head.changed() => {
+                    if changed.is_err() {
+                        return End::Bye("room_closed", "the room's feed stopped".into());
+                    }
+                }
+                _ = stop.changed() => {
+                    return End::Bye("shutdown", "the node is shutting down; reconnect to another".into());
+                }
+                _ = counters.tick() => {
+                    let now = feed.counters();
+                    if now != last_counters {
+                        last_counters = now;
+                        let f = ServerFrame::Counters { likes: now.0, online: now.1 };
+                        if let Err(end) = self.send(socket, self.frame(&f)).await {
+                            return end;
+                        }
+                    }
+                }
+                message = socket.recv() => {
+                    let reply = match message {
+                        None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return End::Closed,
+                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                        Some(Ok(Message::Binary(_))) => Err(("malformed", String::new(), "binary frames are not accepted; send JSON text".to_owned())),
+                        Some(Ok(Message::Text(text))) => {
+                            self.handle(feed, text.as_str(), &mut danmaku_bucket, &mut like_bucket).await
+                        }
+                    };
+                    let frame = match reply {
+                        Ok(Some(f)) => f,
+                        Ok(None) => continue,
+                        Err((code, r#ref, reason)) => {
+                            metrics::counter!("weir_events_client_refused_total", "code" => code).increment(1);
+                            if code == "malformed" {
+                                bad_frames += 1;
+                                if bad_frames > MAX_BAD_FRAMES {
+                                    return End::Bye("malformed", format!("over {MAX_BAD_FRAMES} malformed frames"));
+                                }
+                            }
+                            ServerFrame::Refused { r#ref, code: code.to_owned(), reason }
+                        }
+                    };
+                    if let Err(end) = self.send(socket, self.frame(&frame)).await {
+                        return end;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Acts on one client frame: `Ok(reply)`, or `Err((code, ref, reason))`.
+    async fn handle(
+        &self,
+        feed: &Arc<RoomFeed>,
+        text: &str,
+        danmaku_bucket: &mut Bucket,
+        like_bucket: &mut Bucket,
+    ) -> Result<Option<ServerFrame>, (&'static str, String, String)> {
+        let frame: ClientFrame = serde_json::from_str(text)
+            .map_err(|e| ("malformed", String::new(), format!("bad frame: {e}")))?;
+        let limits = self.hub.limits();
+        match frame {
+            ClientFrame::Ping => Ok(Some(ServerFrame::Pong)),
+            ClientFrame::Danmaku { text, r#ref } => {
+                if r#ref.len() > 64 {
+                    return Err(("malformed", String::new(), "ref may be at most 64 bytes".into()));
+                }
+                if !danmaku_bucket.take(limits.conn_rate, limits.conn_burst, now_ms()) {
+                    return Err((
+                        "rate_limited",
+                        r#ref,
+                        format!(
+                            "too many danmaku on this connection: at most {} per second",
+                            limits.conn_rate
+                        ),
+                    ));
+                }
+                self.hub
+                    .check_danmaku(feed, &self.user, &text)
+                    .map_err(|r| (r.code, r#ref.clone(), r.reason))?;
+                let offset = self.hub.send_danmaku(feed, &self.user, &text).await;
+                Ok(Some(ServerFrame::Ack { r#ref, offset }))
+            }
+            ClientFrame::Like { count } => {
+                if !(1..=100).contains(&count) {
+                    return Err(("bad_count", String::new(), "like count must be 1..=100".into()));
+                }
+                if !like_bucket.take(10.0, 20.0, now_ms()) {
+                    return Err((
+                        "rate_limited",
+                        String::new(),
+                        "too many like frames: at most 10 per second (send a count)".into(),
+                    ));
+                }
+                self.hub.like(feed, &self.user, count);
+                Ok(None)
+            }
+            ClientFrame::Mute { user, seconds } => {
+                if user.is_empty() || user.len() > 64 {
+                    return Err(("bad_user", String::new(), "user must be 1..=64 bytes".into()));
+                }
+                self.moderate(feed, ModerationAction::Mute, &user, seconds)
+                    .await
+            }
+            ClientFrame::SlowMode { seconds } => {
+                self.moderate(feed, ModerationAction::SlowMode, "", seconds)
+                    .await
+            }
+        }
+    }
+
+    async fn moderate(
+        &self,
+        feed: &Arc<RoomFeed>,
+        action: ModerationAction,
+        user: &str,
+        seconds: u32,
+    ) -> Result<Option<ServerFrame>, (&'static str, String, String)> {
+        if !self.streamer {
+            return Err((
+                "forbidden",
+                String::new(),
+                "only the room's streamer (a publish token) may moderate".into(),
+            ));
+        }
+        if seconds > 86_400 {
+            return Err(("bad_seconds", String::new(), "seconds must be 0..=86400".into()));
+        }
+        match self
+            .hub
+            .moderate(feed, &self.user, action, user, seconds)
+            .await
+        {
+            Ok(offset) => Ok(Some(ServerFrame::Ack {
+                r#ref: String::new(),
+                offset,
+            })),
+            Err(e) => Err(("unavailable", String::new(), format!("not applied: {e}"))),
+        }
+    }
+}
