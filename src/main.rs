@@ -14,6 +14,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use weir_control_plane::{ControlConfig, ControlState, LocalCoordinator, TokenIssuer};
 use weir_data_plane::{Node, NodeConfig};
+use weir_protocol::bus::{Retention, RoomBus};
 use weir_protocol::coordinator::Coordinator;
 use weir_protocol::{NodeId, TokenVerifier};
 
@@ -99,12 +100,45 @@ struct MediaArgs {
     transcode_test_delay_ms: u64,
 }
 
+/// Room events (danmaku, likes, gifts) on the room bus.
+#[derive(Args)]
+struct RoomBusArgs {
+    /// Events kept per room: the bus's retention and what a node holds for
+    /// clients that reconnect (`since=`); older ones cannot be recovered.
+    #[arg(long, env = "WEIR_ROOM_HISTORY", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    room_history: u64,
+    /// Age in seconds after which a room event is no longer kept.
+    #[arg(long, env = "WEIR_ROOM_HISTORY_AGE", default_value_t = 3600,
+          value_parser = clap::value_parser!(u64).range(1..=31_536_000))]
+    room_history_age: u64,
+}
+
+impl RoomBusArgs {
+    fn retention(&self) -> Retention {
+        Retention {
+            max_per_room: self.room_history,
+            max_age_s: self.room_history_age,
+            ..Retention::default()
+        }
+    }
+
+    fn hub(&self) -> weir_data_plane::bus::HubConfig {
+        weir_data_plane::bus::HubConfig {
+            history: usize::try_from(self.room_history).unwrap_or(usize::MAX),
+            ..Default::default()
+        }
+    }
+}
+
 #[derive(Args)]
 struct DevArgs {
     #[command(flatten)]
     media: ShardArgs,
     #[command(flatten)]
     av: MediaArgs,
+    #[command(flatten)]
+    room_bus: RoomBusArgs,
     /// Node HTTP listen address (WHIP, WHEP, pages, metrics).
     #[arg(long, env = "WEIR_HTTP", default_value = "127.0.0.1:8080")]
     http: SocketAddr,
@@ -134,6 +168,14 @@ struct NodeArgs {
     media: ShardArgs,
     #[command(flatten)]
     av: MediaArgs,
+    #[command(flatten)]
+    room_bus: RoomBusArgs,
+    /// NATS server URLs (`nats://HOST:PORT[,...]`) of the JetStream room bus
+    /// every node and control plane of the cluster shares. Without it the
+    /// node's rooms run on an in-process bus of its own (clients on other
+    /// nodes do not see them).
+    #[arg(long, env = "WEIR_NATS", value_name = "URL[,URL...]")]
+    nats: Option<String>,
     /// Where HLS segments live (`DIR/hls`, cleared at start).
     #[arg(long, env = "WEIR_DATA_DIR", default_value = "weir-data")]
     data_dir: PathBuf,
@@ -330,6 +372,9 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen for the control plane on {}", a.grpc))?;
     let control_addr = grpc.local_addr()?;
+    // One in-process room bus for the node and the control plane.
+    let room_bus: Arc<dyn RoomBus> =
+        Arc::new(weir_data_plane::bus::LocalBus::new(a.room_bus.retention()));
     let node = Node::bind(
         NodeConfig {
             node_id: NodeId::parse("dev").map_err(config_error)?,
@@ -346,8 +391,8 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
             shard_spill: a.media.shard_spill,
             srt: Some(srt_config(a.srt, a.srt_passphrase.clone(), &a.av)?),
             media: media_config(&a.av, &a.data_dir)?,
-            room_bus: None,
-            hub: Default::default(),
+            room_bus: Some(room_bus),
+            hub: a.room_bus.hub(),
         },
         coordinator,
         verifier,
@@ -364,6 +409,7 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
         println!("HLS           {http}/hls/{{room}}/master.m3u8");
     }
     println!("snapshot      {http}/rooms/{{room}}/snapshot.jpg");
+    println!("room events   {http}/rooms/{{room}}/events?token={{token}}  (WebSocket)");
     println!("control API   http://{control_addr}  (gRPC; JSON under /v1/)");
     println!("metrics       {http}/metrics");
     println!("control stats http://{control_addr}/metrics");
@@ -423,6 +469,16 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
     // the node's own.
     let coordinator = weir_control_plane::coordinator::from_flag(a.etcd.as_deref())
         .map_err(|e| config_error(format!("--etcd: {e}")))?;
+    // JetStream when --nats is given (the client keeps trying while no
+    // server answers; rooms run degraded meanwhile), else in-process.
+    let room_bus: Option<Arc<dyn RoomBus>> = match a.nats.as_deref() {
+        Some(urls) => Some(Arc::new(
+            weir_data_plane::bus::NatsBus::connect(urls, a.room_bus.retention())
+                .await
+                .map_err(|e| config_error(format!("--nats: {e}")))?,
+        )),
+        None => None,
+    };
     weir_data_plane::install_crypto_provider();
     let render = observability::init_metrics()?;
     let node = Node::bind(
@@ -441,8 +497,8 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
             shard_spill: a.media.shard_spill,
             srt: Some(srt_config(a.srt, a.srt_passphrase.clone(), &a.av)?),
             media: media_config(&a.av, &a.data_dir)?,
-            room_bus: None,
-            hub: Default::default(),
+            room_bus,
+            hub: a.room_bus.hub(),
         },
         coordinator,
         verifier,
@@ -455,6 +511,7 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
         println!("{}/hls/{{room}}/master.m3u8", node.public_url());
     }
     println!("{}/rooms/{{room}}/snapshot.jpg", node.public_url());
+    println!("{}/rooms/{{room}}/events", node.public_url());
     println!("{}/metrics", node.public_url());
     if let Some(srt) = node.srt_addr() {
         println!("srt://{srt}?streamid=#!::r={{room}},m=publish,t={{token}}");

@@ -224,7 +224,11 @@ async fn jetstream_cluster_replicates_the_room_stream() {
     assert_eq!(held[0].offset, p.offset);
     assert_eq!(held[0].msg_id.as_deref(), Some("m1"));
     assert!(
-        other.publish(&room, &danmaku("x"), Some("m1")).await.unwrap().duplicate,
+        other
+            .publish(&room, &danmaku("x"), Some("m1"))
+            .await
+            .unwrap()
+            .duplicate,
         "duplicates are dropped cluster-wide"
     );
 }

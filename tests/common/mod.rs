@@ -3,6 +3,7 @@
 #![allow(dead_code, unused_imports, clippy::unwrap_used)]
 
 pub mod proc;
+pub mod ws;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

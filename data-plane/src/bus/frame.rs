@@ -134,9 +134,14 @@ pub enum ClientFrame {
         count: u32,
     },
     /// Streamer only: mute `user` for `seconds` (0 lifts it).
-    Mute { user: String, seconds: u32 },
+    Mute {
+        user: String,
+        seconds: u32,
+    },
     /// Streamer only: one danmaku per `seconds` per user (0 lifts it).
-    SlowMode { seconds: u32 },
+    SlowMode {
+        seconds: u32,
+    },
     Ping,
 }
 
@@ -145,6 +150,7 @@ fn one() -> u32 {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -173,7 +179,9 @@ mod tests {
     fn client_frames_parse_and_refuse_unknown_fields() {
         let f: ClientFrame = serde_json::from_str(r#"{"t":"like"}"#).unwrap();
         assert_eq!(f, ClientFrame::Like { count: 1 });
-        assert!(serde_json::from_str::<ClientFrame>(r#"{"t":"danmaku","text":"a","x":1}"#).is_err());
+        assert!(
+            serde_json::from_str::<ClientFrame>(r#"{"t":"danmaku","text":"a","x":1}"#).is_err()
+        );
         assert!(serde_json::from_str::<ClientFrame>(r#"{"t":"gift"}"#).is_err());
     }
 }

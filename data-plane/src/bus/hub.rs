@@ -276,7 +276,9 @@ pub struct RoomFeed {
 
 impl std::fmt::Debug for RoomFeed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RoomFeed").field("room", &self.room).finish()
+        f.debug_struct("RoomFeed")
+            .field("room", &self.room)
+            .finish()
     }
 }
 
@@ -326,10 +328,8 @@ impl RoomFeed {
                     st.muted.remove(user);
                 }
                 ModerationAction::Mute => {
-                    st.muted.insert(
-                        user.clone(),
-                        d.event.at_ms + u64::from(*seconds) * 1000,
-                    );
+                    st.muted
+                        .insert(user.clone(), d.event.at_ms + u64::from(*seconds) * 1000);
                 }
                 ModerationAction::SlowMode => st.slow_mode_s = *seconds,
             },
@@ -419,9 +419,16 @@ impl RoomFeed {
             };
         }
         // The first bus item after `since`; everything from it on is sent.
-        let idx = st.items.partition_point(|i| i.offset().is_none_or(|o| o <= since));
+        let idx = st
+            .items
+            .partition_point(|i| i.offset().is_none_or(|o| o <= since));
         let from_seq = st.items.get(idx).map_or(head, |i| i.seq);
-        let missed = st.items.iter().skip(idx).filter(|i| i.offset().is_some()).count() as u64;
+        let missed = st
+            .items
+            .iter()
+            .skip(idx)
+            .filter(|i| i.offset().is_some())
+            .count() as u64;
         Start {
             from_seq,
             recovered: Some(true),
@@ -618,10 +625,7 @@ impl Hub {
                 };
                 let sub = self
                     .bus
-                    .subscribe(
-                        &feed.room,
-                        events.last().map_or(after, |d| d.offset),
-                    )
+                    .subscribe(&feed.room, events.last().map_or(after, |d| d.offset))
                     .await?;
                 Ok::<_, BusError>((epoch, events, sub))
             }
@@ -750,8 +754,9 @@ impl Hub {
         )
     }
 
-    /// Checks a danmaku against the room's rules and this node's per-user
-    /// limit (the connection's own limit is the caller's).
+    /// Checks a danmaku against the room's rules: size, content, the
+    /// moderation hook (blocked words), mute and slow mode. Rate limits are
+    /// taken after this passes, so a refused danmaku costs no allowance.
     pub fn check_danmaku(&self, feed: &RoomFeed, user: &str, text: &str) -> Result<(), Refusal> {
         let limits = self.limits();
         let text_trimmed = text.trim();
@@ -815,6 +820,14 @@ impl Hub {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Takes one danmaku from `user`'s allowance on this node (all their
+    /// connections together).
+    pub fn take_user_token(&self, user: &str) -> Result<(), Refusal> {
+        let limits = self.limits();
+        let now = now_ms();
         let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
         if users.len() > 100_000 {
             users.retain(|_, b| now.saturating_sub(b.at_ms) < 60_000);
@@ -845,7 +858,9 @@ impl Hub {
                 text: text.to_owned(),
             },
         };
-        feed.lock().last_danmaku.insert(user.to_owned(), event.at_ms);
+        feed.lock()
+            .last_danmaku
+            .insert(user.to_owned(), event.at_ms);
         let degraded = feed.lock().degraded;
         if !degraded {
             match self.bus.publish(&feed.room, &event, Some(&id)).await {

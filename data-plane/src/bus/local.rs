@@ -75,7 +75,8 @@ impl LocalBus {
         }
         let window_ms = self.retention.duplicate_window_s.saturating_mul(1000);
         if log.seen.len() > 1024 {
-            log.seen.retain(|_, (_, at)| now.saturating_sub(*at) <= window_ms);
+            log.seen
+                .retain(|_, (_, at)| now.saturating_sub(*at) <= window_ms);
         }
     }
 }

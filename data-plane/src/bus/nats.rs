@@ -125,8 +125,11 @@ impl NatsBus {
                 let peers = self.client.server_info().connect_urls.len();
                 let replicas = if peers >= 3 { 3 } else { 1 };
                 let config = Self::stream_config(self.retention, replicas);
-                let mut stream =
-                    timed("create the room stream", self.js.get_or_create_stream(config)).await?;
+                let mut stream = timed(
+                    "create the room stream",
+                    self.js.get_or_create_stream(config),
+                )
+                .await?;
                 let info = timed("read the room stream", stream.info()).await?;
                 let epoch = (info.created.unix_timestamp_nanos() / 1_000_000).max(1) as u64;
                 tracing::info!(

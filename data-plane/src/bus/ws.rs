@@ -100,7 +100,10 @@ pub(crate) async fn events(
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
         .map(str::trim);
     let Some(token) = q.token.as_deref().or(bearer) else {
         return refuse(
@@ -378,8 +381,15 @@ impl Client {
             ClientFrame::Ping => Ok(Some(ServerFrame::Pong)),
             ClientFrame::Danmaku { text, r#ref } => {
                 if r#ref.len() > 64 {
-                    return Err(("malformed", String::new(), "ref may be at most 64 bytes".into()));
+                    return Err((
+                        "malformed",
+                        String::new(),
+                        "ref may be at most 64 bytes".into(),
+                    ));
                 }
+                self.hub
+                    .check_danmaku(feed, &self.user, &text)
+                    .map_err(|r| (r.code, r#ref.clone(), r.reason))?;
                 if !danmaku_bucket.take(limits.conn_rate, limits.conn_burst, now_ms()) {
                     return Err((
                         "rate_limited",
@@ -391,14 +401,18 @@ impl Client {
                     ));
                 }
                 self.hub
-                    .check_danmaku(feed, &self.user, &text)
+                    .take_user_token(&self.user)
                     .map_err(|r| (r.code, r#ref.clone(), r.reason))?;
                 let offset = self.hub.send_danmaku(feed, &self.user, &text).await;
                 Ok(Some(ServerFrame::Ack { r#ref, offset }))
             }
             ClientFrame::Like { count } => {
                 if !(1..=100).contains(&count) {
-                    return Err(("bad_count", String::new(), "like count must be 1..=100".into()));
+                    return Err((
+                        "bad_count",
+                        String::new(),
+                        "like count must be 1..=100".into(),
+                    ));
                 }
                 if !like_bucket.take(10.0, 20.0, now_ms()) {
                     return Err((
@@ -412,7 +426,11 @@ impl Client {
             }
             ClientFrame::Mute { user, seconds } => {
                 if user.is_empty() || user.len() > 64 {
-                    return Err(("bad_user", String::new(), "user must be 1..=64 bytes".into()));
+                    return Err((
+                        "bad_user",
+                        String::new(),
+                        "user must be 1..=64 bytes".into(),
+                    ));
                 }
                 self.moderate(feed, ModerationAction::Mute, &user, seconds)
                     .await
@@ -439,7 +457,11 @@ impl Client {
             ));
         }
         if seconds > 86_400 {
-            return Err(("bad_seconds", String::new(), "seconds must be 0..=86400".into()));
+            return Err((
+                "bad_seconds",
+                String::new(),
+                "seconds must be 0..=86400".into(),
+            ));
         }
         match self
             .hub

@@ -1,0 +1,553 @@
+//! Room events end to end: `weir dev` (in-process bus) and two `weir node`
+//! processes on a real JetStream, with WebSocket clients on
+//! `/rooms/{room}/events`. Recovery of exactly the missed events, beyond
+//! retention `recovered: false`, refusals with reasons that change nothing,
+//! likes merged into counters, and one sequence for clients on two nodes.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+#[path = "../data-plane/tests/support/nats.rs"]
+mod nats;
+
+use std::time::Duration;
+
+use common::DevServer;
+use common::proc::Proc;
+use common::ws::EventsClient;
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+fn offset(f: &Value) -> u64 {
+    f["offset"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no offset in {f}"))
+}
+
+/// Reads event frames until `n` danmaku came (other events, such as online
+/// counts, are read too but not returned), checking that each `prev` is the
+/// offset of the event before (`last`: the offset before the first, 0 when
+/// unknown).
+async fn danmaku(client: &mut EventsClient, n: usize, mut last: u64) -> Vec<Value> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        let f = client.next_event_frame().await;
+        assert_eq!(f["t"], "event", "expected an event, got {f}");
+        if last != 0 {
+            assert_eq!(f["prev"].as_u64(), Some(last), "no gap: {f}");
+        }
+        last = offset(&f);
+        if f["type"] == "danmaku" {
+            out.push(f);
+        }
+    }
+    out
+}
+
+/// Reads `n` event frames of any type, checking the `prev` chain.
+async fn events(client: &mut EventsClient, n: usize, mut last: u64) -> Vec<Value> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        let f = client.next_event_frame().await;
+        assert_eq!(f["t"], "event", "expected an event, got {f}");
+        if last != 0 {
+            assert_eq!(f["prev"].as_u64(), Some(last), "no gap: {f}");
+        }
+        last = offset(&f);
+        out.push(f);
+    }
+    out
+}
+
+/// The next event of `kind` (other frames and events skipped).
+async fn next_event(client: &mut EventsClient, kind: &str) -> Value {
+    loop {
+        let f = client.next_of("event").await;
+        if f["type"] == kind {
+            return f;
+        }
+    }
+}
+
+fn texts(frames: &[Value]) -> Vec<&str> {
+    frames.iter().map(|f| f["text"].as_str().unwrap()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_recover_exactly_what_they_missed() {
+    let dev = DevServer::start_with(&["--room-history", "20"]);
+    let room = "chat";
+    let token_a = dev.token(room, "play", "alice").await;
+    let token_b = dev.token(room, "play", "bob").await;
+
+    let mut a = EventsClient::connect(&dev.node, room, &format!("token={token_a}"))
+        .await
+        .unwrap();
+    let mut b = EventsClient::connect(&dev.node, room, &format!("token={token_b}"))
+        .await
+        .unwrap();
+    assert_eq!(a.hello["recovered"], Value::Null);
+    assert_eq!(a.hello["user"], "alice");
+    let epoch = a.hello["epoch"].as_u64().unwrap();
+    assert_ne!(epoch, 0);
+
+    let ack = a.danmaku("hello", "r1").await;
+    assert_eq!(ack["t"], "ack", "{ack}");
+    let first = offset(&ack);
+    for client in [&mut a, &mut b] {
+        let e = danmaku(client, 1, 0).await;
+        assert_eq!(e[0]["text"], "hello");
+        assert_eq!(e[0]["user"], "alice");
+        assert_eq!(offset(&e[0]), first, "every client sees the same offset");
+    }
+
+    // Alice leaves; five danmaku go by; she comes back with her last offset.
+    a.close().await;
+    let mut sent = Vec::new();
+    for i in 0..5 {
+        let ack = b.danmaku(&format!("missed {i}"), &format!("m{i}")).await;
+        assert_eq!(ack["t"], "ack", "{ack}");
+        sent.push(format!("missed {i}"));
+    }
+    let mut a = EventsClient::connect(
+        &dev.node,
+        room,
+        &format!("token={token_a}&since={first}&epoch={epoch}"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(a.hello["recovered"], true, "{}", a.hello);
+    // The missed events: the five danmaku, and the online count that
+    // changed when Alice left.
+    let missed = a.hello["missed"].as_u64().unwrap() as usize;
+    let replay = events(&mut a, missed, first).await;
+    let replay: Vec<Value> = replay
+        .into_iter()
+        .filter(|f| f["type"] != "online")
+        .collect();
+    assert_eq!(texts(&replay), sent, "exactly the missed ones, in order");
+    let last_seen = offset(&replay[4]);
+
+    // Then live events follow without a gap.
+    assert_eq!(a.danmaku("live", "l1").await["t"], "ack");
+    loop {
+        let f = a.next_of("event").await;
+        if f["type"] == "danmaku" {
+            assert_eq!(f["text"], "live");
+            break;
+        }
+    }
+
+    // A wrong epoch cannot be recovered from.
+    let c = EventsClient::connect(
+        &dev.node,
+        room,
+        &format!("token={token_a}&since={first}&epoch={}", epoch + 1),
+    )
+    .await
+    .unwrap();
+    assert_eq!(c.hello["recovered"], false, "{}", c.hello);
+    assert_eq!(c.hello["missed"], 0);
+
+    // Beyond retention (20 per room): 25 more go by; the old offset is gone.
+    a.close().await;
+    for user in ["u1", "u2", "u3", "u4", "u5"] {
+        let token = dev.token(room, "play", user).await;
+        let mut u = EventsClient::connect(&dev.node, room, &format!("token={token}"))
+            .await
+            .unwrap();
+        for i in 0..5 {
+            let ack = u
+                .danmaku(&format!("{user} {i}"), &format!("{user}{i}"))
+                .await;
+            assert_eq!(ack["t"], "ack", "{ack}");
+        }
+        u.close().await;
+    }
+    let gone = EventsClient::connect(
+        &dev.node,
+        room,
+        &format!("token={token_a}&since={last_seen}&epoch={epoch}"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(gone.hello["recovered"], false, "{}", gone.hello);
+    assert!(
+        dev.metric_with("weir_events_recoveries_total", "result=\"gone\"")
+            .await
+            >= 2.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_come_back_with_reasons_and_change_nothing() {
+    let dev = DevServer::start();
+    let room = "guarded";
+    let viewer = dev.token(room, "play", "vic").await;
+    let streamer = dev.token(room, "publish", "star").await;
+    let other_room = dev.token("elsewhere", "play", "vic").await;
+
+    // Refused before the upgrade, each with a status and a reason.
+    for (query, status, says) in [
+        ("", 401, "missing token"),
+        ("token=w1.garbage.x", 401, ""),
+        (&*format!("token={other_room}"), 403, "elsewhere"),
+        (&*format!("token={viewer}&since=3"), 400, "since and epoch"),
+        (
+            &*format!("token={viewer}&since=x&epoch=1"),
+            400,
+            "bad query",
+        ),
+        (&*format!("token={viewer}&nope=1"), 400, "bad query"),
+    ] {
+        let r = EventsClient::connect(&dev.node, room, query)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{query:?} was accepted"));
+        assert_eq!(r.status, status, "{query:?}: {}", r.body);
+        assert!(r.body.contains(says), "{query:?}: {}", r.body);
+    }
+    let r = EventsClient::connect(&dev.node, "bad%21room", &format!("token={viewer}"))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(r.status, 400, "{}", r.body);
+    let plain = common::request(
+        "GET",
+        &format!("{}/rooms/{room}/events?token={viewer}", dev.node),
+        &[],
+        b"",
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    assert_eq!(plain.status, 426, "{}", plain.text());
+    assert!(plain.text().contains("WebSocket"));
+
+    let mut vic = EventsClient::connect(&dev.node, room, &format!("token={viewer}"))
+        .await
+        .unwrap();
+    let mut star = EventsClient::connect(&dev.node, room, &format!("token={streamer}"))
+        .await
+        .unwrap();
+
+    // Malformed frames: refused, the connection goes on.
+    for bad in [
+        "not json",
+        r#"{"t":"gift"}"#,
+        r#"{"t":"danmaku"}"#,
+        r#"{"t":"danmaku","text":"x","extra":1}"#,
+    ] {
+        vic.send_raw(Message::Text(bad.into())).await;
+        let f = vic.next_significant().await;
+        assert_eq!(f["t"], "refused", "{bad}: {f}");
+        assert_eq!(f["code"], "malformed", "{bad}: {f}");
+    }
+    vic.send_raw(Message::Binary(vec![1, 2, 3].into())).await;
+    let f = vic.next_significant().await;
+    assert_eq!(
+        (f["t"].as_str(), f["code"].as_str()),
+        (Some("refused"), Some("malformed"))
+    );
+    vic.send(json!({"t": "ping"})).await;
+    assert_eq!(vic.next_significant().await["t"], "pong");
+
+    // Size and content limits.
+    let long = "x".repeat(501);
+    let f = vic.danmaku(&long, "long").await;
+    assert_eq!(f["code"], "too_long", "{f}");
+    assert_eq!(vic.danmaku("   ", "blank").await["code"], "empty");
+    assert_eq!(vic.danmaku("a\u{7}b", "ctl").await["code"], "bad_text");
+    // Likes: a bad count is refused.
+    vic.send(json!({"t": "like", "count": 0})).await;
+    assert_eq!(vic.next_significant().await["code"], "bad_count");
+
+    // Only the streamer moderates.
+    vic.send(json!({"t": "mute", "user": "star", "seconds": 60}))
+        .await;
+    let f = vic.next_significant().await;
+    assert_eq!(f["code"], "forbidden", "{f}");
+    star.send(json!({"t": "mute", "user": "vic", "seconds": 60}))
+        .await;
+    let ack = star.next_of("ack").await;
+    assert!(offset(&ack) > 0);
+    // Every client sees the moderation event; then vic is muted.
+    let m = next_event(&mut vic, "moderation").await;
+    assert_eq!(
+        (m["action"].as_str(), m["user"].as_str()),
+        (Some("mute"), Some("vic"))
+    );
+    let f = vic.danmaku("let me talk", "muted").await;
+    assert_eq!(f["code"], "muted", "{f}");
+    assert!(f["reason"].as_str().unwrap().contains("muted"));
+    // Others are unaffected; the streamer lifts the mute.
+    assert_eq!(star.danmaku("welcome", "w").await["t"], "ack");
+    star.send(json!({"t": "mute", "user": "vic", "seconds": 0}))
+        .await;
+    star.next_of("ack").await;
+    let unmute = next_event(&mut vic, "moderation").await;
+    assert_eq!(unmute["seconds"], 0);
+
+    // Rate limit: a burst of 5 per connection, then refusals.
+    let mut codes = Vec::new();
+    for i in 0..7 {
+        let f = vic.danmaku(&format!("burst {i}"), &format!("b{i}")).await;
+        codes.push(f["t"].as_str().unwrap().to_owned() + ":" + f["code"].as_str().unwrap_or(""));
+    }
+    assert_eq!(
+        codes.iter().filter(|c| *c == "ack:").count(),
+        5,
+        "{codes:?}"
+    );
+    assert!(
+        codes[5..].iter().all(|c| c == "refused:rate_limited"),
+        "{codes:?}"
+    );
+
+    // Slow mode for everyone: one danmaku per 30 s.
+    star.send(json!({"t": "slow_mode", "seconds": 30})).await;
+    star.next_of("ack").await;
+    // Once the streamer sees the event, the node (one feed per room) has
+    // applied it.
+    while next_event(&mut star, "moderation").await["action"] != "slow_mode" {}
+    let token = dev.token(room, "play", "wes").await;
+    let mut wes = EventsClient::connect(&dev.node, room, &format!("token={token}"))
+        .await
+        .unwrap();
+    assert_eq!(wes.danmaku("one", "s1").await["t"], "ack");
+    let f = wes.danmaku("two", "s2").await;
+    assert_eq!(f["code"], "slow_mode", "{f}");
+
+    // An oversized frame closes that connection with a reason; others stay.
+    wes.send_raw(Message::Text("x".repeat(10_000).into())).await;
+    loop {
+        let f = wes.next().await;
+        if f["t"] == "closed" || f["t"] == "bye" {
+            break;
+        }
+    }
+    star.send(json!({"t": "ping"})).await;
+    assert_eq!(star.next_of("pong").await["t"], "pong");
+
+    // Nothing refused reached the room: a full replay holds only accepted
+    // danmaku.
+    let epoch = star.hello["epoch"].as_u64().unwrap();
+    let mut replay = EventsClient::connect(
+        &dev.node,
+        room,
+        &format!("token={viewer}&since=0&epoch={epoch}"),
+    )
+    .await
+    .unwrap();
+    let n = replay.hello["missed"].as_u64().unwrap() as usize;
+    let all = events(&mut replay, n, 0).await;
+    let danmaku: Vec<&str> = all
+        .iter()
+        .filter(|f| f["type"] == "danmaku")
+        .map(|f| f["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        danmaku,
+        [
+            "welcome", "burst 0", "burst 1", "burst 2", "burst 3", "burst 4", "one"
+        ]
+    );
+    assert!(dev.metric("weir_events_client_refused_total").await >= 10.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn likes_merge_into_counters_and_frames_default_to_msgpack() {
+    let dev = DevServer::start();
+    let room = "hearts";
+    let token = dev.token(room, "play", "fan").await;
+    let mut fan = EventsClient::connect_msgpack(&dev.node, room, &format!("token={token}"))
+        .await
+        .unwrap();
+    assert_eq!(fan.hello["user"], "fan", "MessagePack hello decodes");
+    for _ in 0..3 {
+        fan.send(json!({"t": "like", "count": 10})).await;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let f = fan.next_of("counters").await;
+        if f["likes"] == 30 {
+            assert_eq!(f["online"], 1, "{f}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "likes not counted: {f}"
+        );
+    }
+    // Thirty likes went on the bus as a few merged events, not thirty.
+    let epoch = fan.hello["epoch"].as_u64().unwrap();
+    let replay = EventsClient::connect(
+        &dev.node,
+        room,
+        &format!("token={token}&since=0&epoch={epoch}"),
+    )
+    .await
+    .unwrap();
+    let mut replay = replay;
+    let missed = replay.hello["missed"].as_u64().unwrap() as usize;
+    let all = events(&mut replay, missed, 0).await;
+    let likes: Vec<&Value> = all.iter().filter(|f| f["type"] == "likes").collect();
+    assert!(
+        (1..=3).contains(&likes.len()),
+        "{} events for 30 likes",
+        likes.len()
+    );
+    assert_eq!(
+        likes
+            .iter()
+            .map(|f| f["delta"].as_u64().unwrap())
+            .sum::<u64>(),
+        30
+    );
+    assert!(likes.iter().all(|f| f["node"] == "dev" && f["users"] == 1));
+}
+
+/// A running `weir node` on a JetStream bus.
+struct BusNode {
+    _proc: Proc,
+    url: String,
+}
+
+fn start_node(dir: &std::path::Path, id: &str, nats: &str, key: &str) -> BusNode {
+    // A free port for the SRT listener (the socket is closed right away).
+    let srt = {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket.local_addr().unwrap().to_string()
+    };
+    let proc = Proc::spawn(
+        id,
+        dir,
+        &[
+            "node",
+            "--nats",
+            nats,
+            "--node-id",
+            id,
+            "--udp",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--srt",
+            &srt,
+            "--token-public-key",
+            key,
+        ],
+    );
+    let url = proc.wait_line("its metrics URL", |l| {
+        l.strip_suffix("/metrics").map(str::to_owned)
+    });
+    BusNode { _proc: proc, url }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_on_two_nodes_see_one_sequence_and_survive_a_broker_restart() {
+    let mut server = nats::Nats::start();
+    let dir = common::temp_dir("bus-nodes");
+    let control = Proc::spawn(
+        "control",
+        &dir,
+        &[
+            "control",
+            "--grpc",
+            "127.0.0.1:0",
+            "--data-dir",
+            dir.join("control").to_str().unwrap(),
+            "--allow-token-minting",
+        ],
+    );
+    let control_url = control.wait_line("its URL", |l| {
+        l.starts_with("http://").then(|| l.trim().to_owned())
+    });
+    let key = control.wait_line("the token public key", |l| {
+        l.starts_with("token public key")
+            .then(|| l.split_whitespace().last().unwrap_or_default().to_owned())
+    });
+    let n1 = start_node(&dir, "n1", &server.url(), &key);
+    let n2 = start_node(&dir, "n2", &server.url(), &key);
+    let token = |user: &'static str| {
+        let control_url = control_url.clone();
+        async move {
+            let body = json!({"room": "shared", "mode": "play", "subject": user}).to_string();
+            let r = common::request(
+                "POST",
+                &format!("{control_url}/v1/tokens"),
+                &[("Content-Type", "application/json")],
+                body.as_bytes(),
+                Duration::from_secs(5),
+            )
+            .await
+            .unwrap();
+            let v: Value = serde_json::from_slice(&r.body).unwrap();
+            v["token"].as_str().unwrap().to_owned()
+        }
+    };
+    let (ta, tb) = (token("ann").await, token("ben").await);
+    let mut a = EventsClient::connect(&n1.url, "shared", &format!("token={ta}"))
+        .await
+        .unwrap();
+    let mut b = EventsClient::connect(&n2.url, "shared", &format!("token={tb}"))
+        .await
+        .unwrap();
+    assert_eq!(
+        a.hello["epoch"], b.hello["epoch"],
+        "one epoch: the stream's"
+    );
+    assert_eq!(a.hello["degraded"], false);
+
+    for i in 0..3 {
+        assert_eq!(
+            a.danmaku(&format!("from n1 {i}"), &format!("a{i}")).await["t"],
+            "ack"
+        );
+        assert_eq!(
+            b.danmaku(&format!("from n2 {i}"), &format!("b{i}")).await["t"],
+            "ack"
+        );
+    }
+    let seen_a = danmaku(&mut a, 6, 0).await;
+    let seen_b = danmaku(&mut b, 6, 0).await;
+    let seq = |v: &[Value]| -> Vec<(u64, String)> {
+        v.iter()
+            .map(|f| (offset(f), f["text"].as_str().unwrap().to_owned()))
+            .collect()
+    };
+    assert_eq!(
+        seq(&seen_a),
+        seq(&seen_b),
+        "both nodes deliver one sequence"
+    );
+
+    // The broker goes away: each node keeps its own clients talking,
+    // marked degraded, and catches up when it returns.
+    server.kill();
+    assert_eq!(a.next_of("status").await["degraded"], true);
+    let ack = a.danmaku("while away", "w").await;
+    assert_eq!(
+        (ack["t"].as_str(), ack["offset"].as_u64()),
+        (Some("ack"), Some(0))
+    );
+    let local = a.next_of("local").await;
+    assert_eq!(local["text"], "while away");
+    let id = local["id"].as_str().unwrap().to_owned();
+    server.restart();
+    server.wait_healthy(nats::START_TIMEOUT).unwrap();
+    assert_eq!(a.next_of("status").await["degraded"], false);
+    // The queued danmaku reaches the bus once, with its id: n2's client gets
+    // it as an ordinary event, n1's client as the confirmation of its local
+    // copy.
+    let last = offset(&seen_b[5]);
+    let on_b = danmaku(&mut b, 1, last).await;
+    assert_eq!(
+        (on_b[0]["text"].as_str(), on_b[0]["id"].as_str()),
+        (Some("while away"), Some(&*id))
+    );
+    let on_a = next_event(&mut a, "danmaku").await;
+    assert_eq!(on_a["id"].as_str(), Some(&*id));
+    assert_eq!(offset(&on_a), offset(&on_b[0]));
+    drop((n1, n2));
+    let _ = std::fs::remove_dir_all(&dir);
+}
