@@ -4,6 +4,7 @@
 
 pub mod bus;
 pub mod coordinator;
+pub mod events;
 pub mod ids;
 pub mod streamid;
 pub mod token;

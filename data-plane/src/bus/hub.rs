@@ -33,7 +33,7 @@ use weir_protocol::bus::{
     RoomEvent,
 };
 
-use super::frame::{Format, ServerFrame};
+use weir_protocol::events::{Format, ServerFrame};
 
 /// Limits that protect rooms; the config center's `chat.*` keys set them.
 #[derive(Debug, Clone, PartialEq)]
@@ -216,7 +216,8 @@ impl Item {
             Format::Json => &self.json,
             Format::Msgpack => &self.msgpack,
         };
-        cell.get_or_init(|| self.frame().encode(format)).clone()
+        cell.get_or_init(|| self.frame().encode(format).into())
+            .clone()
     }
 }
 

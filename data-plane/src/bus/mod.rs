@@ -4,13 +4,11 @@
 //! they connect to (`/rooms/{room}/events`, in `ws`). The contract both
 //! buses keep is `weir_protocol::bus`.
 
-pub mod frame;
 mod hub;
 mod local;
 mod nats;
 pub(crate) mod ws;
 
-pub use frame::{ClientFrame, Format, ServerFrame};
 pub use hub::{ChatLimits, Hub, HubConfig, Membership, Refusal, RoomFeed};
 pub use local::LocalBus;
 pub use nats::{CALL_TIMEOUT, NatsBus};

@@ -21,8 +21,8 @@ use tokio::sync::watch;
 use weir_protocol::bus::{EventClass, ModerationAction};
 use weir_protocol::{Mode, RoomId, TokenVerifier};
 
-use super::frame::{ClientFrame, Format, ServerFrame};
 use super::hub::{Bucket, Hub, RoomFeed, now_ms};
+use weir_protocol::events::{ClientFrame, Format, ServerFrame};
 
 /// Longest a single frame may take to reach a client before it counts as
 /// too slow and is disconnected.
@@ -162,7 +162,7 @@ enum End {
 
 impl Client {
     fn frame(&self, f: &ServerFrame) -> Message {
-        self.message(f.encode(self.format))
+        self.message(f.encode(self.format).into())
     }
 
     fn message(&self, bytes: bytes::Bytes) -> Message {

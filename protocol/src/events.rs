@@ -1,5 +1,6 @@
-//! The room events WebSocket's frames (`/rooms/{room}/events`), documented
-//! in docs/room-events.md.
+//! The frames of a node's room events WebSocket (`/rooms/{room}/events`),
+//! documented in docs/room-events.md: what nodes send and what clients (the
+//! play page, `weir loadtest`) read.
 //!
 //! Server → client frames are MessagePack maps by default (binary messages;
 //! compact, and any MessagePack library reads them) or JSON text with
@@ -10,9 +11,8 @@
 //!
 //! Client → server frames are JSON text (they are few and small).
 
-use bytes::Bytes;
+use crate::bus::{EventBody, EventClass};
 use serde::{Deserialize, Serialize};
-use weir_protocol::bus::{EventBody, EventClass};
 
 /// How a client wants its frames.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -100,12 +100,12 @@ pub enum ServerFrame {
 
 impl ServerFrame {
     /// The frame in `format`.
-    pub fn encode(&self, format: Format) -> Bytes {
+    pub fn encode(&self, format: Format) -> Vec<u8> {
         match format {
             // Maps with field names: self-describing, so any MessagePack
             // reader decodes it without a schema.
-            Format::Msgpack => rmp_serde::to_vec_named(self).unwrap_or_default().into(),
-            Format::Json => serde_json::to_vec(self).unwrap_or_default().into(),
+            Format::Msgpack => rmp_serde::to_vec_named(self).unwrap_or_default(),
+            Format::Json => serde_json::to_vec(self).unwrap_or_default(),
         }
     }
 
@@ -170,7 +170,7 @@ mod tests {
             let bytes = f.encode(format);
             assert_eq!(ServerFrame::decode(&bytes, format).unwrap(), f);
         }
-        let json = String::from_utf8(f.encode(Format::Json).to_vec()).unwrap();
+        let json = String::from_utf8(f.encode(Format::Json)).unwrap();
         assert!(json.contains("\"t\":\"event\"") && json.contains("\"type\":\"danmaku\""));
         assert!(f.encode(Format::Msgpack).len() < json.len());
     }
