@@ -259,7 +259,6 @@ struct FeedState {
     muted: HashMap<String, u64>,
     slow_mode_s: u32,
     last_danmaku: HashMap<String, u64>,
-    gift_board: HashMap<String, i64>,
 }
 
 /// One room as this node carries it.
@@ -334,9 +333,6 @@ impl RoomFeed {
                 }
                 ModerationAction::SlowMode => st.slow_mode_s = *seconds,
             },
-            EventBody::Gift {
-                from_user, amount, ..
-            } => *st.gift_board.entry(from_user.clone()).or_default() += amount,
             _ => {}
         }
         let prev = st.last_offset;
@@ -363,16 +359,6 @@ impl RoomFeed {
             .sum();
         online += self.clients.load(Ordering::Relaxed);
         (st.likes_total + st.likes_pending, online)
-    }
-
-    /// Top gift senders seen in the log, most first.
-    pub fn gift_board(&self, n: usize) -> Vec<(String, i64)> {
-        let st = self.lock();
-        let mut board: Vec<(String, i64)> =
-            st.gift_board.iter().map(|(u, a)| (u.clone(), *a)).collect();
-        board.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-        board.truncate(n);
-        board
     }
 
     /// Waits until the log is loaded.
