@@ -221,6 +221,73 @@ impl Item {
     }
 }
 
+/// One step of delivering log items to a client.
+#[derive(Debug)]
+pub(crate) enum Delivery<'a> {
+    /// Send the item's frame.
+    Send(&'a Arc<Item>),
+    /// Tell the client `count` events of `class` were left out for it, the
+    /// last at offset `through` (0: not on the bus yet).
+    Skipped {
+        class: EventClass,
+        count: u64,
+        through: u64,
+    },
+}
+
+/// Decides what of `items` a client `lag` items behind the room's newest
+/// gets: everything while it keeps up; past `shed_lag` only critical
+/// events (gifts, moderation, notices), the rest summed up in `Skipped`
+/// steps, one per run of a class; past `max_lag`, `Err` with the reason it
+/// is disconnected.
+pub(crate) fn plan_delivery<'a>(
+    items: &'a [Arc<Item>],
+    lag: u64,
+    limits: &ChatLimits,
+) -> Result<Vec<Delivery<'a>>, String> {
+    if lag > limits.max_lag {
+        return Err(format!("{lag} events behind the room; reconnect to resync"));
+    }
+    let shedding = lag > limits.shed_lag;
+    let mut out = Vec::with_capacity(items.len());
+    let mut run: Option<(EventClass, u64, u64)> = None;
+    for item in items {
+        let class = item.class();
+        if shedding && class != EventClass::Critical {
+            let through = item.offset().unwrap_or(0);
+            run = match run {
+                Some((c, n, _)) if c == class => Some((c, n + 1, through)),
+                Some((c, n, t)) => {
+                    out.push(Delivery::Skipped {
+                        class: c,
+                        count: n,
+                        through: t,
+                    });
+                    Some((class, 1, through))
+                }
+                None => Some((class, 1, through)),
+            };
+            continue;
+        }
+        if let Some((class, count, through)) = run.take() {
+            out.push(Delivery::Skipped {
+                class,
+                count,
+                through,
+            });
+        }
+        out.push(Delivery::Send(item));
+    }
+    if let Some((class, count, through)) = run {
+        out.push(Delivery::Skipped {
+            class,
+            count,
+            through,
+        });
+    }
+    Ok(out)
+}
+
 /// Why a client's frame was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
@@ -259,7 +326,14 @@ struct FeedState {
     muted: HashMap<String, u64>,
     slow_mode_s: u32,
     last_danmaku: HashMap<String, u64>,
+    /// Gift ids seen, oldest first (bounded): a gift re-published after the
+    /// broker's duplicate window is dropped here, so it shows once.
+    gifts_seen: HashSet<String>,
+    gifts_order: VecDeque<String>,
 }
+
+/// Gift ids a feed remembers to drop late duplicates.
+const GIFT_IDS_KEPT: usize = 100_000;
 
 /// One room as this node carries it.
 pub struct RoomFeed {
@@ -312,6 +386,21 @@ impl RoomFeed {
     fn apply(&self, st: &mut FeedState, d: Delivered) {
         if d.offset <= st.last_offset {
             return; // Already have it (a re-subscribe overlapped).
+        }
+        if let EventBody::Gift { gift_id, .. } = &d.event.body {
+            if !st.gifts_seen.insert(gift_id.clone()) {
+                // Past the broker's duplicate window: already shown once.
+                // Left out of the log (the next event's `prev` is the one
+                // before it, so clients see no gap).
+                metrics::counter!("weir_bus_duplicates_dropped_total").increment(1);
+                return;
+            }
+            st.gifts_order.push_back(gift_id.clone());
+            if st.gifts_order.len() > GIFT_IDS_KEPT
+                && let Some(old) = st.gifts_order.pop_front()
+            {
+                st.gifts_seen.remove(&old);
+            }
         }
         match &d.event.body {
             EventBody::Likes { delta, .. } => st.likes_total += delta,
@@ -903,5 +992,237 @@ impl Hub {
             .publish(&feed.room, &event, Some(&self.new_msg_id()))
             .await?;
         Ok(published.offset)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn bus_item(seq: u64, body: EventBody) -> Arc<Item> {
+        Item::new(
+            seq,
+            ItemKind::Bus {
+                offset: seq * 10,
+                prev: seq.saturating_sub(1) * 10,
+                delivered: Delivered {
+                    offset: seq * 10,
+                    msg_id: None,
+                    event: RoomEvent { at_ms: 0, body },
+                },
+            },
+        )
+    }
+
+    fn chat(seq: u64) -> Arc<Item> {
+        bus_item(
+            seq,
+            EventBody::Danmaku {
+                user: "u".into(),
+                text: "t".into(),
+            },
+        )
+    }
+
+    fn gift(seq: u64) -> Arc<Item> {
+        bus_item(
+            seq,
+            EventBody::Gift {
+                gift_id: format!("g{seq}"),
+                from_user: "a".into(),
+                to_user: "b".into(),
+                gift: "rose".into(),
+                count: 1,
+                amount: 1,
+            },
+        )
+    }
+
+    fn likes(seq: u64) -> Arc<Item> {
+        bus_item(
+            seq,
+            EventBody::Likes {
+                node: "n".into(),
+                delta: 1,
+                users: 1,
+            },
+        )
+    }
+
+    fn describe(plan: &[Delivery<'_>]) -> Vec<String> {
+        plan.iter()
+            .map(|d| match d {
+                Delivery::Send(i) => format!("send {}", i.offset().unwrap()),
+                Delivery::Skipped {
+                    class,
+                    count,
+                    through,
+                } => format!("skip {class:?} {count} {through}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_client_that_keeps_up_gets_everything() {
+        let items = vec![chat(1), likes(2), gift(3)];
+        let plan = plan_delivery(&items, 3, &ChatLimits::default()).unwrap();
+        assert_eq!(describe(&plan), ["send 10", "send 20", "send 30"]);
+    }
+
+    #[test]
+    fn a_lagging_client_gets_every_gift_and_is_told_what_it_missed() {
+        let items = vec![
+            chat(1),
+            chat(2),
+            gift(3),
+            likes(4),
+            chat(5),
+            gift(6),
+            chat(7),
+        ];
+        let limits = ChatLimits {
+            shed_lag: 10,
+            ..ChatLimits::default()
+        };
+        let plan = plan_delivery(&items, 11, &limits).unwrap();
+        assert_eq!(
+            describe(&plan),
+            [
+                "skip Chat 2 20",
+                "send 30",
+                "skip Counter 1 40",
+                "skip Chat 1 50",
+                "send 60",
+                "skip Chat 1 70",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_client_too_far_behind_is_let_go() {
+        let limits = ChatLimits {
+            max_lag: 100,
+            ..ChatLimits::default()
+        };
+        let err = plan_delivery(&[chat(1)], 101, &limits).unwrap_err();
+        assert!(err.contains("101 events behind"), "{err}");
+    }
+
+    fn feed(history: usize) -> RoomFeed {
+        RoomFeed {
+            room: RoomId::parse("r").unwrap(),
+            state: Mutex::new(FeedState {
+                epoch: 7,
+                ..FeedState::default()
+            }),
+            head: watch::channel(0).0,
+            ready: watch::channel(true).0,
+            clients: AtomicU64::new(0),
+            node: "n".into(),
+            config: HubConfig {
+                history,
+                ..HubConfig::default()
+            },
+        }
+    }
+
+    fn delivered(offset: u64, body: EventBody) -> Delivered {
+        Delivered {
+            offset,
+            msg_id: None,
+            event: RoomEvent { at_ms: 0, body },
+        }
+    }
+
+    fn gift_body(id: &str) -> EventBody {
+        EventBody::Gift {
+            gift_id: id.into(),
+            from_user: "a".into(),
+            to_user: "b".into(),
+            gift: "rose".into(),
+            count: 1,
+            amount: 5,
+        }
+    }
+
+    fn chat_body() -> EventBody {
+        EventBody::Danmaku {
+            user: "u".into(),
+            text: "t".into(),
+        }
+    }
+
+    fn prevs(feed: &RoomFeed) -> Vec<(u64, u64)> {
+        feed.lock()
+            .items
+            .iter()
+            .filter_map(|i| match &i.kind {
+                ItemKind::Bus { offset, prev, .. } => Some((*offset, *prev)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_gift_seen_again_past_the_broker_window_shows_once_without_a_gap() {
+        let feed = feed(100);
+        let mut st = feed.lock();
+        feed.apply(&mut st, delivered(3, gift_body("g1")));
+        feed.apply(&mut st, delivered(5, chat_body()));
+        feed.apply(&mut st, delivered(8, gift_body("g1")));
+        feed.apply(&mut st, delivered(9, chat_body()));
+        // A re-subscription that overlaps is ignored too.
+        feed.apply(&mut st, delivered(5, chat_body()));
+        drop(st);
+        assert_eq!(prevs(&feed), [(3, 0), (5, 3), (9, 5)]);
+    }
+
+    #[test]
+    fn recovery_starts_right_after_the_clients_offset_or_says_it_cannot() {
+        let feed = feed(3);
+        {
+            let mut st = feed.lock();
+            for offset in [2, 4, 6, 8, 10] {
+                feed.apply(&mut st, delivered(offset, chat_body()));
+            }
+        }
+        // The log keeps 3: offsets 6, 8, 10; everything after 4 is held.
+        assert_eq!(prevs(&feed), [(6, 4), (8, 6), (10, 8)]);
+        let start = feed.start(Some((6, 7)));
+        assert_eq!((start.recovered, start.missed), (Some(true), 2));
+        let from = feed.read(start.from_seq, 10).unwrap();
+        assert_eq!(from[0].offset(), Some(8));
+        let start = feed.start(Some((4, 7)));
+        assert_eq!((start.recovered, start.missed), (Some(true), 3));
+        assert_eq!(feed.start(Some((2, 7))).recovered, Some(false), "trimmed");
+        assert_eq!(
+            feed.start(Some((6, 8))).recovered,
+            Some(false),
+            "other epoch"
+        );
+        assert_eq!(
+            feed.start(Some((11, 7))).recovered,
+            Some(false),
+            "never given"
+        );
+        let up_to_date = feed.start(Some((10, 7)));
+        assert_eq!((up_to_date.recovered, up_to_date.missed), (Some(true), 0));
+        assert_eq!(feed.start(None).recovered, None);
+    }
+
+    #[test]
+    fn token_buckets_refill_at_their_rate() {
+        let mut b = Bucket {
+            tokens: 2.0,
+            at_ms: 0,
+        };
+        assert!(b.take(1.0, 2.0, 0));
+        assert!(b.take(1.0, 2.0, 0));
+        assert!(!b.take(1.0, 2.0, 0), "burst spent");
+        assert!(!b.take(1.0, 2.0, 500), "half a token after 0.5 s");
+        assert!(b.take(1.0, 2.0, 1000), "a whole one after 1 s");
+        assert!(b.take(1.0, 2.0, 10_000) && b.take(1.0, 2.0, 10_000));
+        assert!(!b.take(1.0, 2.0, 10_000), "refill is capped at the burst");
     }
 }

@@ -18,10 +18,10 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use tokio::sync::watch;
-use weir_protocol::bus::{EventClass, ModerationAction};
+use weir_protocol::bus::ModerationAction;
 use weir_protocol::{Mode, RoomId, TokenVerifier};
 
-use super::hub::{Bucket, Hub, RoomFeed, now_ms};
+use super::hub::{Bucket, Delivery, Hub, RoomFeed, now_ms, plan_delivery};
 use weir_protocol::events::{ClientFrame, Format, ServerFrame};
 
 /// Longest a single frame may take to reach a client before it counts as
@@ -264,53 +264,27 @@ impl Client {
                 let Some(last) = items.last() else { break };
                 let next_cursor = last.seq + 1;
                 let lag = newest.saturating_sub(cursor);
-                let limits = self.hub.limits();
-                if lag > limits.max_lag {
-                    return End::Bye(
-                        "too_slow",
-                        format!("{lag} events behind the room; reconnect to resync"),
-                    );
-                }
-                let shedding = lag > limits.shed_lag;
-                let mut skipped: Option<(EventClass, u64, u64)> = None;
-                for item in &items {
-                    let class = item.class();
-                    if shedding && class != EventClass::Critical {
-                        let through = item.offset().unwrap_or(0);
-                        // Danmaku and counters are let go; counters come
-                        // back as totals in the next `counters` frame.
-                        skipped = Some(match skipped {
-                            Some((c, n, _)) => (c.min(class), n + 1, through),
-                            None => (class, 1, through),
-                        });
-                        continue;
-                    }
-                    if let Some((class, count, through)) = skipped.take() {
-                        metrics::counter!("weir_events_skipped_total").increment(count);
-                        let f = ServerFrame::Skipped {
+                let plan = match plan_delivery(&items, lag, &self.hub.limits()) {
+                    Ok(plan) => plan,
+                    Err(reason) => return End::Bye("too_slow", reason),
+                };
+                for step in plan {
+                    let message = match step {
+                        Delivery::Send(item) => self.message(item.encoded(self.format)),
+                        Delivery::Skipped {
                             class,
                             count,
                             through,
-                        };
-                        if let Err(end) = self.send(socket, self.frame(&f)).await {
-                            return end;
+                        } => {
+                            metrics::counter!("weir_events_skipped_total").increment(count);
+                            self.frame(&ServerFrame::Skipped {
+                                class,
+                                count,
+                                through,
+                            })
                         }
-                    }
-                    if let Err(end) = self
-                        .send(socket, self.message(item.encoded(self.format)))
-                        .await
-                    {
-                        return end;
-                    }
-                }
-                if let Some((class, count, through)) = skipped {
-                    metrics::counter!("weir_events_skipped_total").increment(count);
-                    let f = ServerFrame::Skipped {
-                        class,
-                        count,
-                        through,
                     };
-                    if let Err(end) = self.send(socket, self.frame(&f)).await {
+                    if let Err(end) = self.send(socket, message).await {
                         return end;
                     }
                 }
