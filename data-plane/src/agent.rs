@@ -174,3 +174,78 @@ impl Agent {
         }
     }
 }
+
+/// Longest single wait for a config change before asking again.
+const CONFIG_WAIT: Duration = Duration::from_secs(30);
+
+impl Agent {
+    /// Watches the config center and applies the `chat.*` keys to the
+    /// node's rooms, at once and without dropping anyone, until `shutdown`.
+    /// A value that does not parse keeps its key's default (with a warning);
+    /// while the coordinator is unreachable the applied limits stay.
+    pub async fn watch_config(
+        self: Arc<Self>,
+        hub: Arc<crate::bus::Hub>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut revision = 0u64;
+        let mut need_read = true;
+        let mut failures = 0u32;
+        loop {
+            let next = async {
+                if need_read {
+                    tokio::time::timeout(CONFIG_WAIT, self.coordinator.config()).await
+                } else {
+                    tokio::time::timeout(CONFIG_WAIT, self.coordinator.next_config(revision)).await
+                }
+            };
+            let next = tokio::select! {
+                next = next => next,
+                _ = shutdown.changed() => return,
+            };
+            match next {
+                Ok(Ok(snapshot)) => {
+                    failures = 0;
+                    need_read = false;
+                    if snapshot.revision < revision {
+                        continue;
+                    }
+                    revision = snapshot.revision;
+                    let values = snapshot
+                        .values
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.value.clone()))
+                        .collect();
+                    let (limits, problems) = weir_protocol::chat::ChatLimits::from_values(&values);
+                    for p in &problems {
+                        tracing::warn!(revision, problem = %p, "stored chat config ignored; the key keeps its default");
+                    }
+                    if *hub.limits() != limits {
+                        tracing::info!(revision, ?limits, "chat limits applied");
+                        hub.set_limits(limits);
+                    }
+                    metrics::gauge!("weir_config_revision").set(revision as f64);
+                }
+                Err(_) => need_read = false,
+                Ok(Err(CoordError::Unsupported(what))) => {
+                    tracing::info!(
+                        what,
+                        "the coordinator has no config center; chat limits stay at their defaults"
+                    );
+                    return;
+                }
+                Ok(Err(e)) => {
+                    failures += 1;
+                    need_read = true;
+                    if failures == 1 || failures.is_multiple_of(60) {
+                        tracing::warn!(error = %e, "cannot read the config; keeping the limits applied");
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                        _ = shutdown.changed() => return,
+                    }
+                }
+            }
+        }
+    }
+}

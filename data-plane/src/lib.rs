@@ -266,6 +266,7 @@ impl Node {
             state,
             shutdown_tx,
             events_stop,
+            hub,
             ..
         } = self;
         let shutdown = async move {
@@ -281,6 +282,9 @@ impl Node {
             };
             tokio::spawn(srt.serve(ctx, shutdown_tx.subscribe()))
         });
+        let config_task = tokio::spawn(
+            Arc::clone(&agent).watch_config(Arc::clone(&hub), shutdown_tx.subscribe()),
+        );
         let agent_task = tokio::spawn(agent.run(shard, shutdown_tx.subscribe()));
         let app = http::router(state);
         let result = axum::serve(http_listener, app)
@@ -289,6 +293,7 @@ impl Node {
             .context("HTTP server failed");
         let _ = shutdown_tx.send(true);
         let _ = agent_task.await;
+        let _ = config_task.await;
         if let Some(t) = srt_task {
             let _ = t.await;
         }

@@ -3,6 +3,7 @@
 //! and room bus traits that both planes talk to (implementations live in the planes).
 
 pub mod bus;
+pub mod chat;
 pub mod coordinator;
 pub mod events;
 pub mod ids;

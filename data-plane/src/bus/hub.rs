@@ -29,52 +29,11 @@ use bytes::Bytes;
 use tokio::sync::watch;
 use weir_protocol::RoomId;
 use weir_protocol::bus::{
-    BusError, Delivered, EventBody, EventClass, MAX_DANMAKU_BYTES, ModerationAction, RoomBus,
-    RoomEvent,
+    BusError, Delivered, EventBody, EventClass, ModerationAction, RoomBus, RoomEvent,
 };
+pub use weir_protocol::chat::ChatLimits;
 
 use weir_protocol::events::{Format, ServerFrame};
-
-/// Limits that protect rooms; the config center's `chat.*` keys set them.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ChatLimits {
-    /// Danmaku per second one connection may send (token bucket rate).
-    pub conn_rate: f64,
-    /// Burst one connection may send at once.
-    pub conn_burst: f64,
-    /// Danmaku per second one user may send over all their connections to
-    /// this node.
-    pub user_rate: f64,
-    pub user_burst: f64,
-    /// Longest danmaku, in bytes.
-    pub max_text_bytes: usize,
-    /// Largest client frame, in bytes (a bigger one closes the connection).
-    pub max_frame_bytes: usize,
-    /// A danmaku containing one of these (case-insensitive) is refused: the
-    /// moderation hook run before anything is published.
-    pub blocked_words: Vec<String>,
-    /// Events a client may lag behind before low-priority events (danmaku,
-    /// old counters) are skipped for it.
-    pub shed_lag: u64,
-    /// Events a client may lag behind before it is disconnected.
-    pub max_lag: u64,
-}
-
-impl Default for ChatLimits {
-    fn default() -> Self {
-        Self {
-            conn_rate: 2.0,
-            conn_burst: 5.0,
-            user_rate: 3.0,
-            user_burst: 8.0,
-            max_text_bytes: MAX_DANMAKU_BYTES,
-            max_frame_bytes: 4096,
-            blocked_words: Vec::new(),
-            shed_lag: 200,
-            max_lag: 5000,
-        }
-    }
-}
 
 /// Settings of the node's room feeds.
 #[derive(Debug, Clone)]
@@ -859,7 +818,7 @@ impl Hub {
         if let Some(word) = limits
             .blocked_words
             .iter()
-            .find(|w| !w.is_empty() && lower.contains(&w.to_lowercase()))
+            .find(|w| !w.is_empty() && lower.contains(w.as_str()))
         {
             return Err(Refusal::new(
                 "moderated",
