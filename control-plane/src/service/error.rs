@@ -72,7 +72,9 @@ impl ApiError {
                 StoreError::Invalid { .. } => ErrorKind::InvalidArgument,
                 StoreError::NotFound { .. } => ErrorKind::NotFound,
                 StoreError::AlreadyExists { .. } => ErrorKind::AlreadyExists,
-                StoreError::FailedPrecondition(_) => ErrorKind::FailedPrecondition,
+                StoreError::FailedPrecondition(_) | StoreError::InsufficientFunds { .. } => {
+                    ErrorKind::FailedPrecondition
+                }
                 StoreError::Unavailable(_) => ErrorKind::Unavailable,
                 _ => ErrorKind::Internal,
             },
