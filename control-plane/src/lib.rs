@@ -6,10 +6,12 @@
 //! PostgreSQL), the config center ([`config_center`]), leader election for
 //! singleton workers ([`election`], [`workers`]), and the client library of `weir ctl` ([`ctl`]).
 
+pub mod bus;
 pub mod config_center;
 pub mod coordinator;
 pub mod ctl;
 pub mod election;
+pub mod outbox;
 pub mod scheduler;
 pub mod server;
 pub mod service;

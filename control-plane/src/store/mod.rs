@@ -37,8 +37,8 @@ pub use users::User;
 pub use wallet::{
     Balance, CatalogueGift, DEFAULT_LEADERBOARD, Gift, Grant, GrantOutcome, LeaderboardEntry,
     LedgerEntry, MAX_BALANCE, MAX_GIFT_COUNT, MAX_GRANT, MAX_IDEMPOTENCY_KEY_LEN, MAX_LEADERBOARD,
-    MINT_ACCOUNT, NewGift, OutboxEntry, SentGift, TransferKind, WalletAudit, validate_gift_id,
-    validate_idempotency_key,
+    MINT_ACCOUNT, NewGift, OutboxEntry, SentGift, TransferKind, WalletAudit, validate_gift_count,
+    validate_gift_id, validate_idempotency_key,
 };
 
 /// Name of the SQLite file under the data dir.

@@ -398,7 +398,8 @@ pub fn validate_gift_id(gift: &str) -> Result<(), StoreError> {
     validate_id("gift", gift)
 }
 
-fn validate_count(count: u32) -> Result<(), StoreError> {
+/// Checks a gift count: 1 to [`MAX_GIFT_COUNT`].
+pub fn validate_gift_count(count: u32) -> Result<(), StoreError> {
     if !(1..=MAX_GIFT_COUNT).contains(&count) {
         return Err(StoreError::invalid(
             "count",
@@ -570,7 +571,7 @@ impl Store {
     /// writes nothing.
     pub async fn send_gift(&self, new: &NewGift) -> Result<SentGift, StoreError> {
         validate_gift_id(&new.gift)?;
-        validate_count(new.count)?;
+        validate_gift_count(new.count)?;
         validate_idempotency_key(&new.idempotency_key)?;
         if let Some(first) = self.gift_by_key(&new.from, &new.idempotency_key).await? {
             return replayed_gift(first, new);
@@ -1040,10 +1041,10 @@ mod tests {
 
     #[test]
     fn counts_are_bounded() {
-        assert!(validate_count(0).is_err());
-        assert!(validate_count(1).is_ok());
-        assert!(validate_count(MAX_GIFT_COUNT).is_ok());
-        assert!(validate_count(MAX_GIFT_COUNT + 1).is_err());
+        assert!(validate_gift_count(0).is_err());
+        assert!(validate_gift_count(1).is_ok());
+        assert!(validate_gift_count(MAX_GIFT_COUNT).is_ok());
+        assert!(validate_gift_count(MAX_GIFT_COUNT + 1).is_err());
     }
 
     #[test]
