@@ -40,19 +40,26 @@ pub struct NatsPublisher {
     epoch: Arc<OnceCell<u64>>,
 }
 
+/// A `--nats` value that is not a list of NATS URLs.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct BadNatsUrl(String);
+
 /// Parses `nats://host:port[,nats://host:port…]` (what `--nats` takes).
-pub fn parse_urls(urls: &str) -> Result<Vec<async_nats::ServerAddr>, BusError> {
+pub fn parse_urls(urls: &str) -> Result<Vec<async_nats::ServerAddr>, BadNatsUrl> {
     let addrs: Vec<async_nats::ServerAddr> = urls
         .split(',')
         .map(str::trim)
         .filter(|u| !u.is_empty())
         .map(|u| {
             u.parse::<async_nats::ServerAddr>()
-                .map_err(|e| BusError::Unavailable(format!("bad NATS URL {u:?}: {e}")))
+                .map_err(|e| BadNatsUrl(format!("bad NATS URL {u:?}: {e}")))
         })
         .collect::<Result<_, _>>()?;
     if addrs.is_empty() {
-        return Err(BusError::Unavailable("no NATS URL given".into()));
+        return Err(BadNatsUrl(
+            "no NATS URL given (expected nats://HOST:PORT[,nats://HOST:PORT...])".into(),
+        ));
     }
     Ok(addrs)
 }
@@ -74,7 +81,7 @@ impl NatsPublisher {
     /// A publisher for the servers `urls` (see [`parse_urls`]). Returns at
     /// once, even when no server answers yet; only a malformed URL fails.
     pub async fn connect(urls: &str, retention: Retention) -> Result<Self, BusError> {
-        let addrs = parse_urls(urls)?;
+        let addrs = parse_urls(urls).map_err(|e| BusError::Unavailable(e.to_string()))?;
         let client = async_nats::ConnectOptions::new()
             .name("weir-control")
             .retry_on_initial_connect()

@@ -50,6 +50,19 @@ pub async fn run(state: Arc<ControlState>, mut leadership: watch::Receiver<Leade
     }
 }
 
+/// Runs the singleton workers forever without campaigning: for a process
+/// that is the only control plane there is (`weir dev`), which would elect
+/// itself anyway. `weir control` uses [`run`] with its candidacy.
+pub async fn run_unelected(state: Arc<ControlState>) {
+    let (leading, leadership) = watch::channel(LeaderState {
+        leader: None,
+        is_leader: true,
+    });
+    run(state, leadership).await;
+    // Kept alive until here: a dropped sender would read as a lost lead.
+    drop(leading);
+}
+
 /// Live sync every [`LIVE_SYNC_EVERY`], forever.
 async fn live_sync(state: &ControlState) {
     let mut tick = tokio::time::interval(LIVE_SYNC_EVERY);

@@ -6,6 +6,9 @@
 //! nothing; and with two control-plane replicas only the elected one relays.
 #![allow(clippy::unwrap_used)]
 
+// The data plane's file, formatted by its owners (rustfmt would otherwise
+// reformat it from here).
+#[rustfmt::skip]
 #[path = "../../data-plane/tests/support/nats.rs"]
 mod nats;
 

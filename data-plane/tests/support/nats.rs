@@ -36,16 +36,13 @@ pub fn nats_binary() -> PathBuf {
     if let Some(paths) = std::env::var_os("PATH") {
         candidates.extend(std::env::split_paths(&paths).map(|p| p.join("nats-server")));
     }
-    candidates
-        .into_iter()
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "this test needs a real nats-server and none was found (looked at $WEIR_NATS_BIN, \
+    candidates.into_iter().find(|p| p.is_file()).unwrap_or_else(|| {
+        panic!(
+            "this test needs a real nats-server and none was found (looked at $WEIR_NATS_BIN, \
              /usr/sbin, /usr/bin and $PATH). Install Debian's nats-server: \
              `deploy/setup.sh --test` (or `apt-get install nats-server`)."
-            )
-        })
+        )
+    })
 }
 
 fn temp_dir(tag: &str) -> PathBuf {
@@ -290,8 +287,6 @@ fn http_get(port: u16, path: &str) -> Result<String, String> {
     )
     .map_err(|e| e.to_string())?;
     let mut body = String::new();
-    stream
-        .read_to_string(&mut body)
-        .map_err(|e| e.to_string())?;
+    stream.read_to_string(&mut body).map_err(|e| e.to_string())?;
     Ok(body)
 }
