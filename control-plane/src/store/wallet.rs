@@ -1,6 +1,6 @@
 //! Wallets and gifts: a balance per user, a double-entry ledger, a gift
 //! catalogue, paid gifts with the sender's idempotency keys, and the outbox
-//! the relay publishes gift events from (see `workers.rs`).
+//! the relay publishes gift events from (see [`crate::outbox`]).
 //!
 //! Money moves only in transfers, each one transaction that writes one
 //! ledger row per account it touches, rows summing to zero, and changes the
