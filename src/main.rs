@@ -242,7 +242,7 @@ struct ControlArgs {
     /// publish tokens); a stored room's publish tokens carry its owner.
     #[arg(long, env = "WEIR_DEFAULT_OWNER", default_value = "owner")]
     default_owner: String,
-    /// Business store (users, rooms, follows): `postgres://USER:PASSWORD@HOST:PORT/DB`
+    /// Business store (users, rooms, follows, wallets, gifts): `postgres://USER:PASSWORD@HOST:PORT/DB`
     /// for clusters (every replica uses the same one), or `sqlite://PATH`.
     /// Default: the SQLite file `weir.db` under --data-dir.
     #[arg(long, env = "WEIR_DATABASE", value_name = "URL")]
@@ -253,6 +253,16 @@ struct ControlArgs {
     /// Without it this control plane sees only an empty registry of its own.
     #[arg(long, env = "WEIR_ETCD", value_name = "URL[,URL...]")]
     etcd: Option<String>,
+    /// Room bus: NATS JetStream client URLs (`URL[,URL...]`, e.g.
+    /// nats://10.0.0.1:4222,nats://10.0.0.2:4222), the servers the nodes use.
+    /// The elected replica's outbox relay publishes paid gifts' events there.
+    /// Without it gifts are still paid, and their events wait in the outbox.
+    #[arg(long, env = "WEIR_NATS", value_name = "URL[,URL...]")]
+    nats: Option<String>,
+    /// Allow Wallet.Grant, which credits users from the mint (for operators
+    /// and testing; anyone who reaches the gRPC port can call it).
+    #[arg(long, env = "WEIR_ALLOW_GRANTS")]
+    allow_grants: bool,
 }
 
 fn main() -> ExitCode {
@@ -348,12 +358,17 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
         })?;
     let verifier = issuer.verifier();
     let coordinator: Arc<dyn Coordinator> = Arc::new(LocalCoordinator::new());
+    // One in-process room bus for the node (room events) and the control
+    // plane (gift events from its outbox relay).
+    let room_bus: Arc<dyn RoomBus> =
+        Arc::new(weir_data_plane::bus::LocalBus::new(a.room_bus.retention()));
     let control = ControlState::new(
         coordinator.clone(),
         issuer,
         ControlConfig {
             default_owner: "dev".into(),
             allow_token_minting: true,
+            allow_grants: true,
             ..ControlConfig::default()
         },
     )
@@ -367,14 +382,12 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
         )
         .await
         .context("cannot open the business store")?,
-    );
+    )
+    .with_bus(room_bus.clone());
     let grpc = tokio::net::TcpListener::bind(a.grpc)
         .await
         .with_context(|| format!("cannot listen for the control plane on {}", a.grpc))?;
     let control_addr = grpc.local_addr()?;
-    // One in-process room bus for the node and the control plane.
-    let room_bus: Arc<dyn RoomBus> =
-        Arc::new(weir_data_plane::bus::LocalBus::new(a.room_bus.retention()));
     let node = Node::bind(
         NodeConfig {
             node_id: NodeId::parse("dev").map_err(config_error)?,
@@ -529,6 +542,10 @@ async fn control(a: ControlArgs) -> anyhow::Result<()> {
         weir_control_plane::store::database_url(Some(url), &a.data_dir)
             .map_err(|e| config_error(format!("--database: {e}")))?;
     }
+    if let Some(urls) = a.nats.as_deref() {
+        weir_control_plane::bus::parse_urls(urls)
+            .map_err(|e| config_error(format!("--nats: {e}")))?;
+    }
     let render = observability::init_metrics()?;
     let issuer = TokenIssuer::load_or_create(&weir_control_plane::tokens::key_path(&a.data_dir))
         .with_context(|| {
@@ -544,6 +561,7 @@ async fn control(a: ControlArgs) -> anyhow::Result<()> {
         ControlConfig {
             default_owner: a.default_owner,
             allow_token_minting: a.allow_token_minting,
+            allow_grants: a.allow_grants,
             ..ControlConfig::default()
         },
     )
@@ -559,7 +577,17 @@ async fn control(a: ControlArgs) -> anyhow::Result<()> {
     let store = weir_control_plane::store::Store::connect(&database, STORE_CONNECT_TIMEOUT)
         .await
         .context("cannot open the business store")?;
-    let state = state.with_store(store);
+    let mut state = state.with_store(store);
+    if let Some(urls) = a.nats.as_deref() {
+        // Connects in the background: the broker may come up after us.
+        let bus = weir_control_plane::bus::NatsPublisher::connect(
+            urls,
+            weir_protocol::bus::Retention::default(),
+        )
+        .await
+        .context("cannot start the room bus client")?;
+        state = state.with_bus(Arc::new(bus));
+    }
     let listener = tokio::net::TcpListener::bind(a.grpc)
         .await
         .with_context(|| format!("cannot listen on {}", a.grpc))?;

@@ -2,14 +2,19 @@
 //! [`server`]), the scheduler that places publishers and viewers on media
 //! nodes ([`scheduler`]), the coordinators ([`coordinator`]: in-process, the
 //! embedded default of `weir dev`, and etcd, for clusters), the token issuer ([`tokens`]),
-//! the business store ([`store`]: users, rooms, follows on SQLite or
+//! the business store ([`store`]: users, rooms, follows, wallets with their
+//! double-entry ledger, gifts and the gift outbox, on SQLite or
 //! PostgreSQL), the config center ([`config_center`]), leader election for
-//! singleton workers ([`election`], [`workers`]), and the client library of `weir ctl` ([`ctl`]).
+//! singleton workers ([`election`], [`workers`]) among which the outbox
+//! relay ([`outbox`]) that publishes gift events to the room bus through
+//! [`bus`] (NATS JetStream), and the client library of `weir ctl` ([`ctl`]).
 
+pub mod bus;
 pub mod config_center;
 pub mod coordinator;
 pub mod ctl;
 pub mod election;
+pub mod outbox;
 pub mod scheduler;
 pub mod server;
 pub mod service;

@@ -17,8 +17,9 @@ use weir_protocol::pb::rooms_server::RoomsServer;
 use weir_protocol::pb::scheduler_server::SchedulerServer;
 use weir_protocol::pb::tokens_server::TokensServer;
 use weir_protocol::pb::users_server::UsersServer;
+use weir_protocol::pb::wallet_server::WalletServer;
 
-use crate::service::grpc::{BusinessApi, SchedulerApi, TokensApi};
+use crate::service::grpc::{BusinessApi, SchedulerApi, TokensApi, WalletApi};
 use crate::service::http::{self as gateway, HttpError};
 use crate::service::{ControlState, ErrorKind};
 
@@ -36,6 +37,7 @@ pub async fn router(state: Arc<ControlState>, render_metrics: RenderMetrics) -> 
     health.set_serving::<FollowsServer<BusinessApi>>().await;
     health.set_serving::<ConfigServer<BusinessApi>>().await;
     health.set_serving::<NodesServer<BusinessApi>>().await;
+    health.set_serving::<WalletServer<WalletApi>>().await;
 
     let business = BusinessApi::new(Arc::clone(&state));
     let mut grpc =
@@ -46,6 +48,7 @@ pub async fn router(state: Arc<ControlState>, render_metrics: RenderMetrics) -> 
             .add_service(FollowsServer::new(business.clone()))
             .add_service(ConfigServer::new(business.clone()))
             .add_service(NodesServer::new(business))
+            .add_service(WalletServer::new(WalletApi::new(Arc::clone(&state))))
             .add_service(health_service);
     // Reflection lets generic clients (`buf curl`, grpcurl) discover the API.
     match tonic_reflection::server::Builder::configure()

@@ -2,11 +2,16 @@
 //! run by the leader of the [`crate::election::CONTROL_ELECTION`] election
 //! and stopped as soon as it loses the lead.
 //!
-//! Today there is one: **live sync**, which marks a stored room `live` once
-//! a node reports a publisher live in it (the streamer went live by
-//! publishing; nobody has to call `GoLive`). Rooms the store does not know,
-//! and rooms already live or ended, are left alone; ending stays an explicit
-//! call. The outbox relay and the CDN prober join this list with their issues.
+//! Today there are two:
+//! - **live sync**, which marks a stored room `live` once a node reports a
+//!   publisher live in it (the streamer went live by publishing; nobody has
+//!   to call `GoLive`). Rooms the store does not know, and rooms already live
+//!   or ended, are left alone; ending stays an explicit call.
+//! - **the outbox relay** ([`crate::outbox`]), which publishes paid gifts'
+//!   events to the room bus ([`ControlState::with_bus`]) until the broker
+//!   acknowledges them.
+//!
+//! The CDN prober joins this list with its issue.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -30,26 +35,60 @@ pub async fn run(state: Arc<ControlState>, mut leadership: watch::Receiver<Leade
             return;
         }
         tracing::info!("leading: singleton workers start");
-        let mut tick = tokio::time::interval(LIVE_SYNC_EVERY);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                changed = leadership.changed() => {
-                    if changed.is_err() {
-                        return;
-                    }
-                }
-            }
-            if !leadership.borrow().is_leader {
-                tracing::info!("no longer leading: singleton workers stop");
-                break;
-            }
-            match sync_live_rooms(&state).await {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(rooms = n, "live sync: stored rooms marked live"),
-                Err(e) => tracing::debug!(error = %e, "live sync skipped"),
-            }
+        // Both run until leadership is lost; dropping them stops them
+        // mid-call, which is safe: an outbox row stays pending until marked,
+        // and a repeated publish is dropped by the broker.
+        let work = async { tokio::join!(live_sync(&state), outbox_relay(&state)) };
+        let lost = tokio::select! {
+            _ = work => Ok(()),
+            lost = leadership.wait_for(|s| !s.is_leader) => lost.map(drop),
+        };
+        if lost.is_err() {
+            return;
         }
+        tracing::info!("no longer leading: singleton workers stop");
+    }
+}
+
+/// Runs the singleton workers forever without campaigning: for a process
+/// that is the only control plane there is (`weir dev`), which would elect
+/// itself anyway. `weir control` uses [`run`] with its candidacy.
+pub async fn run_unelected(state: Arc<ControlState>) {
+    let (leading, leadership) = watch::channel(LeaderState {
+        leader: None,
+        is_leader: true,
+    });
+    run(state, leadership).await;
+    // Kept alive until here: a dropped sender would read as a lost lead.
+    drop(leading);
+}
+
+/// Live sync every [`LIVE_SYNC_EVERY`], forever.
+async fn live_sync(state: &ControlState) {
+    let mut tick = tokio::time::interval(LIVE_SYNC_EVERY);
+    loop {
+        tick.tick().await;
+        match sync_live_rooms(state).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(rooms = n, "live sync: stored rooms marked live"),
+            Err(e) => tracing::debug!(error = %e, "live sync skipped"),
+        }
+    }
+}
+
+/// The outbox relay over the state's store and bus, forever.
+async fn outbox_relay(state: &ControlState) {
+    match state.store() {
+        Some(store) => {
+            crate::outbox::relay(
+                store.clone(),
+                state.bus().cloned(),
+                Arc::clone(state.outbox_wake()),
+            )
+            .await
+        }
+        // No store, no gifts.
+        None => std::future::pending().await,
     }
 }
 

@@ -41,7 +41,7 @@ impl From<ListQuery> for PageRequest {
 }
 
 /// A user id from the field `field` of a request.
-fn user_id(field: &'static str, s: &str) -> Result<UserId, ApiError> {
+pub(super) fn user_id(field: &'static str, s: &str) -> Result<UserId, ApiError> {
     UserId::parse(s).map_err(|e| match e {
         StoreError::Invalid { reason, .. } => ApiError::invalid(field, reason),
         other => ApiError::Store(other),

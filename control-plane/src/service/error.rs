@@ -42,6 +42,17 @@ pub enum ApiError {
     /// The thing is not in a state that allows the call.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// The call needs a valid token of this control plane and got none.
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    /// The caller's token does not allow the call.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    /// Grants are switched off on this control plane.
+    #[error(
+        "grants are disabled on this control plane (they are enabled by `weir dev`, or by `weir control --allow-grants`)"
+    )]
+    GrantsDisabled,
     /// This control plane runs without a business store.
     #[error("this control plane has no business store (start it with --database or a --data-dir)")]
     NoStore,
@@ -64,7 +75,10 @@ impl ApiError {
             Self::Coordinator(CoordError::Conflict(_)) => ErrorKind::Aborted,
             Self::Coordinator(CoordError::Unsupported(_)) => ErrorKind::Unimplemented,
             Self::Coordinator(_) => ErrorKind::Unavailable,
-            Self::MintingDisabled => ErrorKind::PermissionDenied,
+            Self::MintingDisabled | Self::PermissionDenied(_) | Self::GrantsDisabled => {
+                ErrorKind::PermissionDenied
+            }
+            Self::Unauthenticated(_) => ErrorKind::Unauthenticated,
             Self::Internal(_) => ErrorKind::Internal,
             Self::NotFound { .. } => ErrorKind::NotFound,
             Self::FailedPrecondition(_) => ErrorKind::FailedPrecondition,
@@ -72,7 +86,9 @@ impl ApiError {
                 StoreError::Invalid { .. } => ErrorKind::InvalidArgument,
                 StoreError::NotFound { .. } => ErrorKind::NotFound,
                 StoreError::AlreadyExists { .. } => ErrorKind::AlreadyExists,
-                StoreError::FailedPrecondition(_) => ErrorKind::FailedPrecondition,
+                StoreError::FailedPrecondition(_) | StoreError::InsufficientFunds { .. } => {
+                    ErrorKind::FailedPrecondition
+                }
                 StoreError::Unavailable(_) => ErrorKind::Unavailable,
                 _ => ErrorKind::Internal,
             },
@@ -90,6 +106,7 @@ pub enum ErrorKind {
     FailedPrecondition,
     Aborted,
     PermissionDenied,
+    Unauthenticated,
     Unavailable,
     Unimplemented,
     Internal,
@@ -105,6 +122,7 @@ impl ErrorKind {
             Self::FailedPrecondition => "failed_precondition",
             Self::Aborted => "aborted",
             Self::PermissionDenied => "permission_denied",
+            Self::Unauthenticated => "unauthenticated",
             Self::Unavailable => "unavailable",
             Self::Unimplemented => "unimplemented",
             Self::Internal => "internal",
@@ -120,6 +138,7 @@ impl ErrorKind {
             Self::FailedPrecondition => tonic::Code::FailedPrecondition,
             Self::Aborted => tonic::Code::Aborted,
             Self::PermissionDenied => tonic::Code::PermissionDenied,
+            Self::Unauthenticated => tonic::Code::Unauthenticated,
             Self::Unavailable => tonic::Code::Unavailable,
             Self::Unimplemented => tonic::Code::Unimplemented,
             Self::Internal => tonic::Code::Internal,
@@ -135,6 +154,7 @@ impl ErrorKind {
                 http::StatusCode::CONFLICT
             }
             Self::PermissionDenied => http::StatusCode::FORBIDDEN,
+            Self::Unauthenticated => http::StatusCode::UNAUTHORIZED,
             Self::Unavailable => http::StatusCode::SERVICE_UNAVAILABLE,
             Self::Unimplemented => http::StatusCode::NOT_IMPLEMENTED,
             Self::Internal => http::StatusCode::INTERNAL_SERVER_ERROR,

@@ -1,5 +1,5 @@
 //! The gRPC services (`weir.v1.Scheduler`, `Tokens`, `Users`, `Rooms`,
-//! `Follows`, `Config`, `Nodes`): thin translations between protobuf messages and the
+//! `Follows`, `Config`, `Nodes`, `Wallet`): thin translations between protobuf messages and the
 //! calls of [`ControlState`]. Errors become `tonic::Status` through
 //! `From<ApiError>`; every reply, good or bad, carries the request id.
 
@@ -10,11 +10,15 @@ use tonic::{Request, Response, Status};
 use weir_protocol::pb;
 
 use super::{
-    ApiError, Assignment, ConfigEntryView, ConfigUpdate, ControlState, CreateRoom, Endpoint,
-    EndpointKind, IssuedToken, ListQuery, MintRequest, NodeView, REQUEST_ID_HEADER, RequestId,
+    ApiError, Assignment, BEARER_HEADER, ConfigEntryView, ConfigUpdate, ControlState, CreateRoom,
+    Endpoint, EndpointKind, IssuedToken, ListQuery, MintRequest, NodeView, REQUEST_ID_HEADER,
+    RequestId, SendGiftRequest,
 };
 use crate::scheduler::RoomSummary;
-use crate::store::{Follow, Room, RoomStatus, User};
+use crate::store::{
+    Balance, CatalogueGift, Follow, GrantOutcome, LeaderboardEntry, LedgerEntry, Room, RoomStatus,
+    SentGift, User,
+};
 
 /// `weir.v1.Scheduler` over [`ControlState`].
 #[derive(Debug, Clone)]
@@ -573,5 +577,209 @@ impl pb::nodes_server::Nodes for BusinessApi {
             .uncordon_node(&rid, &request.into_inner().id)
             .await;
         reply(&rid, result.map(pb::NodeStatus::from))
+    }
+}
+
+/// `weir.v1.Wallet` over [`ControlState`]. The caller's token comes from
+/// the `authorization` metadata (see the wallet calls of [`ControlState`]).
+#[derive(Debug, Clone)]
+pub struct WalletApi {
+    state: Arc<ControlState>,
+}
+
+impl WalletApi {
+    /// The service for `state`.
+    pub fn new(state: Arc<ControlState>) -> Self {
+        Self { state }
+    }
+}
+
+/// The raw `authorization` value of a call, if any.
+fn bearer(metadata: &MetadataMap) -> Option<String> {
+    metadata
+        .get(BEARER_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+impl From<Balance> for pb::WalletBalance {
+    fn from(b: Balance) -> Self {
+        Self {
+            user: b.user.into(),
+            balance: b.balance,
+            updated_unix_ms: ms_i64(b.updated_ms),
+        }
+    }
+}
+
+impl From<GrantOutcome> for pb::GrantResponse {
+    fn from(o: GrantOutcome) -> Self {
+        let g = o.grant;
+        Self {
+            id: g.id,
+            user: g.user.into(),
+            amount: g.amount,
+            balance_after: g.balance_after,
+            created_unix_ms: ms_i64(g.created_ms),
+            replayed: o.replayed,
+        }
+    }
+}
+
+impl From<LedgerEntry> for pb::LedgerEntry {
+    fn from(e: LedgerEntry) -> Self {
+        Self {
+            transfer_id: e.transfer_id,
+            amount: e.amount,
+            kind: e.kind.as_str().to_owned(),
+            counterparty: e.counterparty,
+            created_unix_ms: ms_i64(e.created_ms),
+        }
+    }
+}
+
+impl From<CatalogueGift> for pb::CatalogueGift {
+    fn from(g: CatalogueGift) -> Self {
+        Self {
+            id: g.id,
+            name: g.name,
+            price: g.price,
+        }
+    }
+}
+
+impl From<SentGift> for pb::SendGiftResponse {
+    fn from(s: SentGift) -> Self {
+        let g = s.gift;
+        Self {
+            balance_after: g.balance_after,
+            replayed: s.replayed,
+            gift: Some(pb::SentGift {
+                id: g.id,
+                room: g.room.into(),
+                from_user: g.from.into(),
+                to_user: g.to.into(),
+                gift: g.gift,
+                count: g.count,
+                amount: g.amount,
+                created_unix_ms: ms_i64(g.created_ms),
+            }),
+        }
+    }
+}
+
+impl From<LeaderboardEntry> for pb::LeaderboardEntry {
+    fn from(e: LeaderboardEntry) -> Self {
+        Self {
+            user: e.user.into(),
+            amount: e.amount,
+            gifts: e.gifts,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::wallet_server::Wallet for WalletApi {
+    async fn get_balance(
+        &self,
+        request: Request<pb::GetBalanceRequest>,
+    ) -> Result<Response<pb::WalletBalance>, Status> {
+        let rid = request_id(request.metadata());
+        let token = bearer(request.metadata());
+        let req = request.into_inner();
+        let result = self
+            .state
+            .get_balance(&rid, token.as_deref(), &req.user)
+            .await;
+        reply(&rid, result.map(pb::WalletBalance::from))
+    }
+
+    async fn grant(
+        &self,
+        request: Request<pb::GrantRequest>,
+    ) -> Result<Response<pb::GrantResponse>, Status> {
+        let rid = request_id(request.metadata());
+        let req = request.into_inner();
+        let result = self
+            .state
+            .grant(&rid, &req.user, req.amount, &req.idempotency_key)
+            .await;
+        reply(&rid, result.map(pb::GrantResponse::from))
+    }
+
+    async fn list_ledger(
+        &self,
+        request: Request<pb::LedgerQuery>,
+    ) -> Result<Response<pb::LedgerPage>, Status> {
+        let rid = request_id(request.metadata());
+        let token = bearer(request.metadata());
+        let req = request.into_inner();
+        let query = ListQuery {
+            page_size: req.page_size,
+            page_token: req.page_token,
+        };
+        let result = self
+            .state
+            .list_ledger(&rid, token.as_deref(), &req.user, query)
+            .await;
+        reply(
+            &rid,
+            result.map(|page| pb::LedgerPage {
+                entries: page.items.into_iter().map(pb::LedgerEntry::from).collect(),
+                next_page_token: next_token(page.next),
+            }),
+        )
+    }
+
+    async fn list_gift_catalogue(
+        &self,
+        request: Request<pb::ListGiftCatalogueRequest>,
+    ) -> Result<Response<pb::GiftCatalogue>, Status> {
+        let rid = request_id(request.metadata());
+        let result = self.state.gift_catalogue(&rid).await;
+        reply(
+            &rid,
+            result.map(|gifts| pb::GiftCatalogue {
+                gifts: gifts.into_iter().map(pb::CatalogueGift::from).collect(),
+            }),
+        )
+    }
+
+    async fn send_gift(
+        &self,
+        request: Request<pb::SendGiftRequest>,
+    ) -> Result<Response<pb::SendGiftResponse>, Status> {
+        let rid = request_id(request.metadata());
+        let token = bearer(request.metadata());
+        let req = request.into_inner();
+        let req = SendGiftRequest {
+            room: req.room,
+            gift: req.gift,
+            count: req.count,
+            idempotency_key: req.idempotency_key,
+        };
+        let result = self.state.send_gift(&rid, token.as_deref(), req).await;
+        reply(&rid, result.map(pb::SendGiftResponse::from))
+    }
+
+    async fn gift_leaderboard(
+        &self,
+        request: Request<pb::GiftLeaderboardRequest>,
+    ) -> Result<Response<pb::GiftLeaderboardResponse>, Status> {
+        let rid = request_id(request.metadata());
+        let req = request.into_inner();
+        let result = self
+            .state
+            .gift_leaderboard(&rid, &req.room, req.limit)
+            .await;
+        reply(
+            &rid,
+            result.map(|entries| pb::GiftLeaderboardResponse {
+                entries: entries
+                    .into_iter()
+                    .map(pb::LeaderboardEntry::from)
+                    .collect(),
+            }),
+        )
     }
 }

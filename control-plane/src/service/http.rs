@@ -1,15 +1,19 @@
 //! The HTTP/JSON gateway for web pages: the same calls as the gRPC services,
 //! with JSON bodies: assignments, carried rooms and tokens, and the
 //! business calls a page needs (`/v1/users`, `/v1/rooms` `POST` and
-//! `/v1/rooms/{id}[/live|/end]`, `/v1/follows`, `/v1/unfollow`). Every
+//! `/v1/rooms/{id}[/live|/end]`, `/v1/follows`, `/v1/unfollow`), and the
+//! wallet a play page needs: `GET /v1/wallet/{user}[/ledger]` and
+//! `POST /v1/rooms/{id}/gifts` with the user's token in
+//! `authorization: Bearer …`, `GET /v1/gifts` (the catalogue) and
+//! `GET /v1/rooms/{id}/leaderboard`. Grants are gRPC only. Every
 //! error, including a body axum refuses (not JSON, wrong content type, too
 //! big), is answered with
 //! `{"error": "<message>", "code": "<kind>"}` and a 4xx/5xx status.
 
 use std::sync::Arc;
 
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -18,10 +22,13 @@ use serde::{Deserialize, Serialize};
 use tower_http::cors::{Any, CorsLayer};
 
 use super::{
-    ApiError, ControlState, CreateRoom, ErrorKind, MintRequest, REQUEST_ID_HEADER, RequestId,
+    ApiError, BEARER_HEADER, ControlState, CreateRoom, ErrorKind, ListQuery, MintRequest,
+    REQUEST_ID_HEADER, RequestId, SendGiftRequest,
 };
 use crate::scheduler::RoomSummary;
-use crate::store::{Follow, Room, User};
+use crate::store::{
+    Balance, CatalogueGift, Follow, LeaderboardEntry, LedgerEntry, Room, SentGift, User,
+};
 
 /// Largest JSON body accepted.
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
@@ -437,6 +444,282 @@ async fn unfollow(
     .await
 }
 
+impl From<QueryRejection> for HttpError {
+    fn from(rejection: QueryRejection) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            kind: ErrorKind::InvalidArgument,
+            message: format!("invalid query string: {}", rejection.body_text()),
+        }
+    }
+}
+
+/// A balance as JSON.
+#[derive(Debug, Serialize)]
+pub struct BalanceJson {
+    pub user: String,
+    pub balance: i64,
+    pub updated_unix_ms: u64,
+}
+
+impl From<Balance> for BalanceJson {
+    fn from(b: Balance) -> Self {
+        Self {
+            user: b.user.into(),
+            balance: b.balance,
+            updated_unix_ms: b.updated_ms,
+        }
+    }
+}
+
+/// A ledger row as JSON.
+#[derive(Debug, Serialize)]
+pub struct LedgerEntryJson {
+    pub transfer_id: String,
+    pub amount: i64,
+    /// `grant` or `gift`.
+    pub kind: &'static str,
+    pub counterparty: String,
+    pub created_unix_ms: u64,
+}
+
+/// A page of a ledger as JSON.
+#[derive(Debug, Serialize)]
+pub struct LedgerPageJson {
+    pub entries: Vec<LedgerEntryJson>,
+    /// Pass it as `page_token` for the next page; absent at the end.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_page_token: Option<String>,
+}
+
+impl From<LedgerEntry> for LedgerEntryJson {
+    fn from(e: LedgerEntry) -> Self {
+        Self {
+            transfer_id: e.transfer_id,
+            amount: e.amount,
+            kind: e.kind.as_str(),
+            counterparty: e.counterparty,
+            created_unix_ms: e.created_ms,
+        }
+    }
+}
+
+/// Answer of `GET /v1/gifts`.
+#[derive(Debug, Serialize)]
+pub struct CatalogueJson {
+    /// Cheapest first.
+    pub gifts: Vec<CatalogueGiftJson>,
+}
+
+/// One gift of the catalogue as JSON.
+#[derive(Debug, Serialize)]
+pub struct CatalogueGiftJson {
+    pub id: String,
+    pub name: String,
+    pub price: i64,
+}
+
+impl From<CatalogueGift> for CatalogueGiftJson {
+    fn from(g: CatalogueGift) -> Self {
+        Self {
+            id: g.id,
+            name: g.name,
+            price: g.price,
+        }
+    }
+}
+
+/// Body of `POST /v1/rooms/{id}/gifts` (the sender is the token's subject).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SendGiftBody {
+    pub gift: String,
+    #[serde(default = "one")]
+    pub count: u32,
+    pub idempotency_key: String,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// Answer of `POST /v1/rooms/{id}/gifts`.
+#[derive(Debug, Serialize)]
+pub struct SentGiftJson {
+    pub id: String,
+    pub room: String,
+    pub from_user: String,
+    pub to_user: String,
+    pub gift: String,
+    pub count: u32,
+    pub amount: i64,
+    pub created_unix_ms: u64,
+    /// The sender's balance right after paying.
+    pub balance_after: i64,
+    /// True when the key had been used: the first send's answer, nothing charged.
+    pub replayed: bool,
+}
+
+impl From<SentGift> for SentGiftJson {
+    fn from(s: SentGift) -> Self {
+        let g = s.gift;
+        Self {
+            id: g.id,
+            room: g.room.into(),
+            from_user: g.from.into(),
+            to_user: g.to.into(),
+            gift: g.gift,
+            count: g.count,
+            amount: g.amount,
+            created_unix_ms: g.created_ms,
+            balance_after: g.balance_after,
+            replayed: s.replayed,
+        }
+    }
+}
+
+/// Answer of `GET /v1/rooms/{id}/leaderboard`.
+#[derive(Debug, Serialize)]
+pub struct LeaderboardJson {
+    pub room: String,
+    /// Biggest sender first.
+    pub entries: Vec<LeaderboardEntryJson>,
+}
+
+/// One sender of a leaderboard as JSON.
+#[derive(Debug, Serialize)]
+pub struct LeaderboardEntryJson {
+    pub user: String,
+    pub amount: i64,
+    pub gifts: u64,
+}
+
+impl From<LeaderboardEntry> for LeaderboardEntryJson {
+    fn from(e: LeaderboardEntry) -> Self {
+        Self {
+            user: e.user.into(),
+            amount: e.amount,
+            gifts: e.gifts,
+        }
+    }
+}
+
+/// Query of `GET /v1/wallet/{user}/ledger`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PageParams {
+    #[serde(default)]
+    pub page_size: u32,
+    #[serde(default)]
+    pub page_token: String,
+}
+
+/// Query of `GET /v1/rooms/{id}/leaderboard`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaderboardParams {
+    #[serde(default)]
+    pub limit: u32,
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers.get(BEARER_HEADER).and_then(|v| v.to_str().ok())
+}
+
+async fn get_balance(
+    State(state): State<Arc<ControlState>>,
+    headers: HeaderMap,
+    Path(user): Path<String>,
+) -> Response {
+    let rid = request_id(&headers);
+    let result = state
+        .get_balance(&rid, bearer(&headers), &user)
+        .await
+        .map(BalanceJson::from);
+    respond(&rid, result.map_err(HttpError::from))
+}
+
+async fn list_ledger(
+    State(state): State<Arc<ControlState>>,
+    headers: HeaderMap,
+    Path(user): Path<String>,
+    params: Result<Query<PageParams>, QueryRejection>,
+) -> Response {
+    let rid = request_id(&headers);
+    let result = match params {
+        Ok(Query(p)) => {
+            let query = ListQuery {
+                page_size: p.page_size,
+                page_token: p.page_token,
+            };
+            state
+                .list_ledger(&rid, bearer(&headers), &user, query)
+                .await
+                .map(|page| LedgerPageJson {
+                    entries: page.items.into_iter().map(LedgerEntryJson::from).collect(),
+                    next_page_token: page.next,
+                })
+                .map_err(HttpError::from)
+        }
+        Err(rejection) => Err(rejection.into()),
+    };
+    respond(&rid, result)
+}
+
+async fn gift_catalogue(State(state): State<Arc<ControlState>>, headers: HeaderMap) -> Response {
+    let rid = request_id(&headers);
+    let result = state.gift_catalogue(&rid).await.map(|gifts| CatalogueJson {
+        gifts: gifts.into_iter().map(CatalogueGiftJson::from).collect(),
+    });
+    respond(&rid, result.map_err(HttpError::from))
+}
+
+async fn send_gift(
+    State(state): State<Arc<ControlState>>,
+    headers: HeaderMap,
+    Path(room): Path<String>,
+    body: Body<SendGiftBody>,
+) -> Response {
+    let token = bearer(&headers).map(str::to_owned);
+    with_body(&headers, body, |rid, b| async move {
+        let req = SendGiftRequest {
+            room,
+            gift: b.gift,
+            count: b.count,
+            idempotency_key: b.idempotency_key,
+        };
+        state
+            .send_gift(&rid, token.as_deref(), req)
+            .await
+            .map(SentGiftJson::from)
+    })
+    .await
+}
+
+async fn gift_leaderboard(
+    State(state): State<Arc<ControlState>>,
+    headers: HeaderMap,
+    Path(room): Path<String>,
+    params: Result<Query<LeaderboardParams>, QueryRejection>,
+) -> Response {
+    let rid = request_id(&headers);
+    let result = match params {
+        Ok(Query(p)) => state
+            .gift_leaderboard(&rid, &room, p.limit)
+            .await
+            .map(|entries| LeaderboardJson {
+                room,
+                entries: entries
+                    .into_iter()
+                    .map(LeaderboardEntryJson::from)
+                    .collect(),
+            })
+            .map_err(HttpError::from),
+        Err(rejection) => Err(rejection.into()),
+    };
+    respond(&rid, result)
+}
+
 async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> HttpError {
     HttpError {
         status: StatusCode::METHOD_NOT_ALLOWED,
@@ -468,6 +751,11 @@ pub fn routes(state: Arc<ControlState>) -> Router {
         .route("/v1/follows", post(follow))
         .route("/v1/unfollow", post(unfollow))
         .route("/v1/tokens", post(mint_token))
+        .route("/v1/wallet/{user}", get(get_balance))
+        .route("/v1/wallet/{user}/ledger", get(list_ledger))
+        .route("/v1/gifts", get(gift_catalogue))
+        .route("/v1/rooms/{id}/gifts", post(send_gift))
+        .route("/v1/rooms/{id}/leaderboard", get(gift_leaderboard))
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(cors)

@@ -11,6 +11,7 @@ pub mod error;
 pub mod grpc;
 pub mod http;
 mod nodes;
+mod wallet;
 
 use std::future::Future;
 use std::str::FromStr;
@@ -18,7 +19,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
+use tokio::sync::Notify;
 use tracing::Instrument;
+use weir_protocol::bus::BusPublisher;
 use weir_protocol::coordinator::{ClusterState, CoordError, Coordinator, NodeInfo};
 use weir_protocol::{Mode, NodeId, RoomId};
 
@@ -31,6 +34,7 @@ pub use business::{CreateRoom, ListQuery};
 pub use config::{ConfigEntryView, ConfigUpdate};
 pub use error::{ApiError, ErrorKind};
 pub use nodes::NodeView;
+pub use wallet::{BEARER_HEADER, SendGiftRequest, bearer_token};
 
 /// Longest wait for the coordinator before a call counts as failed (and a
 /// degraded answer from the last view is considered).
@@ -49,6 +53,9 @@ pub struct ControlConfig {
     /// Whether `MintToken` / `POST /v1/tokens` hands out arbitrary tokens.
     /// `weir dev` enables it; a cluster leaves it off.
     pub allow_token_minting: bool,
+    /// Whether `Wallet.Grant` credits users from the mint. `weir dev`
+    /// enables it; a cluster leaves it off unless `--allow-grants`.
+    pub allow_grants: bool,
     /// How old the last good view of the cluster may be to answer from when
     /// the coordinator does not respond (answers are then marked degraded).
     pub stale_view_max_age: Duration,
@@ -59,6 +66,7 @@ impl Default for ControlConfig {
         Self {
             default_owner: "dev".to_owned(),
             allow_token_minting: false,
+            allow_grants: false,
             stale_view_max_age: Duration::from_secs(30),
         }
     }
@@ -86,7 +94,8 @@ impl ControlConfig {
 
 /// Everything the API needs: the coordinator, the token issuer, the
 /// business store, the settings (fixed at start and live from the config
-/// center) and the last good view of the cluster.
+/// center), the last good view of the cluster, and the room bus the outbox
+/// relay publishes to.
 pub struct ControlState {
     coordinator: Arc<dyn Coordinator>,
     tokens: TokenIssuer,
@@ -94,6 +103,8 @@ pub struct ControlState {
     store: Option<Store>,
     live: Arc<LiveConfigCell>,
     last_view: Mutex<Option<Arc<ClusterView>>>,
+    bus: Option<Arc<dyn BusPublisher>>,
+    outbox_wake: Arc<Notify>,
 }
 
 impl std::fmt::Debug for ControlState {
@@ -217,7 +228,29 @@ impl ControlState {
             store: None,
             live: Arc::new(LiveConfigCell::default()),
             last_view: Mutex::new(None),
+            bus: None,
+            outbox_wake: Arc::new(Notify::new()),
         })
+    }
+
+    /// The same state with a room bus, which the outbox relay publishes
+    /// gift events to: the NATS JetStream publisher in clusters
+    /// ([`crate::bus::NatsPublisher`]), the data plane's in-process bus in
+    /// `weir dev`. Without one, gift events stay in the outbox.
+    pub fn with_bus(mut self, bus: Arc<dyn BusPublisher>) -> Self {
+        self.bus = Some(bus);
+        self
+    }
+
+    /// The room bus, if there is one.
+    pub fn bus(&self) -> Option<&Arc<dyn BusPublisher>> {
+        self.bus.as_ref()
+    }
+
+    /// Notified after every gift this replica commits, so the outbox relay
+    /// (when it runs here) publishes it at once instead of at its next poll.
+    pub fn outbox_wake(&self) -> &Arc<Notify> {
+        &self.outbox_wake
     }
 
     /// The same state with a business store (users, rooms, follows).

@@ -1,7 +1,8 @@
-//! The business store: users, rooms and follows, in SQL through sqlx's
-//! `AnyPool`, so the same code and the same migrations run on SQLite (a file
-//! under `--data-dir`, the embedded default) and on PostgreSQL (clusters,
-//! `weir control --database postgres://…`).
+//! The business store: users, rooms, follows, wallets and gifts (with the
+//! gift outbox), in SQL through sqlx's `AnyPool`, so the same code and the
+//! same migrations run on SQLite (a file under `--data-dir`, the embedded
+//! default) and on PostgreSQL (clusters, `weir control --database
+//! postgres://…`).
 //!
 //! Portability rules kept by every query here: `$N` placeholders (SQLite
 //! accepts them too), times as Unix milliseconds in `BIGINT`, ids as `TEXT`,
@@ -17,6 +18,7 @@
 mod follows;
 mod rooms;
 mod users;
+mod wallet;
 
 use std::borrow::Cow;
 use std::path::Path;
@@ -32,6 +34,12 @@ use weir_protocol::RoomId;
 pub use follows::Follow;
 pub use rooms::{NewRoom, Room, RoomFilter, RoomStatus};
 pub use users::User;
+pub use wallet::{
+    Balance, CatalogueGift, DEFAULT_LEADERBOARD, Gift, Grant, GrantOutcome, LeaderboardEntry,
+    LedgerEntry, MAX_BALANCE, MAX_GIFT_COUNT, MAX_GRANT, MAX_IDEMPOTENCY_KEY_LEN, MAX_LEADERBOARD,
+    MINT_ACCOUNT, NewGift, OutboxEntry, SentGift, TransferKind, WalletAudit, validate_gift_count,
+    validate_gift_id, validate_idempotency_key,
+};
 
 /// Name of the SQLite file under the data dir.
 pub const SQLITE_FILE: &str = "weir.db";
@@ -48,11 +56,18 @@ pub const MAX_NAME_LEN: usize = 64;
 
 /// The migrations, in order; each one's text is fixed once released (sqlx
 /// checks a checksum of every applied migration).
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "rooms users follows",
-    include_str!("migrations/0001_rooms_users_follows.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "rooms users follows",
+        include_str!("migrations/0001_rooms_users_follows.sql"),
+    ),
+    (
+        2,
+        "wallet gifts outbox",
+        include_str!("migrations/0002_wallet_gifts.sql"),
+    ),
+];
 
 /// Which database a store runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,6 +120,16 @@ pub enum StoreError {
     /// The thing is not in a state that allows the change (an ended room).
     #[error("{0}")]
     FailedPrecondition(String),
+    /// The sender's balance does not cover the payment; nothing was written.
+    #[error("insufficient funds: {user} has {balance} and this costs {needed}")]
+    InsufficientFunds {
+        /// Who would pay.
+        user: String,
+        /// Their balance when the payment was refused.
+        balance: i64,
+        /// What it would cost.
+        needed: i64,
+    },
     /// The database cannot be reached now; retrying may help.
     #[error("database unavailable: {0}")]
     Unavailable(String),
