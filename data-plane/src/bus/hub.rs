@@ -453,10 +453,14 @@ impl RoomFeed {
                 ..base
             };
         }
-        // The first bus item after `since`; everything from it on is sent.
+        // Everything after the client's event is sent (notices among it
+        // too: a gap or a degraded spell after it concerns the client).
+        // Searched from the newest end: a reconnect is usually recent.
         let idx = st
             .items
-            .partition_point(|i| i.offset().is_none_or(|o| o <= since));
+            .iter()
+            .rposition(|i| i.offset().is_some_and(|o| o <= since))
+            .map_or(0, |p| p + 1);
         let from_seq = st.items.get(idx).map_or(head, |i| i.seq);
         let missed = st
             .items

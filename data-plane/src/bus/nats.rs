@@ -196,14 +196,14 @@ impl RoomBus for NatsBus {
         if after > 0 {
             // Retention drops a room's oldest events first, so if the event
             // at `after` is still held, every later one is too.
-            let held = match timed("read one event", stream.get_raw_message(after)).await {
-                Ok(m) => m.subject.as_str() == subject,
-                Err(_) if after <= last => {
-                    // Not found (or the broker failed): tell them apart.
-                    timed("read the room stream", stream.get_info()).await?;
-                    false
-                }
-                Err(_) => false,
+            let held = match tokio::time::timeout(CALL_TIMEOUT, stream.get_raw_message(after)).await
+            {
+                Ok(Ok(m)) => m.subject.as_str() == subject,
+                Ok(Err(e)) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => false,
+                // Anything else (no leader during a failover, a timeout) says
+                // nothing about what is held: try again later.
+                Ok(Err(e)) => return Err(unavailable(format!("read one event: {e}"))),
+                Err(_) => return Err(unavailable("read one event: no answer in time")),
             };
             if !held {
                 return Err(BusError::Gone { after });
