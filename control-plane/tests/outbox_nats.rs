@@ -337,3 +337,52 @@ async fn only_the_elected_replica_relays() {
     assert_once_each(&read_stream(&url).await, &gifts);
     next.resign().await;
 }
+
+/// On a 3-server cluster the publisher makes the stream with three
+/// replicas, and publishes and drops duplicates through any server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stream_is_replicated_on_a_cluster() {
+    let cluster = tokio::task::spawn_blocking(nats::NatsCluster::start)
+        .await
+        .unwrap();
+    let bus = NatsPublisher::connect(&cluster.urls(), Retention::default())
+        .await
+        .unwrap();
+    // The cluster may still be settling its JetStream leaders: retry.
+    let deadline = Instant::now() + PATIENCE;
+    let room = RoomId::parse("stage").unwrap();
+    let event = RoomEvent {
+        at_ms: 1,
+        body: EventBody::System {
+            code: "test".into(),
+            text: "hello".into(),
+        },
+    };
+    let first = loop {
+        match bus.publish(&room, &event, Some("m-1")).await {
+            Ok(p) => break p,
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "cluster never took a publish: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    assert!(!first.duplicate);
+    let again = bus.publish(&room, &event, Some("m-1")).await.unwrap();
+    assert_eq!(
+        (again.duplicate, again.offset, again.epoch),
+        (true, first.offset, first.epoch)
+    );
+    let client = async_nats::connect(cluster.servers[2].url()).await.unwrap();
+    let mut stream = jetstream::new(client).get_stream(STREAM).await.unwrap();
+    let info = stream.info().await.unwrap();
+    assert_eq!(info.config.num_replicas, 3);
+    assert_eq!(info.state.messages, 1);
+    assert_eq!(
+        u64::try_from(info.created.unix_timestamp_nanos() / 1_000_000).unwrap(),
+        first.epoch
+    );
+}
