@@ -386,3 +386,53 @@ async fn the_stream_is_replicated_on_a_cluster() {
         first.epoch
     );
 }
+
+/// A lone control plane (`weir dev`) runs the relay without an election.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_control_plane_relays_without_an_election() {
+    let nats = tokio::task::spawn_blocking(nats::Nats::start)
+        .await
+        .unwrap();
+    let url = nats.url();
+    let (_dir, store) = store().await;
+    let issuer = TokenIssuer::new(TokenSigner::generate());
+    let token = issuer
+        .mint(&RoomId::parse("dot.room").unwrap(), Mode::Chat, "fan", None)
+        .unwrap()
+        .token;
+    let bus = NatsPublisher::connect(&url, Retention::default())
+        .await
+        .unwrap();
+    let state = Arc::new(
+        ControlState::new(
+            Arc::new(LocalCoordinator::new()),
+            issuer,
+            ControlConfig::default(),
+        )
+        .unwrap()
+        .with_store(store.clone())
+        .with_bus(Arc::new(bus)),
+    );
+    let workers = tokio::spawn(weir_control_plane::workers::run_unelected(Arc::clone(
+        &state,
+    )));
+    let sent = state
+        .send_gift(
+            &RequestId::generate(),
+            Some(&format!("Bearer {token}")),
+            SendGiftRequest {
+                room: "dot.room".into(),
+                gift: "cake".into(),
+                count: 2,
+                idempotency_key: "solo".into(),
+            },
+        )
+        .await
+        .unwrap();
+    eventually("the gift is published", || async {
+        store.outbox_pending_count().await.unwrap() == 0
+    })
+    .await;
+    assert_once_each(&read_stream(&url).await, &[sent.gift]);
+    workers.abort();
+}
