@@ -17,6 +17,7 @@ use weir_protocol::pb::nodes_client::NodesClient;
 use weir_protocol::pb::rooms_client::RoomsClient;
 use weir_protocol::pb::scheduler_client::SchedulerClient;
 use weir_protocol::pb::tokens_client::TokensClient;
+use weir_protocol::pb::wallet_client::WalletClient;
 
 use crate::service::REQUEST_ID_HEADER;
 
@@ -75,6 +76,37 @@ pub enum CtlCommand {
     Config {
         #[command(subcommand)]
         command: ConfigCommand,
+    },
+    /// Wallets and gifts: grant, the gift catalogue, a room's leaderboard.
+    Wallet {
+        #[command(subcommand)]
+        command: WalletCommand,
+    },
+}
+
+/// `weir ctl wallet …`.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum WalletCommand {
+    /// Credit a user from the mint (the control plane must allow grants).
+    Grant {
+        /// The user id.
+        user: String,
+        /// How much, in the wallet's smallest unit (1 to 10^12).
+        amount: i64,
+        /// Idempotency key: running the command again with the same key
+        /// credits nothing more. Default: a new random key (printed).
+        #[arg(long)]
+        key: Option<String>,
+    },
+    /// The gift catalogue, cheapest first.
+    Gifts,
+    /// A room's top senders by amount.
+    Leaderboard {
+        /// The room id.
+        room: String,
+        /// At most this many (default 10, at most 100).
+        #[arg(long, default_value_t = 10)]
+        limit: u32,
     },
 }
 
@@ -236,6 +268,7 @@ pub async fn execute(args: CtlArgs) -> Outcome {
         },
         CtlCommand::Nodes { command } => nodes(channel, command, args.json).await,
         CtlCommand::Config { command } => config(channel, command, args.json).await,
+        CtlCommand::Wallet { command } => wallet(channel, command, args.json).await,
     };
     result.unwrap_or_else(|status| status_outcome(&args.control, &status))
 }
@@ -837,6 +870,126 @@ fn rooms_table(rooms: &[pb::RoomSummary]) -> String {
     )
 }
 
+#[derive(Serialize)]
+struct GrantJson<'a> {
+    id: &'a str,
+    user: &'a str,
+    amount: i64,
+    balance_after: i64,
+    idempotency_key: &'a str,
+    replayed: bool,
+}
+
+#[derive(Serialize)]
+struct CatalogueGiftJson<'a> {
+    id: &'a str,
+    name: &'a str,
+    price: i64,
+}
+
+#[derive(Serialize)]
+struct LeaderboardEntryJson<'a> {
+    user: &'a str,
+    amount: i64,
+    gifts: u64,
+}
+
+async fn wallet(
+    channel: Channel,
+    command: &WalletCommand,
+    json: bool,
+) -> Result<Outcome, tonic::Status> {
+    let mut client = WalletClient::new(channel);
+    match command {
+        WalletCommand::Grant { user, amount, key } => {
+            let key = key
+                .clone()
+                .unwrap_or_else(|| format!("ctl-{}", uuid::Uuid::new_v4().simple()));
+            let g = client
+                .grant(pb::GrantRequest {
+                    user: user.clone(),
+                    amount: *amount,
+                    idempotency_key: key.clone(),
+                })
+                .await?
+                .into_inner();
+            Ok(Outcome::ok(if json {
+                to_json_line(&GrantJson {
+                    id: &g.id,
+                    user: &g.user,
+                    amount: g.amount,
+                    balance_after: g.balance_after,
+                    idempotency_key: &key,
+                    replayed: g.replayed,
+                })
+            } else {
+                let again = if g.replayed {
+                    " (already granted with this key: nothing more credited)"
+                } else {
+                    ""
+                };
+                format!(
+                    "granted {} to {}: balance {} (transfer {}, key {key}){again}\n",
+                    g.amount, g.user, g.balance_after, g.id
+                )
+            }))
+        }
+        WalletCommand::Gifts => {
+            let gifts = client
+                .list_gift_catalogue(pb::ListGiftCatalogueRequest {})
+                .await?
+                .into_inner()
+                .gifts;
+            Ok(Outcome::ok(if json {
+                gifts
+                    .iter()
+                    .map(|g| {
+                        to_json_line(&CatalogueGiftJson {
+                            id: &g.id,
+                            name: &g.name,
+                            price: g.price,
+                        })
+                    })
+                    .collect()
+            } else {
+                let rows: Vec<[String; 3]> = gifts
+                    .iter()
+                    .map(|g| [g.id.clone(), g.name.clone(), g.price.to_string()])
+                    .collect();
+                table(["GIFT", "NAME", "PRICE"], &rows, "(no gifts)")
+            }))
+        }
+        WalletCommand::Leaderboard { room, limit } => {
+            let entries = client
+                .gift_leaderboard(pb::GiftLeaderboardRequest {
+                    room: room.clone(),
+                    limit: *limit,
+                })
+                .await?
+                .into_inner()
+                .entries;
+            Ok(Outcome::ok(if json {
+                entries
+                    .iter()
+                    .map(|e| {
+                        to_json_line(&LeaderboardEntryJson {
+                            user: &e.user,
+                            amount: e.amount,
+                            gifts: e.gifts,
+                        })
+                    })
+                    .collect()
+            } else {
+                let rows: Vec<[String; 3]> = entries
+                    .iter()
+                    .map(|e| [e.user.clone(), e.amount.to_string(), e.gifts.to_string()])
+                    .collect();
+                table(["USER", "AMOUNT", "GIFTS"], &rows, "(no gifts yet)")
+            }))
+        }
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -968,6 +1121,25 @@ mod tests {
             let args = parse(&["weir", "ctl", "nodes", cmd, "n1"]);
             assert!(matches!(args.command, CtlCommand::Nodes { .. }));
         }
+        let args = parse(&["weir", "ctl", "wallet", "grant", "fan", "100", "--key", "k"]);
+        let CtlCommand::Wallet {
+            command: WalletCommand::Grant { user, amount, key },
+        } = args.command
+        else {
+            panic!("not wallet grant")
+        };
+        assert_eq!(
+            (user.as_str(), amount, key.as_deref()),
+            ("fan", 100, Some("k"))
+        );
+        assert!(Root::try_parse_from(["weir", "ctl", "wallet", "grant", "fan", "x"]).is_err());
+        let args = parse(&["weir", "ctl", "wallet", "leaderboard", "r1"]);
+        assert!(matches!(
+            args.command,
+            CtlCommand::Wallet {
+                command: WalletCommand::Leaderboard { limit: 10, .. }
+            }
+        ));
         let args = parse(&["weir", "ctl", "rooms", "show", "r1", "--json"]);
         assert!(matches!(
             args.command,

@@ -337,3 +337,102 @@ async fn only_the_elected_replica_relays() {
     assert_once_each(&read_stream(&url).await, &gifts);
     next.resign().await;
 }
+
+/// On a 3-server cluster the publisher makes the stream with three
+/// replicas, and publishes and drops duplicates through any server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stream_is_replicated_on_a_cluster() {
+    let cluster = tokio::task::spawn_blocking(nats::NatsCluster::start)
+        .await
+        .unwrap();
+    let bus = NatsPublisher::connect(&cluster.urls(), Retention::default())
+        .await
+        .unwrap();
+    // The cluster may still be settling its JetStream leaders: retry.
+    let deadline = Instant::now() + PATIENCE;
+    let room = RoomId::parse("stage").unwrap();
+    let event = RoomEvent {
+        at_ms: 1,
+        body: EventBody::System {
+            code: "test".into(),
+            text: "hello".into(),
+        },
+    };
+    let first = loop {
+        match bus.publish(&room, &event, Some("m-1")).await {
+            Ok(p) => break p,
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "cluster never took a publish: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    assert!(!first.duplicate);
+    let again = bus.publish(&room, &event, Some("m-1")).await.unwrap();
+    assert_eq!(
+        (again.duplicate, again.offset, again.epoch),
+        (true, first.offset, first.epoch)
+    );
+    let client = async_nats::connect(cluster.servers[2].url()).await.unwrap();
+    let mut stream = jetstream::new(client).get_stream(STREAM).await.unwrap();
+    let info = stream.info().await.unwrap();
+    assert_eq!(info.config.num_replicas, 3);
+    assert_eq!(info.state.messages, 1);
+    assert_eq!(
+        u64::try_from(info.created.unix_timestamp_nanos() / 1_000_000).unwrap(),
+        first.epoch
+    );
+}
+
+/// A lone control plane (`weir dev`) runs the relay without an election.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_control_plane_relays_without_an_election() {
+    let nats = tokio::task::spawn_blocking(nats::Nats::start)
+        .await
+        .unwrap();
+    let url = nats.url();
+    let (_dir, store) = store().await;
+    let issuer = TokenIssuer::new(TokenSigner::generate());
+    let token = issuer
+        .mint(&RoomId::parse("dot.room").unwrap(), Mode::Chat, "fan", None)
+        .unwrap()
+        .token;
+    let bus = NatsPublisher::connect(&url, Retention::default())
+        .await
+        .unwrap();
+    let state = Arc::new(
+        ControlState::new(
+            Arc::new(LocalCoordinator::new()),
+            issuer,
+            ControlConfig::default(),
+        )
+        .unwrap()
+        .with_store(store.clone())
+        .with_bus(Arc::new(bus)),
+    );
+    let workers = tokio::spawn(weir_control_plane::workers::run_unelected(Arc::clone(
+        &state,
+    )));
+    let sent = state
+        .send_gift(
+            &RequestId::generate(),
+            Some(&format!("Bearer {token}")),
+            SendGiftRequest {
+                room: "dot.room".into(),
+                gift: "cake".into(),
+                count: 2,
+                idempotency_key: "solo".into(),
+            },
+        )
+        .await
+        .unwrap();
+    eventually("the gift is published", || async {
+        store.outbox_pending_count().await.unwrap() == 0
+    })
+    .await;
+    assert_once_each(&read_stream(&url).await, &[sent.gift]);
+    workers.abort();
+}

@@ -636,3 +636,91 @@ async fn the_json_gateway_serves_the_wallet() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn weir_ctl_grants_and_reads_the_catalogue_and_leaderboards() {
+    use weir_control_plane::ctl::{self, CtlArgs, CtlCommand, WalletCommand};
+    let s = start(true).await;
+    setup(&s).await;
+    let run = |command: WalletCommand, json: bool| {
+        ctl::execute(CtlArgs {
+            control: format!("http://{}", s.addr),
+            json,
+            command: CtlCommand::Wallet { command },
+        })
+    };
+    let grant = || WalletCommand::Grant {
+        user: "fan".into(),
+        amount: 40,
+        key: Some("ops-1".into()),
+    };
+    let first = run(grant(), false).await;
+    assert_eq!(first.code, ctl::EXIT_OK, "{first:?}");
+    assert!(
+        first.stdout.starts_with("granted 40 to fan: balance 40"),
+        "{first:?}"
+    );
+    let again = run(grant(), true).await;
+    let v: serde_json::Value = serde_json::from_str(&again.stdout).unwrap();
+    assert_eq!(
+        (v["balance_after"].as_i64(), v["replayed"].as_bool()),
+        (Some(40), Some(true))
+    );
+    let bad = run(
+        WalletCommand::Grant {
+            user: "ghost".into(),
+            amount: 5,
+            key: None,
+        },
+        false,
+    )
+    .await;
+    assert_eq!(bad.code, ctl::EXIT_USAGE, "{bad:?}");
+
+    let gifts = run(WalletCommand::Gifts, false).await;
+    assert!(gifts.stdout.starts_with("GIFT"), "{gifts:?}");
+    assert!(gifts.stdout.contains("rose    Rose    10"), "{gifts:?}");
+
+    let fan = s.token("stage", Mode::Play, "fan");
+    let mut wallet = WalletClient::new(s.channel().await);
+    wallet
+        .send_gift(with_token(send("stage", "rose", 4, "t"), &fan))
+        .await
+        .unwrap();
+    let board = run(
+        WalletCommand::Leaderboard {
+            room: "stage".into(),
+            limit: 10,
+        },
+        true,
+    )
+    .await;
+    let v: serde_json::Value = serde_json::from_str(board.stdout.trim()).unwrap();
+    assert_eq!(
+        (
+            v["user"].as_str(),
+            v["amount"].as_i64(),
+            v["gifts"].as_u64()
+        ),
+        (Some("fan"), Some(40), Some(4))
+    );
+    let empty = run(
+        WalletCommand::Leaderboard {
+            room: "nowhere".into(),
+            limit: 10,
+        },
+        false,
+    )
+    .await;
+    assert_eq!(empty.code, ctl::EXIT_USAGE, "{empty:?}");
+
+    let closed = start(false).await;
+    let denied = ctl::execute(CtlArgs {
+        control: format!("http://{}", closed.addr),
+        json: false,
+        command: CtlCommand::Wallet { command: grant() },
+    })
+    .await;
+    assert_eq!(denied.code, ctl::EXIT_NOPERM, "{denied:?}");
+    assert!(denied.stderr.contains("--allow-grants"), "{denied:?}");
+}

@@ -202,6 +202,14 @@ mod tests {
                 tonic::Code::Unavailable,
             ),
             (StoreError::Internal("x".into()), tonic::Code::Internal),
+            (
+                StoreError::InsufficientFunds {
+                    user: "fan".into(),
+                    balance: 5,
+                    needed: 10,
+                },
+                tonic::Code::FailedPrecondition,
+            ),
         ];
         for (err, code) in cases {
             let status = tonic::Status::from(ApiError::from(err.clone()));
@@ -211,6 +219,19 @@ mod tests {
         // The field is named in the message.
         let status = tonic::Status::from(ApiError::from(StoreError::invalid("title", "is empty")));
         assert_eq!(status.message(), "invalid title: is empty");
+        let poor = ApiError::from(StoreError::InsufficientFunds {
+            user: "fan".into(),
+            balance: 5,
+            needed: 10,
+        });
+        assert_eq!(
+            poor.to_string(),
+            "insufficient funds: fan has 5 and this costs 10"
+        );
+        assert_eq!(
+            ApiError::Unauthenticated("x".into()).kind().http_status(),
+            http::StatusCode::UNAUTHORIZED
+        );
         let conflict = ApiError::from(CoordError::Conflict("x".into()));
         assert_eq!(conflict.kind(), ErrorKind::Aborted);
     }

@@ -235,8 +235,9 @@ impl ControlState {
 
     /// The same state with a room bus, which the outbox relay publishes
     /// gift events to: the NATS JetStream publisher in clusters
-    /// ([`crate::bus::NatsPublisher`]), the data plane's in-process bus in
-    /// `weir dev`. Without one, gift events stay in the outbox.
+    /// ([`crate::bus::NatsPublisher`], `weir control --nats`), or any other
+    /// [`BusPublisher`] (the data plane's in-process bus for `weir dev`).
+    /// Without one, gift events stay in the outbox.
     pub fn with_bus(mut self, bus: Arc<dyn BusPublisher>) -> Self {
         self.bus = Some(bus);
         self
