@@ -313,6 +313,7 @@ async fn two_replicas_share_business_data_config_flags_and_leadership() {
         .assign_viewer(pb::AssignViewerRequest {
             room: "lobby".into(),
             region: String::new(),
+            viewer_id: String::new(),
         })
         .await
         .unwrap()

@@ -261,7 +261,8 @@ async fn connect(url: &str) -> Result<Channel, Outcome> {
     })
 }
 
-fn error_chain(err: &dyn std::error::Error) -> String {
+/// An error with its sources, `: `-separated.
+pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
     while let Some(e) = source {

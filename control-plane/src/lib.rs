@@ -4,12 +4,16 @@
 //! embedded default of `weir dev`, and etcd, for clusters), the token issuer ([`tokens`]),
 //! the business store ([`store`]: users, rooms, follows on SQLite or
 //! PostgreSQL), the config center ([`config_center`]), leader election for
-//! singleton workers ([`election`], [`workers`]), and the client library of `weir ctl` ([`ctl`]).
+//! singleton workers ([`election`], [`workers`]), rollout weights per node
+//! version ([`rollout`]), CDN health and failover ([`cdn`]), and the client
+//! library of `weir ctl` ([`ctl`]).
 
+pub mod cdn;
 pub mod config_center;
 pub mod coordinator;
 pub mod ctl;
 pub mod election;
+pub mod rollout;
 pub mod scheduler;
 pub mod server;
 pub mod service;

@@ -2,11 +2,15 @@
 //! run by the leader of the [`crate::election::CONTROL_ELECTION`] election
 //! and stopped as soon as it loses the lead.
 //!
-//! Today there is one: **live sync**, which marks a stored room `live` once
+//! Two run today. **Live sync**, which marks a stored room `live` once
 //! a node reports a publisher live in it (the streamer went live by
 //! publishing; nobody has to call `GoLive`). Rooms the store does not know,
 //! and rooms already live or ended, are left alone; ending stays an explicit
-//! call. The outbox relay and the CDN prober join this list with their issues.
+//! call.
+//!
+//! The **CDN prober** ([`crate::cdn::run_prober`]) probes the configured CDNs
+//! and drives their circuit breakers; it runs as a task of its own while
+//! this replica leads.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -30,6 +34,7 @@ pub async fn run(state: Arc<ControlState>, mut leadership: watch::Receiver<Leade
             return;
         }
         tracing::info!("leading: singleton workers start");
+        let prober = AbortOnDrop(tokio::spawn(crate::cdn::run_prober(Arc::clone(&state))));
         let mut tick = tokio::time::interval(LIVE_SYNC_EVERY);
         loop {
             tokio::select! {
@@ -42,6 +47,7 @@ pub async fn run(state: Arc<ControlState>, mut leadership: watch::Receiver<Leade
             }
             if !leadership.borrow().is_leader {
                 tracing::info!("no longer leading: singleton workers stop");
+                drop(prober);
                 break;
             }
             match sync_live_rooms(&state).await {
@@ -78,4 +84,14 @@ pub async fn sync_live_rooms(state: &ControlState) -> Result<usize, ApiError> {
         }
     }
     Ok(changed)
+}
+
+/// A task aborted when its handle is dropped (also when `run` itself is
+/// aborted), so a worker never outlives the lead.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
