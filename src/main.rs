@@ -305,7 +305,8 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
             )
         })?;
     let verifier = issuer.verifier();
-    let coordinator: Arc<dyn Coordinator> = Arc::new(LocalCoordinator::new());
+    let local = Arc::new(LocalCoordinator::new());
+    let coordinator: Arc<dyn Coordinator> = local.clone();
     let control = ControlState::new(
         coordinator.clone(),
         issuer,
@@ -385,7 +386,20 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
     let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|v| *v).await;
     };
-    let control_task = tokio::spawn(weir_control_plane::serve(
+    // The singleton workers (live sync, CDN prober) run here too: the only
+    // candidate leads at once.
+    let control = Arc::new(control);
+    let leadership = weir_control_plane::election::campaign(
+        local,
+        weir_control_plane::election::CONTROL_ELECTION,
+        "dev",
+        weir_control_plane::election::DEFAULT_TTL,
+    );
+    let workers = tokio::spawn(weir_control_plane::workers::run(
+        Arc::clone(&control),
+        leadership.changes(),
+    ));
+    let control_task = tokio::spawn(weir_control_plane::serve_shared(
         grpc,
         control,
         render,
@@ -408,6 +422,8 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
         Ok(_) => anyhow::bail!("a server task panicked"),
         Err(_) => anyhow::bail!("did not stop within 10 s"),
     }
+    workers.abort();
+    leadership.resign().await;
     println!("Weir dev stopped.");
     Ok(())
 }
