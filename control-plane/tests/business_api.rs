@@ -493,6 +493,8 @@ async fn config_is_validated_versioned_and_applied() {
     assert_eq!(
         keys,
         [
+            "cdn.endpoints",
+            "rollout.weights",
             "scheduler.max_load_ratio",
             "scheduler.report_max_age_ms",
             "tokens.default_ttl_s"
