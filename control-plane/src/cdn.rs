@@ -461,7 +461,8 @@ pub async fn run_prober(state: Arc<ControlState>) {
             let due = last_put.get(&name).is_none_or(|at| {
                 now.saturating_sub(*at) >= STORE_AT_LEAST_EVERY.as_millis() as u64
             });
-            state.cdn_health_cell().update(h.clone());
+            metrics::gauge!("weir_cdn_breaker_state", "cdn" => name.clone())
+                .set(state_number(h.state));
             if moved || due {
                 match coordinator.put_cdn_health(&h).await {
                     Ok(()) => {
@@ -470,6 +471,9 @@ pub async fn run_prober(state: Arc<ControlState>) {
                     Err(e) => tracing::warn!(cdn = %name, error = %e, "cannot store CDN health"),
                 }
             }
+            // After the write, so this replica's next read of the
+            // coordinator cannot undo it.
+            state.cdn_health_cell().update(h);
         }
     }
 }
