@@ -19,59 +19,15 @@
 
 mod common;
 
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use common::ffmpeg::{Publisher, require_ffmpeg};
 use common::nginx::{Nginx, free_port, require_nginx};
 use common::{DevServer, request, temp_dir};
 
 /// How long a state may take to show (a few seconds expected; CI is slow).
 const BOUND: Duration = Duration::from_secs(20);
-
-fn require_ffmpeg() {
-    let ok = Command::new("ffmpeg")
-        .arg("-version")
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(ok, "the ffmpeg CLI is missing: run deploy/setup.sh --test");
-}
-
-/// ffmpeg pushing a small test pattern over SRT; killed on drop.
-struct Publisher(Child);
-
-impl Publisher {
-    fn push(srt: std::net::SocketAddr, room: &str, token: &str) -> Self {
-        let url = format!("srt://{srt}?streamid=#!::r={room},m=publish,t={token}");
-        let child = Command::new("ffmpeg")
-            .args(["-hide_banner", "-loglevel", "error", "-re"])
-            .args(["-f", "lavfi", "-i", "testsrc2=size=320x240:rate=25"])
-            .args(["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000"])
-            .args([
-                "-pix_fmt",
-                "yuv420p",
-                "-c:v",
-                "libx264",
-                "-preset",
-                "ultrafast",
-            ])
-            .args(["-g", "25", "-c:a", "aac", "-b:a", "64k"])
-            .args(["-t", "300", "-f", "mpegts", &url])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("ffmpeg runs");
-        Self(child)
-    }
-}
-
-impl Drop for Publisher {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// `weir ctl --control URL ARGS…`.
 fn ctl(control: &str, args: &[&str]) -> Output {
