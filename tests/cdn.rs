@@ -13,12 +13,19 @@
 //! - it is started again on the same port: its breaker closes, it is offered
 //!   in its turn again, and the playlist comes through it again.
 //!
-//! Needs nginx and ffmpeg (`deploy/setup.sh --test`); a missing one fails
-//! the test with an install hint.
+//! A second test has the play page in Chromium fail over between CDNs: the
+//! CDN ranked first answers 404 for the room (its probe still passes), so
+//! the page must move on to the next CDN and play from it, asked for HLS or
+//! after its WebRTC failed.
+//!
+//! Needs nginx and ffmpeg, and Chromium with the e2e npm packages for the
+//! page (`deploy/setup.sh --test`); a missing one fails the test with an
+//! install hint.
 #![allow(clippy::unwrap_used)]
 
 mod common;
 
+use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
@@ -272,4 +279,105 @@ async fn a_failing_cdn_goes_to_the_back_and_comes_back() {
     })
     .await;
     drop(b);
+}
+
+fn require_browser_tools() {
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    assert!(
+        Path::new(&chromium).exists(),
+        "Chromium not found at {chromium}: run deploy/setup.sh --test (or set CHROMIUM)"
+    );
+    let e2e = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2e");
+    assert!(
+        e2e.join("node_modules/playwright-core").exists(),
+        "tests/e2e/node_modules is missing: run deploy/setup.sh --test"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_play_page_moves_on_to_the_next_cdn() {
+    require_nginx();
+    require_ffmpeg();
+    require_browser_tools();
+    let dev = DevServer::start_with(&["--ladder", "off", "--snapshot-interval", "0"]);
+    let upstream = dev.node.trim_start_matches("http://").to_owned();
+    let dir = temp_dir("cdn-page");
+    let a = Nginx::start(free_port(), &upstream, dir.join("nginx-a"));
+    let b = Nginx::start(free_port(), &upstream, dir.join("nginx-b"));
+    // cdn-bad is healthy by its probe but has no such path: viewers get it
+    // first (its weight) and must move on.
+    let cdns = serde_json::json!([
+        {"name": "cdn-bad", "url": format!("{}/no-such-path/{{room}}/master.m3u8", a.url()),
+         "weight": 1000, "probe": format!("{}/healthz", a.url())},
+        {"name": "cdn-b", "url": format!("{}/hls/{{room}}/master.m3u8", b.url()),
+         "weight": 1, "probe": format!("{}/healthz", b.url())},
+    ]);
+    let set = ctl(
+        &dev.control,
+        &["config", "set", &format!("cdn.endpoints={cdns}")],
+    );
+    assert!(
+        set.status.success(),
+        "{}",
+        String::from_utf8_lossy(&set.stderr)
+    );
+    let token = dev.token("cdn-room", "publish", "streamer").await;
+    let _publisher = Publisher::push(dev.srt, "cdn-room", &token);
+    wait_for("the master playlist through cdn-b", || async {
+        master_through(&b).await.map(drop)
+    })
+    .await;
+
+    let e2e = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2e");
+    let out = Command::new("node")
+        .current_dir(&e2e)
+        .args(["cdn_play.mjs", "--base", &dev.node, "--room", "cdn-room"])
+        .args(["--frames", "50", "--timeout-ms", "90000"])
+        .output()
+        .expect("node runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the play page did not fail over:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let result: serde_json::Value =
+        serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap();
+    println!("{result}");
+    let viewers = result["viewers"].as_array().unwrap();
+    assert_eq!(viewers.len(), 2, "{result}");
+    for v in viewers {
+        assert_eq!(v["protocol"], "hls", "{result}");
+        assert_eq!(v["cdn"], "cdn-b", "{result}");
+        assert!(v["framesDecoded"].as_u64().unwrap() >= 50, "{result}");
+        // Ranked first (as good as always, by weight), cdn-bad was tried
+        // and failed before cdn-b.
+        let hls: Vec<&str> = v["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["kind"] == "hls")
+            .map(|e| e["cdn"].as_str().unwrap())
+            .collect();
+        if hls.first() == Some(&"cdn-bad") {
+            let failed_bad = v["failures"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|f| f["cdn"] == "cdn-bad" && f["kind"] == "hls");
+            assert!(failed_bad, "{result}");
+        }
+    }
+    let broken = viewers
+        .iter()
+        .find(|v| v["name"] == "webrtc-broken")
+        .unwrap();
+    assert!(
+        broken["fallback"]
+            .as_str()
+            .unwrap()
+            .contains("WebRTC failed"),
+        "{result}"
+    );
+    drop((a, b));
 }
