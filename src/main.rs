@@ -159,6 +159,10 @@ struct NodeArgs {
     /// Most sessions this node should carry.
     #[arg(long, env = "WEIR_CAPACITY", default_value_t = 1000)]
     capacity: u32,
+    /// The version this node reports for rollout weights (`weir ctl
+    /// rollout`), e.g. `green` or `1.4.0-rc1`; default: the binary's version.
+    #[arg(long, env = "WEIR_NODE_VERSION", value_name = "VERSION")]
+    node_version: Option<String>,
     /// Control-plane URL the web pages use.
     #[arg(
         long,
@@ -342,6 +346,7 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
             public_url: None,
             control_url: format!("http://{control_addr}"),
             capacity: 1000,
+            version: None,
             shards: a.media.shards,
             io: a.media.io,
             shard_spill: a.media.shard_spill,
@@ -432,6 +437,13 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
     let node_id = NodeId::parse(&a.node_id).map_err(|e| config_error(format!("--node-id: {e}")))?;
     let verifier = TokenVerifier::from_base64(&a.token_public_key)
         .map_err(|e| config_error(format!("--token-public-key: {e}")))?;
+    if let Some(v) = a.node_version.as_deref()
+        && !weir_control_plane::rollout::valid_version(v)
+    {
+        return Err(config_error(format!(
+            "--node-version {v:?}: 1 to 64 of A-Z a-z 0-9 . _ + -"
+        )));
+    }
     // etcd when --etcd is given (connected lazily: an etcd that is down now
     // is no reason not to serve; the agent keeps trying), else a registry of
     // the node's own.
@@ -450,6 +462,7 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
             public_url: a.public_url,
             control_url: a.control_url,
             capacity: a.capacity,
+            version: a.node_version,
             shards: a.media.shards,
             io: a.media.io,
             shard_spill: a.media.shard_spill,
