@@ -89,8 +89,9 @@ pub enum CtlCommand {
         #[command(subcommand)]
         command: CdnsCommand,
     },
-    /// Live view of nodes, rooms and CDNs, refreshed every second until
-    /// Ctrl-C (or after --once / --iterations N).
+    /// Live view of nodes, top rooms and CDNs, redrawn every second until
+    /// Ctrl-C, or printed --once / --iterations N times (with --json: one
+    /// JSON object per view, one per line).
     Top(TopArgs),
 }
 
@@ -126,7 +127,8 @@ pub enum RolloutCommand {
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum CdnsCommand {
     /// Every configured CDN with its breaker state (closed: healthy; open:
-    /// failing, offered last; half_open: trial probe due).
+    /// failing, offered last; half_open: trial probe due; unknown: not
+    /// probed yet).
     List,
 }
 
