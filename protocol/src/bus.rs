@@ -62,11 +62,7 @@ pub enum EventBody {
     Danmaku { user: String, text: String },
     /// Likes merged on one node over a short window: `delta` new likes from
     /// `users` distinct users.
-    Likes {
-        node: String,
-        delta: u64,
-        users: u32,
-    },
+    Likes { node: String, delta: u64, users: u32 },
     /// Viewers of the room connected to one node right now.
     Online { node: String, count: u32 },
     /// A paid gift, published by the control plane's outbox relay once the
@@ -82,11 +78,7 @@ pub enum EventBody {
         amount: i64,
     },
     /// A streamer this room's viewers may follow went live.
-    GoLive {
-        streamer: String,
-        room: String,
-        title: String,
-    },
+    GoLive { streamer: String, room: String, title: String },
     /// A notice from the platform (muted, slow mode, room ended, ...).
     System { code: String, text: String },
 }
@@ -259,11 +251,7 @@ mod tests {
             },
         };
         let bytes = e.encode();
-        assert!(
-            std::str::from_utf8(&bytes)
-                .unwrap()
-                .contains("\"type\":\"gift\"")
-        );
+        assert!(std::str::from_utf8(&bytes).unwrap().contains("\"type\":\"gift\""));
         assert_eq!(RoomEvent::decode(&bytes).unwrap(), e);
         assert_eq!(e.body.class(), EventClass::Critical);
         assert!(matches!(
