@@ -201,6 +201,10 @@ struct NodeArgs {
     /// Most sessions this node should carry.
     #[arg(long, env = "WEIR_CAPACITY", default_value_t = 1000)]
     capacity: u32,
+    /// The version this node reports for rollout weights (`weir ctl
+    /// rollout`), e.g. `green` or `1.4.0-rc1`; default: the binary's version.
+    #[arg(long, env = "WEIR_NODE_VERSION", value_name = "VERSION")]
+    node_version: Option<String>,
     /// Control-plane URL the web pages use.
     #[arg(
         long,
@@ -357,7 +361,8 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
             )
         })?;
     let verifier = issuer.verifier();
-    let coordinator: Arc<dyn Coordinator> = Arc::new(LocalCoordinator::new());
+    let local = Arc::new(LocalCoordinator::new());
+    let coordinator: Arc<dyn Coordinator> = local.clone();
     // One in-process room bus for the node (room events) and the control
     // plane (gift events from its outbox relay).
     let room_bus: Arc<dyn RoomBus> =
@@ -399,6 +404,7 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
             public_url: None,
             control_url: format!("http://{control_addr}"),
             capacity: 1000,
+            version: None,
             shards: a.media.shards,
             io: a.media.io,
             shard_spill: a.media.shard_spill,
@@ -446,7 +452,20 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
     let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|v| *v).await;
     };
-    let control_task = tokio::spawn(weir_control_plane::serve(
+    // The singleton workers (live sync, CDN prober) run here too: the only
+    // candidate leads at once.
+    let control = Arc::new(control);
+    let leadership = weir_control_plane::election::campaign(
+        local,
+        weir_control_plane::election::CONTROL_ELECTION,
+        "dev",
+        weir_control_plane::election::DEFAULT_TTL,
+    );
+    let workers = tokio::spawn(weir_control_plane::workers::run(
+        Arc::clone(&control),
+        leadership.changes(),
+    ));
+    let control_task = tokio::spawn(weir_control_plane::serve_shared(
         grpc,
         control,
         render,
@@ -469,6 +488,8 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
         Ok(_) => anyhow::bail!("a server task panicked"),
         Err(_) => anyhow::bail!("did not stop within 10 s"),
     }
+    workers.abort();
+    leadership.resign().await;
     println!("Weir dev stopped.");
     Ok(())
 }
@@ -477,6 +498,13 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
     let node_id = NodeId::parse(&a.node_id).map_err(|e| config_error(format!("--node-id: {e}")))?;
     let verifier = TokenVerifier::from_base64(&a.token_public_key)
         .map_err(|e| config_error(format!("--token-public-key: {e}")))?;
+    if let Some(v) = a.node_version.as_deref()
+        && !weir_control_plane::rollout::valid_version(v)
+    {
+        return Err(config_error(format!(
+            "--node-version {v:?}: 1 to 64 of A-Z a-z 0-9 . _ + -"
+        )));
+    }
     // etcd when --etcd is given (connected lazily: an etcd that is down now
     // is no reason not to serve; the agent keeps trying), else a registry of
     // the node's own.
@@ -505,6 +533,7 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
             public_url: a.public_url,
             control_url: a.control_url,
             capacity: a.capacity,
+            version: a.node_version,
             shards: a.media.shards,
             io: a.media.io,
             shard_spill: a.media.shard_spill,

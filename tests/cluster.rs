@@ -4,6 +4,9 @@
 //! SIGKILL leaves the answers within its lease's TTL, a node stopped with
 //! SIGTERM leaves at once; a node starts and serves while etcd is down and
 //! joins when it comes up; a bad `--etcd` is refused before any port is bound.
+//! Rollout weights set with `weir ctl rollout` steer viewers between nodes
+//! of two versions (`--node-version blue|green`): all to one, the flip, a
+//! split, and the survivor taking everyone when the weighted version dies.
 //!
 //! `measure_node_death_to_removal` (ignored by default) measures how long a
 //! killed node stays in the scheduler's answers; see bench/RESULTS.md.
@@ -77,27 +80,37 @@ fn free_udp_addr() -> String {
 }
 
 fn start_node(dir: &Path, id: &str, etcd: &str, control: &Control) -> NodeProc {
-    let proc = Proc::spawn(
+    start_node_with(dir, id, etcd, control, &[])
+}
+
+/// [`start_node`] with more arguments.
+fn start_node_with(
+    dir: &Path,
+    id: &str,
+    etcd: &str,
+    control: &Control,
+    extra: &[&str],
+) -> NodeProc {
+    let srt = free_udp_addr();
+    let mut args = vec![
+        "node",
+        "--etcd",
+        etcd,
+        "--node-id",
         id,
-        dir,
-        &[
-            "node",
-            "--etcd",
-            etcd,
-            "--node-id",
-            id,
-            "--udp",
-            "127.0.0.1:0",
-            "--http",
-            "127.0.0.1:0",
-            "--srt",
-            &free_udp_addr(),
-            "--token-public-key",
-            &control.public_key,
-            "--control-url",
-            &control.url,
-        ],
-    );
+        "--udp",
+        "127.0.0.1:0",
+        "--http",
+        "127.0.0.1:0",
+        "--srt",
+        &srt,
+        "--token-public-key",
+        &control.public_key,
+        "--control-url",
+        &control.url,
+    ];
+    args.extend_from_slice(extra);
+    let proc = Proc::spawn(id, dir, &args);
     let url = proc.wait_line("its metrics URL", |l| {
         l.strip_suffix("/metrics").map(str::to_owned)
     });
@@ -279,6 +292,125 @@ async fn nodes_join_and_leave_the_scheduler_answers() {
     eprintln!(
         "n3 (SIGTERM) stopped in {stop:?}, out of etcd at once and of the answers {gone:?} later"
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The first WHEP node of `viewer`'s answer for a room nobody publishes.
+async fn first_node_for(control: &str, viewer: &str) -> String {
+    let body = serde_json::json!({ "room": "lobby", "viewer_id": viewer }).to_string();
+    let r = request(
+        "POST",
+        &format!("{control}/v1/assign-viewer"),
+        &[("Content-Type", "application/json")],
+        body.as_bytes(),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    v["endpoints"][0]["node_id"].as_str().unwrap().to_owned()
+}
+
+/// First nodes of viewers `viewer-0..n`, counted by node.
+async fn first_nodes(control: &str, n: usize) -> std::collections::BTreeMap<String, usize> {
+    let mut counts = std::collections::BTreeMap::new();
+    for i in 0..n {
+        *counts
+            .entry(first_node_for(control, &format!("viewer-{i}")).await)
+            .or_default() += 1;
+    }
+    counts
+}
+
+fn ctl_ok(control: &str, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(["ctl", "--control", control])
+        .args(args)
+        .env_remove("WEIR_CONTROL")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "weir ctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn rollout_weights_steer_viewers_between_node_versions() {
+    let etcd = Etcd::start();
+    let dir = temp_dir("rollout");
+    let control = start_control(&dir, &etcd.endpoint());
+    let mut blue = start_node_with(
+        &dir,
+        "blue-1",
+        &etcd.endpoint(),
+        &control,
+        &["--node-version", "blue"],
+    );
+    let _green = start_node_with(
+        &dir,
+        "green-1",
+        &etcd.endpoint(),
+        &control,
+        &["--node-version", "green"],
+    );
+    wait_for_nodes(&control, &["blue-1", "green-1"], START_DEADLINE).await;
+    let c = control.url.as_str();
+
+    // Blue-green: everyone to blue; only blue is offered.
+    ctl_ok(c, &["rollout", "set", "blue=100,green=0"]);
+    let counts = first_nodes(c, 20).await;
+    assert_eq!(counts.get("blue-1"), Some(&20), "{counts:?}");
+    let (_, ids) = assign_viewer(c, "lobby").await;
+    assert_eq!(ids, ["blue-1"]);
+
+    // The flip.
+    ctl_ok(c, &["rollout", "set", "blue=0,green=100"]);
+    assert_eq!(first_nodes(c, 20).await.get("green-1"), Some(&20));
+
+    // A 50/50 split: both versions get viewers, each viewer always the same.
+    let out = ctl_ok(c, &["--json", "rollout", "set", "blue=50", "green=50"]);
+    let state: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(state["versions"][0]["schedulable_nodes"], 1, "{state}");
+    assert_eq!(state["versions"][0]["share"], 0.5, "{state}");
+    let counts = first_nodes(c, 40).await;
+    assert!(
+        counts.len() == 2 && counts.values().all(|n| *n >= 8),
+        "{counts:?}"
+    );
+    let one = first_node_for(c, "viewer-7").await;
+    for _ in 0..5 {
+        assert_eq!(first_node_for(c, "viewer-7").await, one);
+    }
+
+    // Everything on blue, and blue dies: green takes the viewers rather
+    // than anyone being turned away.
+    ctl_ok(c, &["rollout", "set", "blue=100,green=0"]);
+    blue.proc.kill9();
+    wait_for_nodes(&control, &["green-1"], NODE_TTL + Duration::from_secs(5)).await;
+    assert_eq!(first_nodes(c, 5).await.get("green-1"), Some(&5));
+
+    // A bad --node-version is refused before anything is bound.
+    let out = Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args([
+            "node",
+            "--node-version",
+            "no spaces",
+            "--token-public-key",
+            &control.public_key,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(64),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--node-version"));
     let _ = std::fs::remove_dir_all(&dir);
 }
 

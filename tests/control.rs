@@ -7,9 +7,11 @@
 //!   restart; a bad value is refused (exit 64) and changes nothing;
 //! - `weir ctl nodes cordon|drain|uncordon` on one replica steers the
 //!   other's answers at once;
+//! - CDN health found by the leader's prober is read by both replicas:
+//!   both rank a dead CDN last;
 //! - exactly one replica leads the singleton election; `kill -9` of the
 //!   leader hands leadership to the survivor within the lease TTL, and the
-//!   survivor keeps answering.
+//!   survivor keeps answering and takes over the CDN prober.
 //!
 //! `measure_config_propagation` (ignored by default) measures how long a
 //! config change takes to reach N control processes; see bench/RESULTS.md.
@@ -145,10 +147,31 @@ async fn viewer_nodes(control: &str) -> (u16, Vec<String>) {
         .cloned()
         .unwrap_or_default()
         .iter()
+        .filter(|e| e["kind"] == "whep")
         .map(|e| e["node_id"].as_str().unwrap().to_owned())
         .collect();
     ids.sort();
     (r.status, ids)
+}
+
+/// The CDN of assign-viewer's last endpoint (empty when it is no CDN).
+async fn last_hls(control: &str) -> String {
+    let r = request(
+        "POST",
+        &format!("{control}/v1/assign-viewer"),
+        &[("Content-Type", "application/json")],
+        br#"{"room":"lobby"}"#,
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    v["endpoints"]
+        .as_array()
+        .and_then(|e| e.last())
+        .and_then(|e| e["cdn"].as_str())
+        .unwrap_or_default()
+        .to_owned()
 }
 
 async fn wait_viewer_nodes(control: &Control, want: &[&str]) {
@@ -313,6 +336,7 @@ async fn two_replicas_share_business_data_config_flags_and_leadership() {
         .assign_viewer(pb::AssignViewerRequest {
             room: "lobby".into(),
             region: String::new(),
+            viewer_id: String::new(),
         })
         .await
         .unwrap()
@@ -394,6 +418,42 @@ async fn two_replicas_share_business_data_config_flags_and_leadership() {
     let out = ctl(&a.url, &["nodes", "cordon", "no-such-node"]);
     assert_eq!(out.status.code(), Some(64), "{}", text(&out));
 
+    // CDNs: the leader probes; both replicas read what it found and rank
+    // the dead CDN last. (The healthy one probes a control plane's own
+    // /healthz.)
+    let cdns = serde_json::json!([
+        {"name": "cdn-dead", "url": "https://dead.example/hls/{room}/master.m3u8",
+         "weight": 10, "probe": "http://127.0.0.1:1/healthz"},
+        {"name": "cdn-ok", "url": "https://ok.example/hls/{room}/master.m3u8",
+         "weight": 1, "probe": format!("{}/healthz", a.url)},
+    ]);
+    let out = ctl(&a.url, &["config", "set", &format!("cdn.endpoints={cdns}")]);
+    assert!(out.status.success(), "{}", text(&out));
+    for c in [&a, &b] {
+        let started = Instant::now();
+        loop {
+            let out = ctl(&c.url, &["cdns", "list", "--json"]);
+            assert!(out.status.success(), "{}", text(&out));
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            let states: Vec<&str> = v["cdns"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c["state"].as_str().unwrap())
+                .collect();
+            let last = last_hls(&c.url).await;
+            if states == ["open", "closed"] && last == "cdn-dead" {
+                break;
+            }
+            assert!(
+                started.elapsed() < DEADLINE,
+                "{}: CDN states {states:?}, last CDN {last}",
+                c.proc.name
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     // Leadership: exactly one replica leads; kill -9 it and the other takes over.
     let started = Instant::now();
     let (leader_is_a, _) = loop {
@@ -424,6 +484,20 @@ async fn two_replicas_share_business_data_config_flags_and_leadership() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     eprintln!("leader killed: survivor leads after {:?}", killed.elapsed());
+    // The survivor now probes the CDNs itself, from the states stored.
+    let taken = Instant::now();
+    while gauge(&survivor.url, r#"weir_cdn_probes_total{cdn="cdn-ok"}"#)
+        .await
+        .is_none()
+    {
+        assert!(
+            taken.elapsed() < DEADLINE,
+            "the survivor does not probe the CDNs; log:\n{}",
+            survivor.proc.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(last_hls(&survivor.url).await, "cdn-dead");
     // Clients that retry on the survivor see no difference.
     assert_eq!(
         viewer_nodes(&survivor.url).await,

@@ -551,3 +551,113 @@ async fn clients_on_two_nodes_see_one_sequence_and_survive_a_broker_restart() {
     drop((n1, n2));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+fn ctl(control: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(["ctl", "--control", control])
+        .args(args)
+        .env_remove("WEIR_CONTROL")
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_limits_follow_the_config_center_and_paid_gifts_reach_the_room() {
+    let dev = DevServer::start();
+    let room = "tuned";
+    let token = dev.token(room, "play", "ada").await;
+    let mut ada = EventsClient::connect(&dev.node, room, &format!("token={token}"))
+        .await
+        .unwrap();
+    assert_eq!(ada.danmaku("buy spam now", "before").await["t"], "ack");
+
+    // A bad value is refused and changes nothing; a good one applies at
+    // once to the connected client (no reconnect).
+    let bad = ctl(&dev.control, &["config", "set", "chat.conn_rate=fast"]);
+    assert_eq!(bad.status.code(), Some(64), "{bad:?}");
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("chat.conn_rate"));
+    let ok = ctl(
+        &dev.control,
+        &["config", "set", "chat.blocked_words=Spam,scam"],
+    );
+    assert!(ok.status.success(), "{ok:?}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let f = ada.danmaku("more spam", "after").await;
+        if f["t"] == "refused" {
+            assert_eq!(f["code"], "moderated", "{f}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the config never applied"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(ada.danmaku("all good", "clean").await["t"], "ack");
+
+    // A paid gift shows in the room once, through the outbox relay and the
+    // in-process bus of `weir dev`.
+    for (path, body) in [
+        ("/v1/users", json!({"id": "ada", "name": "Ada"})),
+        ("/v1/users", json!({"id": "host", "name": "Host"})),
+        (
+            "/v1/rooms",
+            json!({"id": room, "owner": "host", "title": "Tuned"}),
+        ),
+    ] {
+        let r = common::request(
+            "POST",
+            &format!("{}{path}", dev.control),
+            &[("content-type", "application/json")],
+            body.to_string().as_bytes(),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let grant = ctl(
+        &dev.control,
+        &["wallet", "grant", "ada", "100", "--key", "k1"],
+    );
+    assert!(grant.status.success(), "{grant:?}");
+    let body = json!({"gift": "rose", "count": 2, "idempotency_key": "g1"}).to_string();
+    let auth = format!("Bearer {token}");
+    for _ in 0..2 {
+        let r = common::request(
+            "POST",
+            &format!("{}/v1/rooms/{room}/gifts", dev.control),
+            &[
+                ("content-type", "application/json"),
+                ("authorization", &auth),
+            ],
+            body.as_bytes(),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let gift = next_event(&mut ada, "gift").await;
+    assert_eq!(
+        (gift["from_user"].as_str(), gift["count"].as_u64()),
+        (Some("ada"), Some(2))
+    );
+    assert_eq!(
+        gift["id"], gift["gift_id"],
+        "the bus message id is the gift id"
+    );
+    // The retry charged nothing and showed nothing more.
+    ada.send(json!({"t": "ping"})).await;
+    loop {
+        let f = ada.next_significant().await;
+        assert!(
+            !(f["t"] == "event" && f["type"] == "gift"),
+            "a gift twice: {f}"
+        );
+        if f["t"] == "pong" {
+            break;
+        }
+    }
+}

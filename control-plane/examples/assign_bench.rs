@@ -264,6 +264,7 @@ async fn main() {
                         .assign_viewer(pb::AssignViewerRequest {
                             room,
                             region: String::new(),
+                            viewer_id: String::new(),
                         })
                         .await;
                     let us = t.elapsed().as_micros() as u64;

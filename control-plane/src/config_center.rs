@@ -17,6 +17,9 @@ use std::time::Duration;
 
 use weir_protocol::coordinator::{ConfigSnapshot, Coordinator};
 
+use crate::cdn::{self, CdnConfig};
+use crate::rollout::RolloutWeights;
+
 /// One key of the schema.
 #[derive(Debug, Clone, Copy)]
 pub struct KeySpec {
@@ -28,6 +31,10 @@ pub struct KeySpec {
     pub description: &'static str,
 }
 
+/// The CDNs viewers may play HLS through, with their weights and probes.
+pub const CDN_ENDPOINTS: &str = "cdn.endpoints";
+/// Share of new assignments per node version.
+pub const ROLLOUT_WEIGHTS: &str = "rollout.weights";
 /// Most sessions a node is given, as a share of its capacity.
 pub const MAX_LOAD_RATIO: &str = "scheduler.max_load_ratio";
 /// Load reports older than this mark a node unhealthy.
@@ -37,6 +44,16 @@ pub const TOKEN_DEFAULT_TTL_S: &str = "tokens.default_ttl_s";
 
 /// Every key the control plane knows, sorted.
 pub const SCHEMA: &[KeySpec] = &[
+    KeySpec {
+        key: CDN_ENDPOINTS,
+        default: "[]",
+        description: "CDNs for HLS, a JSON list of {\"name\": [a-z0-9-]{1,32}, \"url\": http(s) URL template with {room}, e.g. https://cdn-a.example/hls/{room}/master.m3u8, \"weight\": 1 to 1000 (default 1), \"probe\": http:// URL the prober GETs every second}; at most 16",
+    },
+    KeySpec {
+        key: ROLLOUT_WEIGHTS,
+        default: "",
+        description: "share of new viewers and publishers per node version, VERSION=WEIGHT,… (e.g. v1=90,v2=10; blue=100,green=0); weights 0 to 1000000, at least one above 0; versions not named get 0; empty: no weights, every version alike",
+    },
     KeySpec {
         key: MAX_LOAD_RATIO,
         default: "1",
@@ -54,9 +71,31 @@ pub const SCHEMA: &[KeySpec] = &[
     },
 ];
 
-/// The spec of `key`, if the schema knows it.
-pub fn spec(key: &str) -> Option<&'static KeySpec> {
-    SCHEMA.iter().find(|s| s.key == key)
+/// The spec of `key`, if the schema knows it (the control plane's own keys,
+/// or the nodes' `chat.*` keys whose schema lives in `weir_protocol::chat`).
+pub fn spec(key: &str) -> Option<KeySpec> {
+    all_keys().into_iter().find(|s| s.key == key)
+}
+
+/// Every key of the config center, sorted: [`SCHEMA`] and the `chat.*` keys
+/// the nodes apply.
+pub fn all_keys() -> Vec<KeySpec> {
+    let mut all: Vec<KeySpec> = SCHEMA.to_vec();
+    all.extend(weir_protocol::chat::KEYS.iter().map(|k| KeySpec {
+        key: k.key,
+        default: k.default,
+        description: k.description,
+    }));
+    all.sort_by_key(|s| s.key);
+    all
+}
+
+fn known_keys() -> String {
+    all_keys()
+        .iter()
+        .map(|s| s.key)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Why a value was refused.
@@ -82,8 +121,12 @@ pub enum ConfigValueError {
 }
 
 /// The settings the control plane applies while running.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LiveConfig {
+    /// `cdn.endpoints`.
+    pub cdns: Arc<Vec<CdnConfig>>,
+    /// `rollout.weights`.
+    pub rollout: Arc<RolloutWeights>,
     /// `scheduler.max_load_ratio`, in thousandths (1000 = the full capacity).
     pub max_load_permille: u32,
     /// `scheduler.report_max_age_ms`.
@@ -97,6 +140,8 @@ pub struct LiveConfig {
 impl Default for LiveConfig {
     fn default() -> Self {
         Self {
+            cdns: Arc::default(),
+            rollout: Arc::default(),
             max_load_permille: 1000,
             report_max_age_ms: 3000,
             token_default_ttl: Duration::from_secs(3600),
@@ -149,15 +194,25 @@ fn parse_ratio_permille(key: &str, value: &str) -> Result<u32, ConfigValueError>
 pub fn validate(key: &str, value: &str) -> Result<String, ConfigValueError> {
     let value = value.trim();
     match key {
+        CDN_ENDPOINTS => {
+            let cdns = cdn::parse_cdns(value).map_err(|reason| bad(key, reason))?;
+            Ok(cdn::format_cdns(&cdns))
+        }
+        ROLLOUT_WEIGHTS => Ok(RolloutWeights::parse(value)
+            .map_err(|e| bad(key, e.to_string()))?
+            .to_string()),
         MAX_LOAD_RATIO => {
             let p = parse_ratio_permille(key, value)?;
             Ok(format_permille(p))
         }
         REPORT_MAX_AGE_MS => Ok(parse_u64_in(key, value, 500, 60_000)?.to_string()),
         TOKEN_DEFAULT_TTL_S => Ok(parse_u64_in(key, value, 60, 604_800)?.to_string()),
+        chat if weir_protocol::chat::is_chat_key(chat) => {
+            weir_protocol::chat::validate(chat, value).map_err(|reason| bad(key, reason))
+        }
         _ => Err(ConfigValueError::UnknownKey {
             key: key.to_owned(),
-            known: SCHEMA.iter().map(|s| s.key).collect::<Vec<_>>().join(", "),
+            known: known_keys(),
         }),
     }
 }
@@ -182,6 +237,12 @@ impl LiveConfig {
         let mut warnings = Vec::new();
         for (key, value) in values {
             let applied = match key.as_str() {
+                CDN_ENDPOINTS => cdn::parse_cdns(value)
+                    .map(|c| live.cdns = Arc::new(c))
+                    .map_err(|reason| bad(key, reason)),
+                ROLLOUT_WEIGHTS => RolloutWeights::parse(value)
+                    .map(|w| live.rollout = Arc::new(w))
+                    .map_err(|e| bad(key, e.to_string())),
                 MAX_LOAD_RATIO => {
                     parse_ratio_permille(key, value).map(|p| live.max_load_permille = p)
                 }
@@ -220,10 +281,10 @@ pub struct LiveConfigCell {
 impl LiveConfigCell {
     /// The config now.
     pub fn get(&self) -> LiveConfig {
-        *self
-            .current
+        self.current
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Applies a snapshot (if newer than what is applied); returns whether it changed anything.
@@ -239,8 +300,6 @@ impl LiveConfigCell {
         if live.revision < current.revision || live == *current {
             return false;
         }
-        *current = live;
-        drop(current);
         metrics::gauge!("weir_config_revision").set(live.revision as f64);
         tracing::info!(
             revision = live.revision,
@@ -248,8 +307,11 @@ impl LiveConfigCell {
             max_load_permille = live.max_load_permille,
             report_max_age_ms = live.report_max_age_ms,
             token_default_ttl_s = live.token_default_ttl.as_secs(),
+            rollout = %live.rollout,
+            cdns = live.cdns.len(),
             "config applied"
         );
+        *current = live;
         true
     }
 }
@@ -303,7 +365,7 @@ mod tests {
         let mut sorted = keys.clone();
         sorted.sort();
         assert_eq!(keys, sorted);
-        for s in SCHEMA {
+        for s in all_keys() {
             assert_eq!(validate(s.key, s.default).unwrap(), s.default, "{}", s.key);
         }
         let values = SCHEMA

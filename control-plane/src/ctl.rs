@@ -12,8 +12,10 @@ use std::time::Duration;
 use serde::Serialize;
 use tonic::transport::{Channel, Endpoint};
 use weir_protocol::pb;
+use weir_protocol::pb::cdns_client::CdnsClient;
 use weir_protocol::pb::config_client::ConfigClient;
 use weir_protocol::pb::nodes_client::NodesClient;
+use weir_protocol::pb::rollout_client::RolloutClient;
 use weir_protocol::pb::rooms_client::RoomsClient;
 use weir_protocol::pb::scheduler_client::SchedulerClient;
 use weir_protocol::pb::tokens_client::TokensClient;
@@ -82,6 +84,21 @@ pub enum CtlCommand {
         #[command(subcommand)]
         command: WalletCommand,
     },
+    /// Rollout weights per node version: get, set, clear.
+    Rollout {
+        #[command(subcommand)]
+        command: RolloutCommand,
+    },
+    /// CDNs for HLS and their health (configure them with
+    /// `weir ctl config set cdn.endpoints=…`).
+    Cdns {
+        #[command(subcommand)]
+        command: CdnsCommand,
+    },
+    /// Live view of nodes, top rooms and CDNs, redrawn every second until
+    /// Ctrl-C, or printed --once / --iterations N times (with --json: one
+    /// JSON object per view, one per line).
+    Top(TopArgs),
 }
 
 /// `weir ctl wallet …`.
@@ -108,6 +125,57 @@ pub enum WalletCommand {
         #[arg(long, default_value_t = 10)]
         limit: u32,
     },
+}
+
+/// `weir ctl rollout …`.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum RolloutCommand {
+    /// The weights in force and each version's nodes and share of new
+    /// assignments.
+    Get,
+    /// Set the weights, e.g. `v1=90,v2=10` (canary) or `blue=100,green=0`
+    /// (blue-green; roll back by flipping). Versions not named get 0.
+    Set {
+        /// `VERSION=WEIGHT`, comma-separated or as separate arguments;
+        /// weights 0 to 1000000, at least one above 0.
+        #[arg(required = true, value_name = "VERSION=WEIGHT")]
+        weights: Vec<String>,
+        /// Who makes the change (recorded in the config history).
+        #[arg(long, env = "USER", default_value = "weir-ctl")]
+        by: String,
+        /// Apply only if `rollout.weights` is at this version now.
+        #[arg(long, value_name = "VERSION")]
+        expect_version: Option<u64>,
+    },
+    /// Remove the weights: every version alike again.
+    Clear {
+        /// Who makes the change (recorded in the config history).
+        #[arg(long, env = "USER", default_value = "weir-ctl")]
+        by: String,
+    },
+}
+
+/// `weir ctl cdns …`.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum CdnsCommand {
+    /// Every configured CDN with its breaker state (closed: healthy; open:
+    /// failing, offered last; half_open: trial probe due; unknown: not
+    /// probed yet).
+    List,
+}
+
+/// Arguments of `weir ctl top`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct TopArgs {
+    /// Print one view and exit.
+    #[arg(long, conflicts_with = "iterations")]
+    pub once: bool,
+    /// Print this many views, one a second, and exit.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub iterations: Option<u32>,
+    /// Rooms shown, most viewers first.
+    #[arg(long, default_value_t = 10, value_name = "N")]
+    pub rooms: usize,
 }
 
 /// `weir ctl nodes …`.
@@ -246,7 +314,29 @@ impl Outcome {
 
 /// Runs a `weir ctl` command, prints its output and returns the exit code.
 pub async fn run(args: CtlArgs) -> anyhow::Result<i32> {
-    use std::io::Write;
+    use std::io::{IsTerminal, Write};
+    if let CtlCommand::Top(top_args) = &args.command {
+        // Printed frame by frame; on a terminal each frame replaces the last.
+        let channel = match connect(&args.control).await {
+            Ok(channel) => channel,
+            Err(outcome) => {
+                std::io::stderr().write_all(outcome.stderr.as_bytes())?;
+                return Ok(outcome.code);
+            }
+        };
+        let clear = !args.json && std::io::stdout().is_terminal();
+        let outcome = top(channel, &args.control, top_args, args.json, |frame| {
+            let mut out = std::io::stdout().lock();
+            if clear {
+                let _ = out.write_all(b"\x1b[H\x1b[2J");
+            }
+            let _ = out.write_all(frame.as_bytes());
+            let _ = out.flush();
+        })
+        .await;
+        std::io::stderr().write_all(outcome.stderr.as_bytes())?;
+        return Ok(outcome.code);
+    }
     let outcome = execute(args).await;
     std::io::stdout().write_all(outcome.stdout.as_bytes())?;
     std::io::stderr().write_all(outcome.stderr.as_bytes())?;
@@ -269,6 +359,19 @@ pub async fn execute(args: CtlArgs) -> Outcome {
         CtlCommand::Nodes { command } => nodes(channel, command, args.json).await,
         CtlCommand::Config { command } => config(channel, command, args.json).await,
         CtlCommand::Wallet { command } => wallet(channel, command, args.json).await,
+        CtlCommand::Rollout { command } => rollout(channel, command, args.json).await,
+        CtlCommand::Cdns { command } => match command {
+            CdnsCommand::List => list_cdns(channel, args.json).await,
+        },
+        CtlCommand::Top(top_args) => {
+            let mut stdout = String::new();
+            let mut outcome = top(channel, &args.control, top_args, args.json, |frame| {
+                stdout.push_str(frame)
+            })
+            .await;
+            outcome.stdout = stdout;
+            return outcome;
+        }
     };
     result.unwrap_or_else(|status| status_outcome(&args.control, &status))
 }
@@ -294,7 +397,8 @@ async fn connect(url: &str) -> Result<Channel, Outcome> {
     })
 }
 
-fn error_chain(err: &dyn std::error::Error) -> String {
+/// An error with its sources, `: `-separated.
+pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
     while let Some(e) = source {
@@ -846,6 +950,392 @@ async fn config(
     Ok(Outcome::ok(config_table(&entries)))
 }
 
+/// `VERSION=WEIGHT` items (each argument may hold several, comma-separated).
+fn parse_weights(args: &[String]) -> Result<Vec<pb::VersionWeight>, Outcome> {
+    let mut weights = Vec::new();
+    for item in args.iter().flat_map(|a| a.split(',')) {
+        let item = item.trim();
+        let parsed = item.split_once('=').and_then(|(v, w)| {
+            let w = w.trim();
+            let number = w.bytes().all(|b| b.is_ascii_digit()) && !w.is_empty();
+            Some((v.trim(), w.parse::<u32>().ok().filter(|_| number)?))
+        });
+        match parsed {
+            Some((version, weight)) => weights.push(pb::VersionWeight {
+                version: version.to_owned(),
+                weight,
+            }),
+            None => {
+                return Err(Outcome::fail(
+                    EXIT_USAGE,
+                    format_args!(
+                        "expected VERSION=WEIGHT with a whole number from 0 to 1000000, got {item:?}"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(weights)
+}
+
+#[derive(Serialize)]
+struct VersionJson<'a> {
+    version: &'a str,
+    weight: u32,
+    nodes: u32,
+    schedulable_nodes: u32,
+    share: f64,
+}
+
+fn rollout_json(state: &pb::RolloutState) -> String {
+    let weights: serde_json::Map<String, serde_json::Value> = state
+        .weights
+        .iter()
+        .map(|w| (w.version.clone(), w.weight.into()))
+        .collect();
+    to_json_line(&serde_json::json!({
+        "weights": weights,
+        "version": state.version,
+        "updated_unix_ms": state.updated_unix_ms,
+        "updated_by": state.updated_by,
+        "versions": state.versions.iter().map(|v| VersionJson {
+            version: &v.version,
+            weight: v.weight,
+            nodes: v.nodes,
+            schedulable_nodes: v.schedulable_nodes,
+            share: v.share,
+        }).collect::<Vec<_>>(),
+    }))
+}
+
+fn rollout_text(state: &pb::RolloutState) -> String {
+    let rows: Vec<[String; 5]> = state
+        .versions
+        .iter()
+        .map(|v| {
+            [
+                v.version.clone(),
+                if state.weights.is_empty() {
+                    "-".to_owned()
+                } else {
+                    v.weight.to_string()
+                },
+                format!("{:.1}%", v.share * 100.0),
+                v.nodes.to_string(),
+                v.schedulable_nodes.to_string(),
+            ]
+        })
+        .collect();
+    let mut out = table(
+        ["VERSION", "WEIGHT", "SHARE", "NODES", "SCHEDULABLE"],
+        &rows,
+        "(no versions: no weights and no nodes)",
+    );
+    if state.weights.is_empty() {
+        out.push_str("weights: none (every version alike)\n");
+    } else {
+        let weights: Vec<String> = state
+            .weights
+            .iter()
+            .map(|w| format!("{}={}", w.version, w.weight))
+            .collect();
+        out.push_str(&format!(
+            "weights: {} (version {}, set {} by {})\n",
+            weights.join(","),
+            state.version,
+            when(Some(state.updated_unix_ms)),
+            if state.updated_by.is_empty() {
+                "-"
+            } else {
+                &state.updated_by
+            }
+        ));
+    }
+    out
+}
+
+async fn rollout(
+    channel: Channel,
+    command: &RolloutCommand,
+    json: bool,
+) -> Result<Outcome, tonic::Status> {
+    let mut client = RolloutClient::new(channel);
+    let state = match command {
+        RolloutCommand::Get => client.get_rollout(pb::GetRolloutRequest {}).await?,
+        RolloutCommand::Set {
+            weights,
+            by,
+            expect_version,
+        } => {
+            let weights = match parse_weights(weights) {
+                Ok(w) => w,
+                Err(outcome) => return Ok(outcome),
+            };
+            client
+                .set_rollout(pb::SetRolloutRequest {
+                    weights,
+                    updated_by: by.clone(),
+                    expected_version: *expect_version,
+                })
+                .await?
+        }
+        RolloutCommand::Clear { by } => {
+            client
+                .set_rollout(pb::SetRolloutRequest {
+                    weights: Vec::new(),
+                    updated_by: by.clone(),
+                    expected_version: None,
+                })
+                .await?
+        }
+    }
+    .into_inner();
+    Ok(Outcome::ok(if json {
+        rollout_json(&state)
+    } else {
+        rollout_text(&state)
+    }))
+}
+
+#[derive(Serialize)]
+struct CdnJson<'a> {
+    name: &'a str,
+    url: &'a str,
+    weight: u32,
+    probe: &'a str,
+    state: &'a str,
+    consecutive_failures: u32,
+    changed_unix_ms: i64,
+    probed_unix_ms: i64,
+    last_error: &'a str,
+}
+
+fn cdn_json(c: &pb::CdnStatus) -> CdnJson<'_> {
+    CdnJson {
+        name: &c.name,
+        url: &c.url,
+        weight: c.weight,
+        probe: &c.probe,
+        state: &c.state,
+        consecutive_failures: c.consecutive_failures,
+        changed_unix_ms: c.changed_unix_ms,
+        probed_unix_ms: c.probed_unix_ms,
+        last_error: &c.last_error,
+    }
+}
+
+fn cdns_table(cdns: &[pb::CdnStatus]) -> String {
+    let rows: Vec<[String; 6]> = cdns
+        .iter()
+        .map(|c| {
+            [
+                c.name.clone(),
+                c.state.clone(),
+                c.weight.to_string(),
+                c.consecutive_failures.to_string(),
+                c.url.clone(),
+                if c.last_error.is_empty() {
+                    "-".to_owned()
+                } else {
+                    c.last_error.chars().take(60).collect()
+                },
+            ]
+        })
+        .collect();
+    table(
+        ["CDN", "STATE", "WEIGHT", "FAILURES", "URL", "LAST_ERROR"],
+        &rows,
+        "(no CDNs configured; see `weir ctl config get cdn.endpoints`)",
+    )
+}
+
+async fn list_cdns(channel: Channel, json: bool) -> Result<Outcome, tonic::Status> {
+    let list = CdnsClient::new(channel)
+        .list_cdns(pb::ListCdnsRequest {})
+        .await?
+        .into_inner();
+    Ok(Outcome::ok(if json {
+        to_json_line(&serde_json::json!({
+            "cdns": list.cdns.iter().map(cdn_json).collect::<Vec<_>>()
+        }))
+    } else {
+        cdns_table(&list.cdns)
+    }))
+}
+
+/// How often `weir ctl top` refreshes.
+const TOP_EVERY: Duration = Duration::from_secs(1);
+
+/// One view of the cluster for `top`.
+struct TopFrame {
+    at_unix_ms: i64,
+    nodes: Vec<pb::NodeStatus>,
+    rooms: Vec<pb::RoomSummary>,
+    rooms_total: usize,
+    cdns: Vec<pb::CdnStatus>,
+}
+
+async fn top_frame(channel: &Channel, rooms: usize) -> Result<TopFrame, tonic::Status> {
+    let nodes = NodesClient::new(channel.clone())
+        .list_nodes(pb::ListNodesRequest {})
+        .await?
+        .into_inner()
+        .nodes;
+    let mut all_rooms = SchedulerClient::new(channel.clone())
+        .list_rooms(pb::ListRoomsRequest {})
+        .await?
+        .into_inner()
+        .rooms;
+    // An older control plane without the Cdns service still gets a view.
+    let cdns = match CdnsClient::new(channel.clone())
+        .list_cdns(pb::ListCdnsRequest {})
+        .await
+    {
+        Ok(r) => r.into_inner().cdns,
+        Err(s) if s.code() == tonic::Code::Unimplemented => Vec::new(),
+        Err(s) => return Err(s),
+    };
+    let rooms_total = all_rooms.len();
+    all_rooms.sort_by(|a, b| {
+        b.subscribers
+            .cmp(&a.subscribers)
+            .then_with(|| a.room.cmp(&b.room))
+    });
+    all_rooms.truncate(rooms);
+    let at_unix_ms = i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis(),
+    )
+    .unwrap_or(i64::MAX);
+    Ok(TopFrame {
+        at_unix_ms,
+        nodes,
+        rooms: all_rooms,
+        rooms_total,
+        cdns,
+    })
+}
+
+fn top_json(f: &TopFrame) -> String {
+    to_json_line(&serde_json::json!({
+        "at_unix_ms": f.at_unix_ms,
+        "nodes": f.nodes.iter().map(node_json).collect::<Vec<_>>(),
+        "rooms": f.rooms.iter().map(|r| RoomJson {
+            room: &r.room,
+            origin_node: Some(r.origin_node.as_str()).filter(|n| !n.is_empty()),
+            live: r.live,
+            subscribers: r.subscribers,
+        }).collect::<Vec<_>>(),
+        "rooms_total": f.rooms_total,
+        "cdns": f.cdns.iter().map(cdn_json).collect::<Vec<_>>(),
+    }))
+}
+
+fn top_text(control: &str, f: &TopFrame) -> String {
+    let alive = f.nodes.iter().filter(|n| n.alive).count();
+    let schedulable = f.nodes.iter().filter(|n| n.schedulable).count();
+    let sessions: u64 = f.nodes.iter().map(|n| u64::from(n.sessions)).sum();
+    let capacity: u64 = f.nodes.iter().map(|n| u64::from(n.capacity)).sum();
+    let viewers: u64 = f.rooms.iter().map(|r| u64::from(r.subscribers)).sum();
+    let mut out = format!(
+        "weir top  {}  control {control}\nnodes {alive} alive, {schedulable} schedulable  sessions {sessions}/{capacity}  rooms {}\n\n",
+        when(Some(f.at_unix_ms)),
+        f.rooms_total,
+    );
+    let rows: Vec<[String; 8]> = f
+        .nodes
+        .iter()
+        .map(|n| {
+            let load = if n.capacity > 0 {
+                format!(
+                    "{:.0}%",
+                    f64::from(n.sessions) * 100.0 / f64::from(n.capacity)
+                )
+            } else {
+                "-".to_owned()
+            };
+            [
+                n.id.clone(),
+                node_state(n).to_owned(),
+                if n.version.is_empty() {
+                    "-".to_owned()
+                } else {
+                    n.version.clone()
+                },
+                format!("{}/{}", n.sessions, n.capacity),
+                load,
+                n.rooms.to_string(),
+                format!("{:.1}", n.egress_bps as f64 / 1e6),
+                yes_no(n.draining || n.self_draining),
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        [
+            "NODE",
+            "STATE",
+            "VERSION",
+            "SESSIONS",
+            "LOAD",
+            "ROOMS",
+            "EGRESS_MBPS",
+            "DRAINING",
+        ],
+        &rows,
+        "(no nodes)",
+    ));
+    out.push('\n');
+    out.push_str(&format!(
+        "top rooms by viewers ({} shown, {viewers} viewers)\n",
+        f.rooms.len()
+    ));
+    out.push_str(&rooms_table(&f.rooms));
+    if !f.cdns.is_empty() {
+        out.push('\n');
+        out.push_str(&cdns_table(&f.cdns));
+    }
+    out
+}
+
+/// `weir ctl top`: frames handed to `emit` one a second. The first failure
+/// ends it with the call's exit code; with no end set (a person watching)
+/// later failures are shown and the view keeps trying.
+async fn top(
+    channel: Channel,
+    control: &str,
+    args: &TopArgs,
+    json: bool,
+    mut emit: impl FnMut(&str),
+) -> Outcome {
+    let frames = if args.once { Some(1) } else { args.iterations };
+    let mut shown = 0u32;
+    let mut tick = tokio::time::interval(TOP_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match top_frame(&channel, args.rooms).await {
+            Ok(frame) => emit(&if json {
+                top_json(&frame)
+            } else {
+                top_text(control, &frame)
+            }),
+            Err(status) if shown == 0 || frames.is_some() => {
+                return status_outcome(control, &status);
+            }
+            Err(status) => {
+                let failed = status_outcome(control, &status);
+                emit(&format!("{}(retrying every second)\n", failed.stderr));
+            }
+        }
+        shown += 1;
+        if frames.is_some_and(|n| shown >= n) {
+            return Outcome::ok(String::new());
+        }
+    }
+}
+
 /// Rooms as an aligned table with a header line.
 fn rooms_table(rooms: &[pb::RoomSummary]) -> String {
     let rows: Vec<[String; 4]> = rooms
@@ -1147,6 +1637,110 @@ mod tests {
                 command: RoomsCommand::Show { .. }
             }
         ));
+    }
+
+    #[test]
+    fn rollout_top_and_cdns_parse() {
+        let args = parse(&["weir", "ctl", "rollout", "set", "v1=90,v2=10", "v3=0"]);
+        let CtlCommand::Rollout {
+            command: RolloutCommand::Set { weights, .. },
+        } = args.command
+        else {
+            panic!("not rollout set")
+        };
+        let parsed = parse_weights(&weights).unwrap();
+        let pairs: Vec<(&str, u32)> = parsed
+            .iter()
+            .map(|w| (w.version.as_str(), w.weight))
+            .collect();
+        assert_eq!(pairs, [("v1", 90), ("v2", 10), ("v3", 0)]);
+        for bad in ["v1=-1", "v1=x", "v1", "v1=1.5", "v1=", "v1=99999999999"] {
+            let err = parse_weights(&[bad.to_owned()]).unwrap_err();
+            assert_eq!(err.code, EXIT_USAGE, "{bad}");
+            assert!(
+                err.stderr.contains("VERSION=WEIGHT"),
+                "{bad}: {}",
+                err.stderr
+            );
+        }
+        assert!(Root::try_parse_from(["weir", "ctl", "rollout", "set"]).is_err());
+        assert!(matches!(
+            parse(&["weir", "ctl", "rollout", "get", "--json"]).command,
+            CtlCommand::Rollout {
+                command: RolloutCommand::Get
+            }
+        ));
+        assert!(matches!(
+            parse(&["weir", "ctl", "rollout", "clear"]).command,
+            CtlCommand::Rollout {
+                command: RolloutCommand::Clear { .. }
+            }
+        ));
+        assert!(matches!(
+            parse(&["weir", "ctl", "cdns", "list"]).command,
+            CtlCommand::Cdns {
+                command: CdnsCommand::List
+            }
+        ));
+        let CtlCommand::Top(top) = parse(&["weir", "ctl", "top", "--once", "--json"]).command
+        else {
+            panic!("not top")
+        };
+        assert!(top.once && top.iterations.is_none() && top.rooms == 10);
+        let CtlCommand::Top(top) = parse(&["weir", "ctl", "top", "--iterations", "3"]).command
+        else {
+            panic!("not top")
+        };
+        assert_eq!(top.iterations, Some(3));
+        assert!(Root::try_parse_from(["weir", "ctl", "top", "--iterations", "0"]).is_err());
+        assert!(
+            Root::try_parse_from(["weir", "ctl", "top", "--once", "--iterations", "2"]).is_err()
+        );
+    }
+
+    #[test]
+    fn rollout_prints_shares() {
+        let state = pb::RolloutState {
+            weights: vec![
+                pb::VersionWeight {
+                    version: "v1".into(),
+                    weight: 90,
+                },
+                pb::VersionWeight {
+                    version: "v2".into(),
+                    weight: 10,
+                },
+            ],
+            version: 2,
+            updated_unix_ms: 1_000,
+            updated_by: "ops".into(),
+            versions: vec![
+                pb::VersionStatus {
+                    version: "v1".into(),
+                    weight: 90,
+                    nodes: 2,
+                    schedulable_nodes: 2,
+                    share: 0.9,
+                },
+                pb::VersionStatus {
+                    version: "v2".into(),
+                    weight: 10,
+                    nodes: 1,
+                    schedulable_nodes: 1,
+                    share: 0.1,
+                },
+            ],
+        };
+        assert_eq!(
+            rollout_text(&state),
+            "VERSION  WEIGHT  SHARE  NODES  SCHEDULABLE\n\
+             v1       90      90.0%  2      2\n\
+             v2       10      10.0%  1      1\n\
+             weights: v1=90,v2=10 (version 2, set 1970-01-01T00:00:01Z by ops)\n"
+        );
+        let json: serde_json::Value = serde_json::from_str(&rollout_json(&state)).unwrap();
+        assert_eq!(json["weights"]["v2"], 10);
+        assert_eq!(json["versions"][0]["share"], 0.9);
     }
 
     #[test]

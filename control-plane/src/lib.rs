@@ -7,14 +7,18 @@
 //! PostgreSQL), the config center ([`config_center`]), leader election for
 //! singleton workers ([`election`], [`workers`]) among which the outbox
 //! relay ([`outbox`]) that publishes gift events to the room bus through
-//! [`bus`] (NATS JetStream), and the client library of `weir ctl` ([`ctl`]).
+//! [`bus`] (NATS JetStream), rollout weights per node version
+//! ([`rollout`]), CDN health and failover ([`cdn`]), and the client library
+//! of `weir ctl` ([`ctl`]).
 
 pub mod bus;
+pub mod cdn;
 pub mod config_center;
 pub mod coordinator;
 pub mod ctl;
 pub mod election;
 pub mod outbox;
+pub mod rollout;
 pub mod scheduler;
 pub mod server;
 pub mod service;

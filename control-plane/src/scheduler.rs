@@ -9,6 +9,8 @@ use std::collections::BTreeMap;
 use weir_protocol::coordinator::{NodeFlags, NodeInfo};
 use weir_protocol::{NodeId, RoomId};
 
+use crate::rollout::RolloutWeights;
+
 /// A load report older than this marks its node as unhealthy (the default of
 /// the `scheduler.report_max_age_ms` config key).
 pub const FRESH_REPORT_MS: u64 = 3_000;
@@ -28,10 +30,17 @@ pub struct Snapshot<'a> {
     pub report_max_age_ms: u64,
     /// Share of a node's capacity to fill, in thousandths (1000: all of it).
     pub max_load_permille: u32,
+    /// Weights per node version (empty: versions play no part).
+    pub rollout: &'a RolloutWeights,
+    /// Where this assignment falls on the rollout wheel (see
+    /// [`crate::rollout`]): hashed from the client's id, or random.
+    pub draw: u64,
 }
 
 /// No flags: what a snapshot without operator flags points at.
 static NO_FLAGS: BTreeMap<NodeId, NodeFlags> = BTreeMap::new();
+/// No rollout weights.
+static NO_WEIGHTS: RolloutWeights = RolloutWeights::EMPTY;
 
 impl<'a> Snapshot<'a> {
     /// A snapshot with no operator flags and the default limits.
@@ -43,6 +52,8 @@ impl<'a> Snapshot<'a> {
             now_ms,
             report_max_age_ms: FRESH_REPORT_MS,
             max_load_permille: 1000,
+            rollout: &NO_WEIGHTS,
+            draw: 0,
         }
     }
 
@@ -73,9 +84,40 @@ impl<'a> Snapshot<'a> {
             .filter(|n| self.is_healthy(n))
     }
 
+    /// Healthy nodes with room for one more session, best first, honouring
+    /// the rollout weights: the nodes of the version the draw picks (by
+    /// weight, among the versions with such a node) come first, then those
+    /// of the other versions with a weight above 0; versions of weight 0 are
+    /// left out. Within a version, [`Snapshot::ranked_nodes`] decides. When
+    /// only versions of weight 0 have a node left, those take the client
+    /// (a viewer served by an unwanted version beats one turned away).
+    fn ranked(&self, region: Option<&str>) -> Vec<&'a NodeInfo> {
+        let nodes = self.ranked_nodes(region);
+        if self.rollout.is_empty() {
+            return nodes;
+        }
+        let mut versions: BTreeMap<&str, u32> = BTreeMap::new();
+        for n in &nodes {
+            versions
+                .entry(n.version.as_str())
+                .or_insert_with(|| self.rollout.weight(&n.version).unwrap_or(0));
+        }
+        let wheel: Vec<(&str, u32)> = versions.iter().map(|(v, w)| (*v, *w)).collect();
+        let Some(chosen) = RolloutWeights::pick(&wheel, self.draw) else {
+            return nodes;
+        };
+        let (mut first, rest): (Vec<&NodeInfo>, Vec<&NodeInfo>) =
+            nodes.into_iter().partition(|n| n.version == chosen);
+        first.extend(
+            rest.into_iter()
+                .filter(|n| versions[n.version.as_str()] > 0),
+        );
+        first
+    }
+
     /// Healthy nodes with room for one more session, best first: those in
     /// `region` (when given) before the others, then the least loaded.
-    fn ranked(&self, region: Option<&str>) -> Vec<&'a NodeInfo> {
+    fn ranked_nodes(&self, region: Option<&str>) -> Vec<&'a NodeInfo> {
         let region = region.filter(|r| !r.is_empty());
         let mut nodes: Vec<&NodeInfo> = self
             .nodes
@@ -119,6 +161,11 @@ pub fn rank_for_viewer<'a>(
         };
     }
     snapshot.ranked(region)
+}
+
+/// Whether `room` has a live origin on a healthy node (full or not).
+pub fn has_live_origin(snapshot: &Snapshot<'_>, room: &RoomId) -> bool {
+    snapshot.live_origin(room).is_some()
 }
 
 /// Nodes where a publisher of `room` should publish, best first: the room's
@@ -345,6 +392,116 @@ mod tests {
         assert_eq!(ids(&rank_for_viewer(&s, &room("r"), None)), ["idle"]);
         assert_eq!(ids(&rank_for_publisher(&s, &room("r"))), ["idle"]);
         assert_eq!(ids(&rank_for_publisher(&s, &room("gone"))), ["idle"]);
+    }
+
+    fn versioned(id: &str, version: &str, sessions: u32) -> NodeInfo {
+        NodeInfo {
+            version: version.into(),
+            ..node(id, "eu", sessions, 100)
+        }
+    }
+
+    /// The version of the first node of each of `n` viewers' answers, counted.
+    fn first_versions(s: &Snapshot<'_>, n: usize) -> BTreeMap<String, usize> {
+        let mut counts = BTreeMap::new();
+        for i in 0..n {
+            let mut s = *s;
+            s.draw = crate::rollout::stable_draw(&format!("viewer-{i}"));
+            let ranked = rank_for_viewer(&s, &room("r"), None);
+            *counts.entry(ranked[0].version.clone()).or_default() += 1;
+        }
+        counts
+    }
+
+    #[test]
+    fn a_canary_gets_its_share_of_viewers() {
+        let nodes = [
+            versioned("a1", "v1", 0),
+            versioned("a2", "v1", 3),
+            versioned("b1", "v2", 1),
+            versioned("b2", "v2", 0),
+        ];
+        let weights = RolloutWeights::parse("v1=90,v2=10").unwrap();
+        let mut s = snap(&nodes, &[]);
+        s.rollout = &weights;
+        // Hashed viewer ids: the same counts on every run.
+        let counts = first_versions(&s, 10_000);
+        let canary = counts["v2"];
+        assert!((900..=1100).contains(&canary), "{counts:?}");
+        assert_eq!(counts["v1"] + canary, 10_000);
+
+        // Within the chosen version the usual ranking applies, and the other
+        // weighted version follows as a fallback.
+        let v2_viewer = (0..)
+            .map(|i| crate::rollout::stable_draw(&format!("viewer-{i}")))
+            .find(|d| {
+                let mut t = s;
+                t.draw = *d;
+                rank_for_viewer(&t, &room("r"), None)[0].version == "v2"
+            })
+            .unwrap();
+        s.draw = v2_viewer;
+        assert_eq!(
+            ids(&rank_for_viewer(&s, &room("r"), None)),
+            ["b2", "b1", "a1", "a2"]
+        );
+        // The same viewer gets the same answer again.
+        assert_eq!(
+            ids(&rank_for_viewer(&s, &room("r"), None)),
+            ["b2", "b1", "a1", "a2"]
+        );
+    }
+
+    #[test]
+    fn blue_green_flips_and_versions_without_weight_get_nothing() {
+        let nodes = [
+            versioned("blue", "blue", 0),
+            versioned("green", "green", 0),
+            versioned("old", "v0", 0),
+        ];
+        let mut s = snap(&nodes, &[]);
+        let blue = RolloutWeights::parse("blue=100,green=0").unwrap();
+        s.rollout = &blue;
+        let counts = first_versions(&s, 1000);
+        assert_eq!(counts.get("blue"), Some(&1000), "{counts:?}");
+        // Weight 0 (given or not) leaves a version out of the answer.
+        for d in [0, u64::MAX / 2, u64::MAX] {
+            s.draw = d;
+            assert_eq!(ids(&rank_for_viewer(&s, &room("r"), None)), ["blue"]);
+            assert_eq!(ids(&rank_for_publisher(&s, &room("r"))), ["blue"]);
+        }
+        // The flip.
+        let green = RolloutWeights::parse("blue=0,green=100").unwrap();
+        s.rollout = &green;
+        assert_eq!(first_versions(&s, 1000).get("green"), Some(&1000));
+        // No weights: every version is equal, ranked by load and id.
+        s.rollout = &NO_WEIGHTS;
+        assert_eq!(
+            ids(&rank_for_viewer(&s, &room("r"), None)),
+            ["blue", "green", "old"]
+        );
+    }
+
+    #[test]
+    fn only_unweighted_versions_left_still_take_clients() {
+        let mut gone = versioned("blue", "blue", 0);
+        gone.draining = true;
+        let nodes = [gone, versioned("green", "green", 0)];
+        let weights = RolloutWeights::parse("blue=100,green=0").unwrap();
+        let mut s = snap(&nodes, &[]);
+        s.rollout = &weights;
+        assert_eq!(ids(&rank_for_viewer(&s, &room("r"), None)), ["green"]);
+        // A weighted version whose nodes are all full does not count either.
+        let nodes = [
+            versioned("full", "v1", 100),
+            versioned("b", "v2", 0),
+            versioned("c", "v3", 0),
+        ];
+        let weights = RolloutWeights::parse("v1=50,v2=50").unwrap();
+        let mut s = snap(&nodes, &[]);
+        s.rollout = &weights;
+        let counts = first_versions(&s, 100);
+        assert_eq!(counts.get("v2"), Some(&100), "{counts:?}");
     }
 
     #[test]

@@ -10,9 +10,11 @@ use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use weir_protocol::pb::cdns_server::CdnsServer;
 use weir_protocol::pb::config_server::ConfigServer;
 use weir_protocol::pb::follows_server::FollowsServer;
 use weir_protocol::pb::nodes_server::NodesServer;
+use weir_protocol::pb::rollout_server::RolloutServer;
 use weir_protocol::pb::rooms_server::RoomsServer;
 use weir_protocol::pb::scheduler_server::SchedulerServer;
 use weir_protocol::pb::tokens_server::TokensServer;
@@ -38,6 +40,8 @@ pub async fn router(state: Arc<ControlState>, render_metrics: RenderMetrics) -> 
     health.set_serving::<ConfigServer<BusinessApi>>().await;
     health.set_serving::<NodesServer<BusinessApi>>().await;
     health.set_serving::<WalletServer<WalletApi>>().await;
+    health.set_serving::<RolloutServer<BusinessApi>>().await;
+    health.set_serving::<CdnsServer<BusinessApi>>().await;
 
     let business = BusinessApi::new(Arc::clone(&state));
     let mut grpc =
@@ -47,6 +51,8 @@ pub async fn router(state: Arc<ControlState>, render_metrics: RenderMetrics) -> 
             .add_service(RoomsServer::new(business.clone()))
             .add_service(FollowsServer::new(business.clone()))
             .add_service(ConfigServer::new(business.clone()))
+            .add_service(RolloutServer::new(business.clone()))
+            .add_service(CdnsServer::new(business.clone()))
             .add_service(NodesServer::new(business))
             .add_service(WalletServer::new(WalletApi::new(Arc::clone(&state))))
             .add_service(health_service);

@@ -2,7 +2,7 @@
 //! run by the leader of the [`crate::election::CONTROL_ELECTION`] election
 //! and stopped as soon as it loses the lead.
 //!
-//! Today there are two:
+//! Three run today:
 //! - **live sync**, which marks a stored room `live` once a node reports a
 //!   publisher live in it (the streamer went live by publishing; nobody has
 //!   to call `GoLive`). Rooms the store does not know, and rooms already live
@@ -10,8 +10,8 @@
 //! - **the outbox relay** ([`crate::outbox`]), which publishes paid gifts'
 //!   events to the room bus ([`ControlState::with_bus`]) until the broker
 //!   acknowledges them.
-//!
-//! The CDN prober joins this list with its issue.
+//! - **the CDN prober** ([`crate::cdn::run_prober`]), which probes the
+//!   configured CDNs and drives their circuit breakers.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -35,9 +35,11 @@ pub async fn run(state: Arc<ControlState>, mut leadership: watch::Receiver<Leade
             return;
         }
         tracing::info!("leading: singleton workers start");
-        // Both run until leadership is lost; dropping them stops them
+        // All run until leadership is lost; dropping them stops them
         // mid-call, which is safe: an outbox row stays pending until marked,
-        // and a repeated publish is dropped by the broker.
+        // a repeated publish is dropped by the broker, and the next leader
+        // probes the CDNs again.
+        let _prober = AbortOnDrop(tokio::spawn(crate::cdn::run_prober(Arc::clone(&state))));
         let work = async { tokio::join!(live_sync(&state), outbox_relay(&state)) };
         let lost = tokio::select! {
             _ = work => Ok(()),
@@ -117,4 +119,14 @@ pub async fn sync_live_rooms(state: &ControlState) -> Result<usize, ApiError> {
         }
     }
     Ok(changed)
+}
+
+/// A task aborted when its handle is dropped (also when `run` itself is
+/// aborted), so a worker never outlives the lead.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

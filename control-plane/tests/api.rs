@@ -220,6 +220,7 @@ async fn grpc_and_http1_json_share_one_port() {
             pb::AssignViewerRequest {
                 room: "lobby".into(),
                 region: "eu".into(),
+                viewer_id: String::new(),
             },
             "rid-grpc-1",
         ))
@@ -345,6 +346,7 @@ async fn grpc_publisher_goes_to_the_origin_with_an_owner_token() {
         .assign_viewer(pb::AssignViewerRequest {
             room: "show".into(),
             region: String::new(),
+            viewer_id: String::new(),
         })
         .await
         .unwrap()
@@ -377,6 +379,7 @@ async fn grpc_bad_input_is_invalid_argument_naming_the_field() {
             pb::AssignViewerRequest {
                 room: String::new(),
                 region: String::new(),
+                viewer_id: String::new(),
             },
             "rid-bad-1",
         ))
@@ -512,6 +515,7 @@ async fn grpc_minting_disabled_and_no_nodes() {
         .assign_viewer(pb::AssignViewerRequest {
             room: "r".into(),
             region: String::new(),
+            viewer_id: String::new(),
         })
         .await
         .unwrap_err();

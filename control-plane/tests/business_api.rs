@@ -493,6 +493,8 @@ async fn config_is_validated_versioned_and_applied() {
     assert_eq!(
         keys,
         [
+            "cdn.endpoints",
+            "rollout.weights",
             "scheduler.max_load_ratio",
             "scheduler.report_max_age_ms",
             "tokens.default_ttl_s"
@@ -567,6 +569,7 @@ async fn config_is_validated_versioned_and_applied() {
         .assign_viewer(pb::AssignViewerRequest {
             room: "r".into(),
             region: String::new(),
+            viewer_id: String::new(),
         })
         .await
         .unwrap()
@@ -674,6 +677,7 @@ async fn cordon_drain_and_uncordon_steer_the_scheduler() {
     let ask = pb::AssignViewerRequest {
         room: "lobby".into(),
         region: String::new(),
+        viewer_id: String::new(),
     };
     assert_eq!(
         viewer_nodes(

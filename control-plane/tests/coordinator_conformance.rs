@@ -42,6 +42,7 @@ macro_rules! all_cases {
                 node_flags_outlive_leases,
                 config_is_versioned_and_atomic,
                 cluster_view_follows_the_cluster,
+                cdn_health_is_stored_per_name,
             ]
         );
     };

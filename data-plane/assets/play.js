@@ -4,11 +4,21 @@
 // 'disconnected' for RECONNECT_GRACE_MS, when it never comes up, or (with
 // back-off) when an attempt fails, e.g. because the room is not live yet.
 //
-// HLS: `?protocol=hls` plays the room's HLS (`/hls/ROOM/master.m3u8`, or the
-// `hls` endpoint the control plane names) instead of WebRTC; `?protocol=webrtc`
-// never leaves WebRTC. By default (`auto`) the page falls back to HLS when the
-// browser has no WebRTC, or when a WebRTC attempt fails while the room has
-// HLS; the Reconnect button tries WebRTC again. HLS plays through hls.js
+// Failover follows the control plane's ranked endpoints (assign-viewer, sent
+// with a viewer id kept in localStorage so the viewer keeps its node version
+// and CDN order): WHEP on the first node; when its offer is refused the next
+// node is tried at once, and when ICE/DTLS never comes up (or drops) on a
+// node, that node is skipped and the next one tried. With no node left, HLS:
+// the CDNs in the order given (the control plane puts failing CDNs last),
+// then the node's own HLS; a CDN that does not answer, or whose playback
+// fails, gives way to the next at once. When everything failed, the round
+// starts again from a fresh assignment, with back-off.
+//
+// HLS: `?protocol=hls` plays the room's HLS (through the CDNs as above)
+// instead of WebRTC; `?protocol=webrtc` never leaves WebRTC. By default
+// (`auto`) the page falls back to HLS when the browser has no WebRTC, or when
+// WebRTC failed on every node while the room has HLS; the Reconnect button
+// tries WebRTC again. HLS plays through hls.js
 // (vendored under /assets, Apache-2.0, loaded only when needed) wherever Media
 // Source Extensions exist, natively otherwise (iOS Safari), or natively when
 // asked with `&hls_player=native`.
@@ -22,8 +32,12 @@
 //                       framesReceived, framesDropped },
 //              audio: { packetsReceived, packetsLost, jitter, concealmentRatio, codec } } }
 //   protocol: 'webrtc' | 'hls' (what plays now); fallback: why HLS replaced
-//   WebRTC (null unless it did); hls: { url, player: 'native'|'hls.js',
-//   level, levels: [{width, height, bitrate}], latencyS } while on HLS
+//   WebRTC (null unless it did); hls: { url, cdn (the CDN's name, null for
+//   the node itself), player: 'native'|'hls.js', level,
+//   levels: [{width, height, bitrate}], latencyS } while on HLS;
+//   viewerId: the id sent with assign-viewer; endpoints: the last ranked
+//   list [{kind, url, node_id, cdn}]; failures: the last 20 failed tries,
+//   oldest first, [{kind, url, node_id, cdn, error}]
 //   (framesDecoded, fps and size then come from the <video> element).
 //   state: 'idle' | 'connecting' | 'connected' | 'disconnected' | 'reconnecting' | 'failed'
 //   ttffMs: ms from the start of the current attempt (assign-viewer call) to the
@@ -74,9 +88,60 @@
     protocol: 'webrtc',
     fallback: null,
     hls: null,
+    viewerId: null,
+    endpoints: [],
+    failures: [],
     stats: emptyStats(),
   };
   window.weir = weir;
+
+  /** This browser's viewer id: kept in localStorage, else one per page. */
+  weir.viewerId = (() => {
+    const fresh = () => (window.crypto && crypto.randomUUID
+      ? crypto.randomUUID()
+      : `${Date.now().toString(36)}-${Math.random().toString(36).slice(2)}`);
+    try {
+      let id = localStorage.getItem('weir.viewer_id');
+      if (!id || !/^[\x21-\x7e]{1,128}$/.test(id)) {
+        id = fresh();
+        localStorage.setItem('weir.viewer_id', id);
+      }
+      return id;
+    } catch (_) {
+      return fresh();
+    }
+  })();
+
+  /** Nodes (by id, or URL) whose WebRTC failed in this round. */
+  const failedNodes = new Set();
+  /** HLS URLs still to try in this round, best first. */
+  let hlsQueue = [];
+
+  function nodeKey(ep) {
+    return ep ? ep.node_id || ep.url : null;
+  }
+
+  function noteFailure(ep, kind, error) {
+    weir.failures.push({
+      kind, url: ep ? ep.url : null, node_id: (ep && ep.node_id) || null,
+      cdn: (ep && ep.cdn) || null, error,
+    });
+    if (weir.failures.length > 20) weir.failures.shift();
+  }
+
+  /** Asks for a ranked list and remembers it. */
+  async function assignViewer() {
+    const a = await W.assign('viewer', room, { viewer_id: weir.viewerId });
+    weir.endpoints = a.endpoints
+      .filter((e) => e && typeof e.url === 'string')
+      .map((e) => ({ kind: e.kind, url: e.url, node_id: e.node_id || null, cdn: e.cdn || null }));
+    return a;
+  }
+
+  /** Something plays: the next failure starts a fresh round. */
+  function playing() {
+    failedNodes.clear();
+  }
 
   /** 'auto' | 'webrtc' | 'hls', from ?protocol=. */
   const wanted = (() => {
@@ -169,9 +234,16 @@
 
     try {
       if (!room) throw new W.WeirError('no room in the URL (expected /play/ROOM)');
-      const assignment = await W.assign('viewer', room);
+      const assignment = await assignViewer();
       if (stale()) return;
       token = assignment.token;
+      // Nodes that failed in this round are skipped; none left: HLS.
+      const whep = assignment.endpoints.filter((e) => e && e.kind === 'whep' && !failedNodes.has(nodeKey(e)));
+      if (whep.length === 0) {
+        throw new W.WeirError(failedNodes.size > 0
+          ? `WebRTC failed on every node offered (${[...failedNodes].join(', ')})`
+          : 'control plane returned no whep endpoint');
+      }
 
       const conn = new RTCPeerConnection({ bundlePolicy: 'max-bundle' });
       pc = conn;
@@ -201,6 +273,7 @@
         if (s === 'connected') {
           if (connectTimer !== null) { clearTimeout(connectTimer); connectTimer = null; }
           retryDelay = RETRY_MIN_MS;
+          playing();
           setState('connected', `playing from ${weir.endpoint ? weir.endpoint.node_id || weir.endpoint.url : 'node'}`);
         } else if (s === 'disconnected') {
           setState('disconnected', 'connection interrupted, waiting for it to recover');
@@ -210,64 +283,109 @@
       });
 
       setState(weir.state, 'sending offer (WHEP)');
-      const res = await W.negotiate(conn, assignment, 'whep', stale);
+      const res = await W.negotiate(conn, { ...assignment, endpoints: whep }, 'whep', stale);
       if (stale()) { W.deleteSession(res.location, token); return; }
       weir.endpoint = res.endpoint;
       weir.session = res.location;
       setState(weir.state, `ICE/DTLS with ${res.endpoint.node_id || res.endpoint.url}`);
 
+      const ep = res.endpoint;
       unwatch = W.watchConnection(conn, RECONNECT_GRACE_MS, (s) => {
         if (stale()) return;
-        console.warn(`weir play: connection ${s} for ${RECONNECT_GRACE_MS} ms, reconnecting`);
-        connect(true);
+        console.warn(`weir play: connection ${s} for ${RECONNECT_GRACE_MS} ms on ${nodeKey(ep)}, trying the next node`);
+        nodeFailed(my, ep, `connection ${s}`);
       });
-      connectTimer = setTimeout(async () => {
+      connectTimer = setTimeout(() => {
         connectTimer = null;
         if (stale() || conn.connectionState === 'connected') return;
         weir.error = `no connection after ${CONNECT_TIMEOUT_MS / 1000} s (ICE/DTLS state: ${conn.connectionState})`;
         console.warn('weir play:', weir.error);
         setState('failed');
-        if (await fallBackToHls(my, weir.error)) return;
-        connect(true);
+        nodeFailed(my, ep, weir.error);
       }, CONNECT_TIMEOUT_MS);
     } catch (e) {
       if (stale()) return;
       console.error('weir play:', e);
       teardown();
       weir.error = e.message;
+      noteFailure(null, 'whep', e.message);
       setState('failed');
       if (await fallBackToHls(my, e.message)) return;
+      failedNodes.clear();
       scheduleRetry(my);
     }
   }
 
-  // ---- HLS ----------------------------------------------------------------
-
-  /** Where the room's HLS is: the control plane's hls endpoint, else this node. */
-  async function hlsUrl() {
-    try {
-      const a = await W.assign('viewer', room);
-      const ep = a.endpoints.find((e) => e && e.kind === 'hls' && typeof e.url === 'string');
-      if (ep) return ep.url;
-    } catch (e) {
-      console.warn('weir play: no HLS endpoint from the control plane:', e.message);
+  /** WebRTC failed on a node after its offer was taken: skip it, try the next. */
+  async function nodeFailed(my, ep, why) {
+    if (my !== gen) return;
+    failedNodes.add(nodeKey(ep));
+    noteFailure(ep, 'whep', why);
+    const left = weir.endpoints.filter((e) => e.kind === 'whep' && !failedNodes.has(nodeKey(e)));
+    if (left.length > 0) {
+      connect(true);
+      return;
     }
-    return `${location.origin}/hls/${encodeURIComponent(room)}/master.m3u8`;
+    if (await fallBackToHls(my, why)) return;
+    if (my !== gen) return;
+    failedNodes.clear();
+    teardown();
+    scheduleRetry(my);
   }
 
-  /** In auto mode, after a failed WebRTC attempt: switch to HLS if the room has it. */
+  // ---- HLS ----------------------------------------------------------------
+
+  /**
+   * Where the room's HLS is, best first: the CDNs in the control plane's
+   * order, then this node's own HLS.
+   */
+  async function hlsCandidates() {
+    const urls = [];
+    try {
+      const a = await assignViewer();
+      for (const e of a.endpoints) {
+        if (e && e.kind === 'hls' && typeof e.url === 'string') urls.push(e.url);
+      }
+    } catch (e) {
+      console.warn('weir play: no HLS endpoints from the control plane:', e.message);
+    }
+    urls.push(new URL(`/hls/${encodeURIComponent(room)}/master.m3u8`, location.href).href);
+    return [...new Set(urls)];
+  }
+
+  function hlsEndpoint(url) {
+    return weir.endpoints.find((e) => e.kind === 'hls' && e.url === url) || { url, node_id: null, cdn: null };
+  }
+
+  /** Of `urls`, the first whose playlist answers; the rest go to hlsQueue. */
+  async function firstWorkingHls(urls, stale) {
+    for (let i = 0; i < urls.length; i++) {
+      let why;
+      try {
+        const r = await fetch(urls[i], { method: 'GET', cache: 'no-store' });
+        if (r.ok) {
+          hlsQueue = urls.slice(i + 1);
+          return urls[i];
+        }
+        why = `HTTP ${r.status}`;
+      } catch (e) {
+        why = e.message;
+      }
+      if (stale()) return null;
+      console.warn(`weir play: HLS at ${urls[i]} unavailable (${why}), trying the next`);
+      noteFailure(hlsEndpoint(urls[i]), 'hls', why);
+    }
+    hlsQueue = [];
+    return null;
+  }
+
+  /** In auto mode, after WebRTC failed everywhere: switch to HLS if the room has it. */
   async function fallBackToHls(my, why) {
     if (wanted !== 'auto' || my !== gen) return false;
-    let url;
-    try {
-      url = await hlsUrl();
-      const r = await fetch(url, { method: 'GET', cache: 'no-store' });
-      if (!r.ok) return false;
-    } catch (_) {
-      return false;
-    }
+    const url = await firstWorkingHls(await hlsCandidates(), () => my !== gen);
+    if (!url) return false;
     if (my !== gen) return true;
-    console.warn(`weir play: WebRTC failed (${why}); falling back to HLS`);
+    console.warn(`weir play: WebRTC failed (${why}); falling back to HLS at ${url}`);
     weir.fallback = `WebRTC failed: ${why}`;
     playHls(true, url);
     return true;
@@ -313,20 +431,22 @@
     setState(reconnecting ? 'reconnecting' : 'connecting', 'loading HLS');
     try {
       if (!room) throw new W.WeirError('no room in the URL (expected /play/ROOM)');
-      const url = knownUrl || await hlsUrl();
+      const url = knownUrl || await firstWorkingHls(await hlsCandidates(), stale);
       if (stale()) return;
-      weir.hls = { url, player: null, level: null, levels: [], latencyS: null };
+      if (!url) throw new W.WeirError('no HLS endpoint answers (the room may not be live yet)');
+      weir.hls = { url, cdn: hlsEndpoint(url).cdn, player: null, level: null, levels: [], latencyS: null };
       const canNative = ui.video.canPlayType('application/vnd.apple.mpegurl') !== '';
       const hasMse = !!(window.MediaSource || window.ManagedMediaSource);
       const native = canNative && (!hasMse || W.param('hls_player') === 'native');
       ui.video.srcObject = null;
       watchFirstFrame(my);
-      const playing = () => {
+      const started = () => {
         if (stale()) return;
         retryDelay = RETRY_MIN_MS;
-        setState('connected', `playing HLS (${weir.hls.player})`);
+        playing();
+        setState('connected', `playing HLS (${weir.hls.player}${weir.hls.cdn ? ` via ${weir.hls.cdn}` : ''})`);
       };
-      ui.video.addEventListener('playing', playing, { once: true });
+      ui.video.addEventListener('playing', started, { once: true });
       if (native) {
         weir.hls.player = 'native';
         ui.video.src = url;
@@ -334,7 +454,7 @@
           if (stale()) return;
           weir.error = `HLS playback failed (${ui.video.error ? ui.video.error.message || ui.video.error.code : 'error'})`;
           setState('failed');
-          hlsRetry(my);
+          hlsNext(my);
         }, { once: true });
       } else {
         const Hls = await loadHlsJs();
@@ -352,7 +472,7 @@
           weir.error = `HLS: ${data.details}${data.response && data.response.code ? ` (HTTP ${data.response.code})` : ''}`;
           console.warn('weir play:', weir.error);
           setState('failed');
-          hlsRetry(my);
+          hlsNext(my);
         });
         hls.loadSource(url);
         hls.attachMedia(ui.video);
@@ -367,13 +487,27 @@
     }
   }
 
+  /** HLS playback failed: the next CDN at once, or a new round later. */
+  function hlsNext(my) {
+    if (my !== gen) return;
+    noteFailure(hlsEndpoint(weir.hls && weir.hls.url), 'hls', weir.error);
+    if (hlsQueue.length > 0) {
+      const next = hlsQueue.shift();
+      console.warn(`weir play: moving to the next HLS endpoint, ${next}`);
+      playHls(true, next);
+      return;
+    }
+    hlsRetry(my);
+  }
+
+  /** A new round from a fresh assignment, with back-off. */
   function hlsRetry(my) {
     const delay = retryDelay;
     retryDelay = Math.min(retryDelay * 2, RETRY_MAX_MS);
     setState(weir.state, `retrying HLS in ${Math.round(delay / 1000)} s`);
     retryTimer = setTimeout(() => {
       retryTimer = null;
-      if (my === gen) playHls(true, weir.hls && weir.hls.url);
+      if (my === gen) playHls(true);
     }, delay);
   }
 
@@ -463,6 +597,7 @@
         ['HLS latency', weir.hls && weir.hls.latencyS != null ? `${weir.hls.latencyS} s` : null],
         ['state', weir.connectionState || weir.state],
         ['node', weir.endpoint ? weir.endpoint.node_id || weir.endpoint.url : null],
+        ['CDN', weir.protocol === 'hls' && weir.hls ? weir.hls.cdn || '(the node)' : null],
         ['time to first frame', f.ms(weir.ttffMs)],
         ['RTT', f.ms(weir.rttMs)],
         ['attempts', weir.attempts],

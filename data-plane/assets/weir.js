@@ -57,17 +57,18 @@
 
   /**
    * Ask the control plane for endpoints and a token.
-   * role: 'publisher' | 'viewer'. Resolves to the parsed JSON on 200,
+   * role: 'publisher' | 'viewer'; extra: more fields of the request body
+   * (a viewer's `viewer_id`). Resolves to the parsed JSON on 200,
    * throws WeirError with the gateway's message otherwise.
    */
-  async function assign(role, room) {
+  async function assign(role, room, extra = {}) {
     const url = `${controlUrl()}/v1/assign-${role}`;
     let resp;
     try {
       resp = await fetch(url, {
         method: 'POST',
         headers: { 'Content-Type': 'application/json' },
-        body: JSON.stringify({ room }),
+        body: JSON.stringify({ ...extra, room }),
         cache: 'no-store',
       });
     } catch (e) {

@@ -50,6 +50,9 @@ pub struct NodeConfig {
     pub control_url: String,
     /// Most sessions the node should carry (scheduling hint).
     pub capacity: u32,
+    /// The version the node reports for rollout weights; `None`: the
+    /// crate's version.
+    pub version: Option<String>,
     /// Number of shards (one thread and UDP port each); 0 = one per core.
     pub shards: usize,
     /// UDP I/O backend of the shards.
@@ -166,7 +169,10 @@ impl Node {
             region: config.region.clone(),
             zone: config.zone.clone(),
             http_url: public_url.clone(),
-            version: env!("CARGO_PKG_VERSION").to_owned(),
+            version: config
+                .version
+                .clone()
+                .unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_owned()),
             capacity: config.capacity,
             draining: false,
             load: NodeLoad::default(),

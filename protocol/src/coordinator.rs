@@ -134,6 +134,49 @@ pub struct ConfigWrite {
     pub expected_version: u64,
 }
 
+/// The state of a CDN's circuit breaker.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BreakerState {
+    /// Probes pass: the CDN is offered in its turn.
+    #[default]
+    Closed,
+    /// Probes failed: the CDN goes to the back of every answer until a
+    /// probe after the cool-down passes.
+    Open,
+    /// The cool-down is over and the next probe decides; still at the back.
+    HalfOpen,
+}
+
+impl BreakerState {
+    /// `closed`, `open` or `half_open`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Closed => "closed",
+            Self::Open => "open",
+            Self::HalfOpen => "half_open",
+        }
+    }
+}
+
+/// What the CDN prober (one elected control-plane replica) last found out
+/// about a CDN; every replica ranks CDNs by it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CdnHealth {
+    /// The CDN's configured name.
+    pub name: String,
+    /// Its breaker.
+    pub state: BreakerState,
+    /// Probes failed in a row (0 after a pass).
+    pub consecutive_failures: u32,
+    /// Unix milliseconds of the last state change.
+    pub changed_ms: u64,
+    /// Unix milliseconds of the last probe.
+    pub probed_ms: u64,
+    /// Why the last failed probe failed (empty after a pass).
+    pub last_error: String,
+}
+
 /// Most past values kept per config key.
 pub const CONFIG_HISTORY_KEPT: u64 = 100;
 
@@ -225,6 +268,18 @@ pub trait Coordinator: Send + Sync + 'static {
         Err(CoordError::Unsupported("the config center"))
     }
 
+    /// Stores what the CDN prober found out about one CDN (replacing what
+    /// was stored for that name).
+    async fn put_cdn_health(&self, health: &CdnHealth) -> Result<(), CoordError> {
+        let _ = health;
+        Err(CoordError::Unsupported("CDN health"))
+    }
+
+    /// The stored health of every CDN, sorted by name.
+    async fn cdn_health(&self) -> Result<Vec<CdnHealth>, CoordError> {
+        Ok(Vec::new())
+    }
+
     /// Waits until the config's revision is above `after_revision` and
     /// returns it (at once when it already is). Callers loop on it to watch
     /// the config; they bound each wait with a timeout of their own.
@@ -269,6 +324,12 @@ pub fn config_key(key: &str) -> String {
 /// keys sort by version).
 pub fn config_history_key(key: &str, version: u64) -> String {
     format!("{KEY_PREFIX}config-history/{key}/{version:020}")
+}
+
+/// etcd key of a CDN's health, as the CDN prober last stored it (bound to
+/// no lease: a new prober starts from it).
+pub fn cdn_health_key(name: &str) -> String {
+    format!("{KEY_PREFIX}cdn-health/{name}")
 }
 
 /// etcd key of a singleton worker's election.

@@ -2,6 +2,8 @@
 //! loopback ports, and small HTTP helpers.
 #![allow(dead_code, unused_imports, clippy::unwrap_used)]
 
+pub mod ffmpeg;
+pub mod nginx;
 pub mod proc;
 pub mod ws;
 

@@ -74,9 +74,9 @@ use etcd_client::{
 };
 use tokio::sync::watch;
 use weir_protocol::coordinator::{
-    CONFIG_HISTORY_KEPT, ClusterState, ConfigSnapshot, ConfigValue, ConfigWrite, CoordError,
-    Coordinator, KEY_PREFIX, LeaseId, NodeFlags, NodeInfo, config_history_key, config_key,
-    election_key, node_flags_key, node_key, room_origin_key,
+    CONFIG_HISTORY_KEPT, CdnHealth, ClusterState, ConfigSnapshot, ConfigValue, ConfigWrite,
+    CoordError, Coordinator, KEY_PREFIX, LeaseId, NodeFlags, NodeInfo, cdn_health_key,
+    config_history_key, config_key, election_key, node_flags_key, node_key, room_origin_key,
 };
 
 use crate::election::ElectionBackend;
@@ -383,6 +383,10 @@ fn rooms_prefix() -> String {
 
 fn node_flags_prefix() -> String {
     format!("{KEY_PREFIX}node-flags/")
+}
+
+fn cdn_health_prefix() -> String {
+    format!("{KEY_PREFIX}cdn-health/")
 }
 
 fn config_prefix() -> String {
@@ -862,6 +866,32 @@ impl Coordinator for EtcdCoordinator {
         Ok(parse_flags(
             self.list("list_node_flags", node_flags_prefix()).await?,
         ))
+    }
+
+    async fn put_cdn_health(&self, health: &CdnHealth) -> Result<(), CoordError> {
+        let key = cdn_health_key(&health.name);
+        let value = serde_json::to_vec(health)
+            .map_err(|e| CoordError::Unavailable(format!("cannot encode CDN health: {e}")))?;
+        self.call("put_cdn_health", self.deadline(), |mut c| {
+            let (key, value) = (key.clone(), value.clone());
+            async move { c.put(key, value, None).await.map(drop) }
+        })
+        .await
+        .map_err(|f| f.into_coord(None))
+    }
+
+    async fn cdn_health(&self) -> Result<Vec<CdnHealth>, CoordError> {
+        let kvs = self.list("list_cdn_health", cdn_health_prefix()).await?;
+        Ok(kvs
+            .into_iter()
+            .filter_map(|(key, value)| {
+                let health = serde_json::from_slice::<CdnHealth>(&value).ok();
+                if health.is_none() {
+                    tracing::warn!(key = %String::from_utf8_lossy(&key), "etcd: skipping unreadable CDN health");
+                }
+                health
+            })
+            .collect())
     }
 
     async fn config(&self) -> Result<ConfigSnapshot, CoordError> {

@@ -21,8 +21,8 @@ use tokio::sync::watch;
 
 use crate::election::ElectionBackend;
 use weir_protocol::coordinator::{
-    CONFIG_HISTORY_KEPT, ClusterState, ConfigSnapshot, ConfigValue, ConfigWrite, CoordError,
-    Coordinator, LeaseId, NodeFlags, NodeInfo,
+    CONFIG_HISTORY_KEPT, CdnHealth, ClusterState, ConfigSnapshot, ConfigValue, ConfigWrite,
+    CoordError, Coordinator, LeaseId, NodeFlags, NodeInfo,
 };
 use weir_protocol::{NodeId, RoomId};
 
@@ -145,6 +145,17 @@ impl Coordinator for LocalCoordinator {
             .unwrap_or_default())
     }
 
+    async fn put_cdn_health(&self, health: &CdnHealth) -> Result<(), CoordError> {
+        self.lock()
+            .cdn_health
+            .insert(health.name.clone(), health.clone());
+        Ok(())
+    }
+
+    async fn cdn_health(&self) -> Result<Vec<CdnHealth>, CoordError> {
+        Ok(self.lock().cdn_health.values().cloned().collect())
+    }
+
     async fn next_config(&self, after_revision: u64) -> Result<ConfigSnapshot, CoordError> {
         let mut rx = self.config_rev.subscribe();
         // Subscribed first, then checked: no change can slip in between.
@@ -235,6 +246,8 @@ struct State {
     config: ConfigSnapshot,
     /// Past and present values per config key, oldest first.
     history: BTreeMap<String, VecDeque<ConfigValue>>,
+    /// CDN health by CDN name.
+    cdn_health: BTreeMap<String, CdnHealth>,
 }
 
 impl Default for State {
@@ -248,6 +261,7 @@ impl Default for State {
             elections: BTreeMap::new(),
             config: ConfigSnapshot::default(),
             history: BTreeMap::new(),
+            cdn_health: BTreeMap::new(),
         }
     }
 }

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use weir_protocol::coordinator::{ConfigSnapshot, ConfigValue, ConfigWrite, CoordError};
 
 use super::{ApiError, ControlState, RequestId, observe, validate_subject, with_timeout};
-use crate::config_center::{self, ConfigValueError, SCHEMA};
+use crate::config_center::{self, ConfigValueError};
 
 /// How often a change is tried again when another writer got in between.
 const SET_ATTEMPTS: usize = 5;
@@ -61,7 +61,7 @@ fn view(key: &str, stored: Option<&ConfigValue>) -> ConfigEntryView {
 
 /// Every schema key and every stored key, sorted, or only `keys`.
 fn views(snapshot: &ConfigSnapshot, keys: &BTreeSet<String>) -> Vec<ConfigEntryView> {
-    let mut all: BTreeSet<&str> = SCHEMA.iter().map(|s| s.key).collect();
+    let mut all: BTreeSet<&str> = config_center::all_keys().iter().map(|s| s.key).collect();
     all.extend(snapshot.values.keys().map(String::as_str));
     all.into_iter()
         .filter(|k| keys.is_empty() || keys.contains(*k))
@@ -75,7 +75,11 @@ fn check_known(key: &str) -> Result<(), ApiError> {
     }
     Err(ApiError::Config(ConfigValueError::UnknownKey {
         key: key.to_owned(),
-        known: SCHEMA.iter().map(|s| s.key).collect::<Vec<_>>().join(", "),
+        known: config_center::all_keys()
+            .iter()
+            .map(|s| s.key)
+            .collect::<Vec<_>>()
+            .join(", "),
     }))
 }
 
@@ -106,75 +110,82 @@ impl ControlState {
         changes: Vec<ConfigUpdate>,
         updated_by: &str,
     ) -> Result<(Vec<ConfigEntryView>, u64), ApiError> {
-        observe("SetConfig", rid, async {
-            if changes.is_empty() {
-                return Err(ApiError::invalid("changes", "no change given"));
+        observe("SetConfig", rid, self.write_config(changes, updated_by)).await
+    }
+
+    /// [`ControlState::set_config`] without its own span and count (for
+    /// calls that write config as part of their work).
+    pub(super) async fn write_config(
+        &self,
+        changes: Vec<ConfigUpdate>,
+        updated_by: &str,
+    ) -> Result<(Vec<ConfigEntryView>, u64), ApiError> {
+        if changes.is_empty() {
+            return Err(ApiError::invalid("changes", "no change given"));
+        }
+        validate_subject(updated_by).map_err(|_| {
+            ApiError::invalid(
+                "updated_by",
+                "must be at most 128 characters without control characters",
+            )
+        })?;
+        let updated_by = if updated_by.is_empty() {
+            "unknown"
+        } else {
+            updated_by
+        };
+        let mut seen = BTreeSet::new();
+        let mut checked = Vec::with_capacity(changes.len());
+        for change in changes {
+            if !seen.insert(change.key.clone()) {
+                return Err(ApiError::invalid(
+                    "changes",
+                    format!("key {} is given twice", change.key),
+                ));
             }
-            validate_subject(updated_by).map_err(|_| {
-                ApiError::invalid(
-                    "updated_by",
-                    "must be at most 128 characters without control characters",
-                )
-            })?;
-            let updated_by = if updated_by.is_empty() {
-                "unknown"
-            } else {
-                updated_by
-            };
-            let mut seen = BTreeSet::new();
-            let mut checked = Vec::with_capacity(changes.len());
-            for change in changes {
-                if !seen.insert(change.key.clone()) {
-                    return Err(ApiError::invalid(
-                        "changes",
-                        format!("key {} is given twice", change.key),
-                    ));
+            let value = config_center::validate(&change.key, &change.value)?;
+            checked.push((change.key, value, change.expected_version));
+        }
+        let mut last = None;
+        for _ in 0..SET_ATTEMPTS {
+            let current = with_timeout(self.coordinator.config()).await?;
+            let mut writes = Vec::with_capacity(checked.len());
+            for (key, value, expected) in &checked {
+                let version = current.values.get(key).map_or(0, |v| v.version);
+                if let Some(expected) = expected
+                    && *expected != version
+                {
+                    return Err(ApiError::Coordinator(CoordError::Conflict(format!(
+                        "{key} is at version {version}, not {expected}"
+                    ))));
                 }
-                let value = config_center::validate(&change.key, &change.value)?;
-                checked.push((change.key, value, change.expected_version));
+                writes.push(ConfigWrite {
+                    key: key.clone(),
+                    value: value.clone(),
+                    expected_version: version,
+                });
             }
-            let mut last = None;
-            for _ in 0..SET_ATTEMPTS {
-                let current = with_timeout(self.coordinator.config()).await?;
-                let mut writes = Vec::with_capacity(checked.len());
-                for (key, value, expected) in &checked {
-                    let version = current.values.get(key).map_or(0, |v| v.version);
-                    if let Some(expected) = expected
-                        && *expected != version
-                    {
-                        return Err(ApiError::Coordinator(CoordError::Conflict(format!(
-                            "{key} is at version {version}, not {expected}"
-                        ))));
-                    }
-                    writes.push(ConfigWrite {
-                        key: key.clone(),
-                        value: value.clone(),
-                        expected_version: version,
-                    });
+            match with_timeout(self.coordinator.set_config(&writes, updated_by)).await {
+                Ok(snapshot) => {
+                    self.live.apply(&snapshot);
+                    tracing::info!(
+                        revision = snapshot.revision,
+                        updated_by,
+                        keys = ?checked.iter().map(|c| &c.0).collect::<Vec<_>>(),
+                        "config set"
+                    );
+                    return Ok((views(&snapshot, &BTreeSet::new()), snapshot.revision));
                 }
-                match with_timeout(self.coordinator.set_config(&writes, updated_by)).await {
-                    Ok(snapshot) => {
-                        self.live.apply(&snapshot);
-                        tracing::info!(
-                            revision = snapshot.revision,
-                            updated_by,
-                            keys = ?checked.iter().map(|c| &c.0).collect::<Vec<_>>(),
-                            "config set"
-                        );
-                        return Ok((views(&snapshot, &BTreeSet::new()), snapshot.revision));
-                    }
-                    // Another writer between our read and our write: read
-                    // again and validate against the new state.
-                    Err(CoordError::Conflict(e)) => last = Some(e),
-                    Err(e) => return Err(e.into()),
-                }
+                // Another writer between our read and our write: read
+                // again and validate against the new state.
+                Err(CoordError::Conflict(e)) => last = Some(e),
+                Err(e) => return Err(e.into()),
             }
-            Err(ApiError::Coordinator(CoordError::Conflict(format!(
-                "config kept changing under this write ({}); retry",
-                last.unwrap_or_default()
-            ))))
-        })
-        .await
+        }
+        Err(ApiError::Coordinator(CoordError::Conflict(format!(
+            "config kept changing under this write ({}); retry",
+            last.unwrap_or_default()
+        ))))
     }
 
     /// Past values of `key`, newest first.

@@ -1,5 +1,5 @@
 //! The gRPC services (`weir.v1.Scheduler`, `Tokens`, `Users`, `Rooms`,
-//! `Follows`, `Config`, `Nodes`, `Wallet`): thin translations between protobuf messages and the
+//! `Follows`, `Config`, `Nodes`, `Wallet`, `Rollout`, `Cdns`): thin translations between protobuf messages and the
 //! calls of [`ControlState`]. Errors become `tonic::Status` through
 //! `From<ApiError>`; every reply, good or bad, carries the request id.
 
@@ -10,9 +10,9 @@ use tonic::{Request, Response, Status};
 use weir_protocol::pb;
 
 use super::{
-    ApiError, Assignment, BEARER_HEADER, ConfigEntryView, ConfigUpdate, ControlState, CreateRoom,
-    Endpoint, EndpointKind, IssuedToken, ListQuery, MintRequest, NodeView, REQUEST_ID_HEADER,
-    RequestId, SendGiftRequest,
+    ApiError, Assignment, BEARER_HEADER, CdnView, ConfigEntryView, ConfigUpdate, ControlState,
+    CreateRoom, Endpoint, EndpointKind, IssuedToken, ListQuery, MintRequest, NodeView,
+    REQUEST_ID_HEADER, RequestId, RolloutView, SendGiftRequest,
 };
 use crate::scheduler::RoomSummary;
 use crate::store::{
@@ -93,7 +93,10 @@ impl pb::scheduler_server::Scheduler for SchedulerApi {
     ) -> Result<Response<pb::Assignment>, Status> {
         let rid = request_id(request.metadata());
         let req = request.into_inner();
-        let result = self.state.assign_viewer(&rid, &req.room, &req.region).await;
+        let result = self
+            .state
+            .assign_viewer(&rid, &req.room, &req.region, &req.viewer_id)
+            .await;
         reply(&rid, result.map(pb::Assignment::from))
     }
 
@@ -150,7 +153,8 @@ impl From<Endpoint> for pb::Endpoint {
         Self {
             kind: pb::EndpointKind::from(e.kind).into(),
             url: e.url,
-            node_id: e.node_id.into(),
+            node_id: e.node_id.map(String::from).unwrap_or_default(),
+            cdn: e.cdn.unwrap_or_default(),
         }
     }
 }
@@ -779,6 +783,101 @@ impl pb::wallet_server::Wallet for WalletApi {
                     .into_iter()
                     .map(pb::LeaderboardEntry::from)
                     .collect(),
+            }),
+        )
+    }
+}
+
+impl From<RolloutView> for pb::RolloutState {
+    fn from(r: RolloutView) -> Self {
+        Self {
+            weights: r
+                .weights
+                .into_iter()
+                .map(|(version, weight)| pb::VersionWeight { version, weight })
+                .collect(),
+            version: r.version,
+            updated_unix_ms: ms_i64(r.updated_ms),
+            updated_by: r.updated_by,
+            versions: r
+                .versions
+                .into_iter()
+                .map(|v| pb::VersionStatus {
+                    version: v.version,
+                    weight: v.weight,
+                    nodes: v.nodes,
+                    schedulable_nodes: v.schedulable_nodes,
+                    share: v.share,
+                })
+                .collect(),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::rollout_server::Rollout for BusinessApi {
+    async fn get_rollout(
+        &self,
+        request: Request<pb::GetRolloutRequest>,
+    ) -> Result<Response<pb::RolloutState>, Status> {
+        let rid = request_id(request.metadata());
+        let result = self.state.get_rollout(&rid).await;
+        reply(&rid, result.map(pb::RolloutState::from))
+    }
+
+    async fn set_rollout(
+        &self,
+        request: Request<pb::SetRolloutRequest>,
+    ) -> Result<Response<pb::RolloutState>, Status> {
+        let rid = request_id(request.metadata());
+        let req = request.into_inner();
+        let weights = req
+            .weights
+            .into_iter()
+            .map(|w| (w.version, w.weight))
+            .collect();
+        let result = self
+            .state
+            .set_rollout(&rid, weights, &req.updated_by, req.expected_version)
+            .await;
+        reply(&rid, result.map(pb::RolloutState::from))
+    }
+}
+
+impl From<CdnView> for pb::CdnStatus {
+    fn from(c: CdnView) -> Self {
+        let health = c.health.unwrap_or_default();
+        let known = health.probed_ms > 0 || health.changed_ms > 0;
+        Self {
+            name: c.config.name,
+            url: c.config.url,
+            weight: c.config.weight,
+            probe: c.config.probe,
+            state: if known {
+                health.state.as_str().to_owned()
+            } else {
+                "unknown".to_owned()
+            },
+            consecutive_failures: health.consecutive_failures,
+            changed_unix_ms: ms_i64(health.changed_ms),
+            probed_unix_ms: ms_i64(health.probed_ms),
+            last_error: health.last_error,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::cdns_server::Cdns for BusinessApi {
+    async fn list_cdns(
+        &self,
+        request: Request<pb::ListCdnsRequest>,
+    ) -> Result<Response<pb::ListCdnsResponse>, Status> {
+        let rid = request_id(request.metadata());
+        let result = self.state.list_cdns(&rid).await;
+        reply(
+            &rid,
+            result.map(|cdns| pb::ListCdnsResponse {
+                cdns: cdns.into_iter().map(pb::CdnStatus::from).collect(),
             }),
         )
     }

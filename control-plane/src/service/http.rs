@@ -47,6 +47,9 @@ pub struct AssignViewerBody {
     pub room: String,
     #[serde(default)]
     pub region: String,
+    /// The client's own stable id (see `AssignViewerRequest.viewer_id`).
+    #[serde(default)]
+    pub viewer_id: String,
 }
 
 /// Body of `POST /v1/tokens`.
@@ -194,7 +197,7 @@ async fn assign_viewer(
     let rid = request_id(&headers);
     let result = match body {
         Ok(Json(b)) => state
-            .assign_viewer(&rid, &b.room, &b.region)
+            .assign_viewer(&rid, &b.room, &b.region, &b.viewer_id)
             .await
             .map_err(HttpError::from),
         Err(rejection) => Err(rejection.into()),

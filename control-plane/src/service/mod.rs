@@ -6,11 +6,13 @@
 //! once for both transports.
 
 mod business;
+mod cdns;
 mod config;
 pub mod error;
 pub mod grpc;
 pub mod http;
 mod nodes;
+mod rollout;
 mod wallet;
 
 use std::future::Future;
@@ -25,15 +27,19 @@ use weir_protocol::bus::BusPublisher;
 use weir_protocol::coordinator::{ClusterState, CoordError, Coordinator, NodeInfo};
 use weir_protocol::{Mode, NodeId, RoomId};
 
+use crate::cdn::{self, CdnHealthCell};
 use crate::config_center::{LiveConfig, LiveConfigCell};
+use crate::rollout::{random_draw, stable_draw};
 use crate::scheduler::{self, RoomSummary, Snapshot};
 use crate::store::{RoomStatus, Store};
 use crate::tokens::{MAX_SUBJECT_LEN, MAX_TOKEN_TTL, TokenIssueError, TokenIssuer};
 
 pub use business::{CreateRoom, ListQuery};
+pub use cdns::CdnView;
 pub use config::{ConfigEntryView, ConfigUpdate};
 pub use error::{ApiError, ErrorKind};
 pub use nodes::NodeView;
+pub use rollout::{RolloutView, VersionView};
 pub use wallet::{BEARER_HEADER, SendGiftRequest, bearer_token};
 
 /// Longest wait for the coordinator before a call counts as failed (and a
@@ -102,6 +108,7 @@ pub struct ControlState {
     config: ControlConfig,
     store: Option<Store>,
     live: Arc<LiveConfigCell>,
+    cdn_health: Arc<CdnHealthCell>,
     last_view: Mutex<Option<Arc<ClusterView>>>,
     bus: Option<Arc<dyn BusPublisher>>,
     outbox_wake: Arc<Notify>,
@@ -141,7 +148,12 @@ pub enum EndpointKind {
 pub struct Endpoint {
     pub kind: EndpointKind,
     pub url: String,
-    pub node_id: NodeId,
+    /// The node, for endpoints on a node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<NodeId>,
+    /// The CDN's name, for endpoints on a CDN.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cdn: Option<String>,
 }
 
 /// The answer to an assign call.
@@ -227,6 +239,7 @@ impl ControlState {
             config,
             store: None,
             live: Arc::new(LiveConfigCell::default()),
+            cdn_health: Arc::new(CdnHealthCell::default()),
             last_view: Mutex::new(None),
             bus: None,
             outbox_wake: Arc::new(Notify::new()),
@@ -279,13 +292,21 @@ impl ControlState {
         self.live.get()
     }
 
+    /// The CDNs' health as this replica last read it.
+    pub fn cdn_health_cell(&self) -> &CdnHealthCell {
+        &self.cdn_health
+    }
+
     /// Starts what runs beside the API: the config watch, which applies
-    /// every change of the config center without a restart.
+    /// every change of the config center without a restart, and the reader
+    /// of the CDNs' health (aborting the handle stops both).
     pub fn spawn_background(&self) -> tokio::task::JoinHandle<()> {
-        tokio::spawn(crate::config_center::watch(
-            Arc::clone(&self.coordinator),
-            Arc::clone(&self.live),
-        ))
+        let config =
+            crate::config_center::watch(Arc::clone(&self.coordinator), Arc::clone(&self.live));
+        let health = cdn::watch_health(Arc::clone(&self.coordinator), Arc::clone(&self.cdn_health));
+        tokio::spawn(async move {
+            tokio::join!(config, health);
+        })
     }
 
     /// The settings.
@@ -317,7 +338,8 @@ impl ControlState {
             let room = parse_room(room)?;
             let (view, degraded) = self.view().await?;
             let live = self.live.get();
-            let snapshot = view.snapshot(&live);
+            // A room's publisher lands on one version while the weights stay.
+            let snapshot = view.snapshot(&live, stable_draw(room.as_str()));
             let node = scheduler::rank_for_publisher(&snapshot, &room)
                 .into_iter()
                 .next()
@@ -339,26 +361,56 @@ impl ControlState {
         .await
     }
 
-    /// Ranked places where a viewer can play `room`, with a play token.
+    /// Ranked places where a viewer can play `room`, with a play token:
+    /// WHEP on nodes (rollout weights honoured; `viewer` is the client's
+    /// own id, which keeps it on one version, empty for none), then HLS on
+    /// the configured CDNs, failing ones last.
     pub async fn assign_viewer(
         &self,
         rid: &RequestId,
         room: &str,
         region: &str,
+        viewer: &str,
     ) -> Result<Assignment, ApiError> {
         observe("AssignViewer", rid, async {
             let room = parse_room(room)?;
             if region.len() > 64 {
                 return Err(ApiError::invalid("region", "longer than 64 bytes"));
             }
+            if viewer.len() > 128 || !viewer.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(ApiError::invalid(
+                    "viewer_id",
+                    "must be at most 128 visible ASCII characters",
+                ));
+            }
             let (view, degraded) = self.view().await?;
             let live = self.live.get();
-            let snapshot = view.snapshot(&live);
+            let draw = if viewer.is_empty() {
+                random_draw()
+            } else {
+                stable_draw(viewer)
+            };
+            let snapshot = view.snapshot(&live, draw);
             let region = Some(region).filter(|r| !r.is_empty());
-            let endpoints: Vec<Endpoint> = scheduler::rank_for_viewer(&snapshot, &room, region)
+            let mut endpoints: Vec<Endpoint> = scheduler::rank_for_viewer(&snapshot, &room, region)
                 .into_iter()
                 .map(|node| endpoint(EndpointKind::Whep, node, &room))
                 .collect();
+            // CDNs pull the room from its nodes: offered while some node can
+            // serve the room (or its origin is live, only full).
+            if !endpoints.is_empty() || scheduler::has_live_origin(&snapshot, &room) {
+                let health = self.cdn_health.get();
+                endpoints.extend(
+                    cdn::rank_cdns(&live.cdns, &health, draw)
+                        .into_iter()
+                        .map(|c| Endpoint {
+                            kind: EndpointKind::Hls,
+                            url: c.url_for(&room),
+                            node_id: None,
+                            cdn: Some(c.name.clone()),
+                        }),
+                );
+            }
             if endpoints.is_empty() {
                 return Err(ApiError::NoNode {
                     room,
@@ -516,11 +568,13 @@ impl ControlState {
 impl ClusterView {
     /// The view judged as of when it was taken: a degraded answer sends
     /// clients where the cluster last said they could go.
-    fn snapshot(&self, live: &LiveConfig) -> Snapshot<'_> {
+    fn snapshot<'a>(&'a self, live: &'a LiveConfig, draw: u64) -> Snapshot<'a> {
         Snapshot {
             flags: &self.cluster.flags,
             report_max_age_ms: live.report_max_age_ms,
             max_load_permille: live.max_load_permille,
+            rollout: &live.rollout,
+            draw,
             ..Snapshot::new(&self.cluster.nodes, &self.cluster.origins, self.taken_at_ms)
         }
     }
@@ -568,7 +622,8 @@ fn endpoint(kind: EndpointKind, node: &NodeInfo, room: &RoomId) -> Endpoint {
     Endpoint {
         kind,
         url: format!("{}/{path}", node.http_url.trim_end_matches('/')),
-        node_id: node.id.clone(),
+        node_id: Some(node.id.clone()),
+        cdn: None,
     }
 }
 

@@ -8,7 +8,8 @@
 use std::time::{Duration, Instant};
 
 use weir_protocol::coordinator::{
-    CoordError, Coordinator, LeaseId, NODE_TTL, NodeInfo, NodeLoad, RoomLoad,
+    BreakerState, CdnHealth, CoordError, Coordinator, LeaseId, NODE_TTL, NodeInfo, NodeLoad,
+    RoomLoad,
 };
 use weir_protocol::{NodeId, RoomId};
 
@@ -447,4 +448,33 @@ pub async fn cluster_view_follows_the_cluster(c: &dyn Coordinator) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(c.cluster().await.unwrap().origins.is_empty());
+}
+
+/// CDN health is stored per name, replaced on every put, listed by name.
+pub async fn cdn_health_is_stored_per_name(c: &dyn Coordinator) {
+    assert!(c.cdn_health().await.unwrap().is_empty());
+    let health = |name: &str, state, failures| CdnHealth {
+        name: name.into(),
+        state,
+        consecutive_failures: failures,
+        changed_ms: 1,
+        probed_ms: 2,
+        last_error: String::new(),
+    };
+    c.put_cdn_health(&health("b", BreakerState::Closed, 0))
+        .await
+        .unwrap();
+    c.put_cdn_health(&health("a", BreakerState::Closed, 1))
+        .await
+        .unwrap();
+    c.put_cdn_health(&health("a", BreakerState::Open, 3))
+        .await
+        .unwrap();
+    assert_eq!(
+        c.cdn_health().await.unwrap(),
+        vec![
+            health("a", BreakerState::Open, 3),
+            health("b", BreakerState::Closed, 0)
+        ]
+    );
 }
