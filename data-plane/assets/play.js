@@ -7,8 +7,9 @@
 // Failover follows the control plane's ranked endpoints (assign-viewer, sent
 // with a viewer id kept in localStorage so the viewer keeps its node version
 // and CDN order): WHEP on the first node; when its offer is refused the next
-// node is tried at once, and when ICE/DTLS never comes up (or drops) on a
-// node, that node is skipped and the next one tried. With no node left, HLS:
+// node is tried at once, and when ICE/DTLS never comes up (or drops before
+// the first frame) on a node, that node is skipped and the next one tried;
+// a connection that played and then dropped asks for a fresh assignment. With no node left, HLS:
 // the CDNs in the order given (the control plane puts failing CDNs last),
 // then the node's own HLS; a CDN that does not answer, or whose playback
 // fails, gives way to the next at once. When everything failed, the round
@@ -292,7 +293,14 @@
       const ep = res.endpoint;
       unwatch = W.watchConnection(conn, RECONNECT_GRACE_MS, (s) => {
         if (stale()) return;
-        console.warn(`weir play: connection ${s} for ${RECONNECT_GRACE_MS} ms on ${nodeKey(ep)}, trying the next node`);
+        if (weir.ttffMs !== null) {
+          // It played, then dropped: ask again (the scheduler leaves out a
+          // node that died), this node included.
+          console.warn(`weir play: connection ${s} for ${RECONNECT_GRACE_MS} ms, reconnecting`);
+          connect(true);
+          return;
+        }
+        console.warn(`weir play: connection ${s} for ${RECONNECT_GRACE_MS} ms on ${nodeKey(ep)} before any frame, trying the next node`);
         nodeFailed(my, ep, `connection ${s}`);
       });
       connectTimer = setTimeout(() => {
