@@ -24,6 +24,11 @@ const ASSETS: &[(&str, &str, &str)] = &[
         include_str!("../assets/weir.js"),
     ),
     (
+        "room.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../assets/room.js"),
+    ),
+    (
         "publish.js",
         "text/javascript; charset=utf-8",
         include_str!("../assets/publish.js"),

@@ -81,8 +81,9 @@ impl LocalBus {
     }
 }
 
+/// A random epoch below 2^53, so JavaScript clients hold it exactly.
 fn rand_epoch() -> u64 {
-    uuid::Uuid::new_v4().as_u64_pair().0.max(1)
+    (uuid::Uuid::new_v4().as_u64_pair().0 >> 11).max(1)
 }
 
 #[async_trait]

@@ -1,0 +1,90 @@
+//! The play page's room panel in headless Chromium (tests/e2e/room_e2e.mjs)
+//! against `weir dev`: a danmaku typed by one viewer flies over the other's
+//! video, likes add up, a paid gift shows and the balance drops, and a
+//! dropped socket reconnects with recovery.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::DevServer;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_viewers_chat_like_and_send_gifts() {
+    let e2e = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2e");
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    assert!(
+        Path::new(&chromium).exists(),
+        "Chromium not found at {chromium}: run deploy/setup.sh (or set CHROMIUM)"
+    );
+    assert!(
+        e2e.join("node_modules/playwright-core").exists(),
+        "tests/e2e/node_modules is missing: run deploy/setup.sh (npm ci in tests/e2e)"
+    );
+    let dev = DevServer::start();
+    let room = "browser-chat";
+    for (path, body) in [
+        ("/v1/users", r#"{"id":"alice","name":"Alice"}"#.to_owned()),
+        ("/v1/users", r#"{"id":"bob","name":"Bob"}"#.to_owned()),
+        ("/v1/users", r#"{"id":"host","name":"Host"}"#.to_owned()),
+        (
+            "/v1/rooms",
+            format!(r#"{{"id":"{room}","owner":"host","title":"Chat"}}"#),
+        ),
+    ] {
+        let r = common::request(
+            "POST",
+            &format!("{}{path}", dev.control),
+            &[("content-type", "application/json")],
+            body.as_bytes(),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let grant = Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args([
+            "ctl",
+            "--control",
+            &dev.control,
+            "wallet",
+            "grant",
+            "alice",
+            "500",
+        ])
+        .env_remove("WEIR_CONTROL")
+        .output()
+        .unwrap();
+    assert!(grant.status.success(), "{grant:?}");
+
+    let out = Command::new("node")
+        .current_dir(&e2e)
+        .args([
+            "room_e2e.mjs",
+            "--base",
+            &dev.node,
+            "--room",
+            room,
+            "--sender",
+            "alice",
+            "--watcher",
+            "bob",
+            "--timeout-ms",
+            "60000",
+        ])
+        .output()
+        .expect("node runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "room e2e failed:\n{stdout}\n{stderr}");
+    let result: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(result["balanceBefore"], 500, "{result}");
+    assert_eq!(
+        result["balanceAfter"], 490,
+        "one rose, charged once: {result}"
+    );
+}
