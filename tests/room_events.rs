@@ -663,3 +663,81 @@ async fn chat_limits_follow_the_config_center_and_paid_gifts_reach_the_room() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_connected_anywhere_hear_when_a_streamer_goes_live() {
+    let dev = DevServer::start();
+    let post = |path: &'static str, body: Value| {
+        let control = dev.control.clone();
+        async move {
+            let r = common::request(
+                "POST",
+                &format!("{control}{path}"),
+                &[("content-type", "application/json")],
+                body.to_string().as_bytes(),
+                Duration::from_secs(5),
+            )
+            .await
+            .unwrap();
+            assert_eq!(r.status, 200, "{path}: {}", r.text());
+        }
+    };
+    for user in ["star", "fan", "other"] {
+        post("/v1/users", json!({"id": user, "name": user})).await;
+    }
+    post(
+        "/v1/follows",
+        json!({"follower": "fan", "followee": "star"}),
+    )
+    .await;
+    post(
+        "/v1/rooms",
+        json!({"id": "stage", "owner": "star", "title": "Opening night"}),
+    )
+    .await;
+
+    // Both watch some other room; only the follower is told.
+    let fan_token = dev.token("lobby", "play", "fan").await;
+    let other_token = dev.token("lobby", "play", "other").await;
+    let mut fan = EventsClient::connect(&dev.node, "lobby", &format!("token={fan_token}"))
+        .await
+        .unwrap();
+    let mut other = EventsClient::connect(&dev.node, "lobby", &format!("token={other_token}"))
+        .await
+        .unwrap();
+    // The reserved notices room cannot be joined.
+    let refused = EventsClient::connect(&dev.node, "_notices", &format!("token={fan_token}"))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(refused.status, 400, "{}", refused.body);
+
+    post("/v1/rooms/stage/live", json!({})).await;
+    let notice = fan.next_of("notice").await;
+    assert_eq!(notice["type"], "go_live", "{notice}");
+    assert_eq!(
+        (
+            notice["streamer"].as_str(),
+            notice["room"].as_str(),
+            notice["title"].as_str()
+        ),
+        (Some("star"), Some("stage"), Some("Opening night"))
+    );
+    // Announced again each second for a minute by the leader, delivered
+    // once: the broker drops the repeats by message id.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    for client in [&mut fan, &mut other] {
+        client.send(json!({"t": "ping"})).await;
+        loop {
+            let f = client.next().await;
+            assert_ne!(
+                f["t"], "notice",
+                "a notice twice, or to a non-follower: {f}"
+            );
+            if f["t"] == "pong" {
+                break;
+            }
+        }
+    }
+    assert_eq!(dev.metric("weir_go_live_delivered_total").await, 1.0);
+}

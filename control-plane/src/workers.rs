@@ -19,10 +19,11 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use weir_protocol::RoomId;
+use weir_protocol::bus::{EventBody, GO_LIVE_ANNOUNCE_S, NOTICES_ROOM, RoomEvent};
 
 use crate::election::LeaderState;
 use crate::service::{ApiError, ControlState};
-use crate::store::RoomStatus;
+use crate::store::{PageRequest, RoomFilter, RoomStatus};
 
 /// How often the leader looks for rooms that went live.
 pub const LIVE_SYNC_EVERY: Duration = Duration::from_secs(1);
@@ -74,6 +75,9 @@ async fn live_sync(state: &ControlState) {
             Ok(0) => {}
             Ok(n) => tracing::info!(rooms = n, "live sync: stored rooms marked live"),
             Err(e) => tracing::debug!(error = %e, "live sync skipped"),
+        }
+        if let Err(e) = announce_go_live(state).await {
+            tracing::debug!(error = %e, "go-live notices wait");
         }
     }
 }
@@ -128,5 +132,64 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+/// Announces on the notices room every room that went live in the last
+/// [`GO_LIVE_ANNOUNCE_S`] seconds, with the message id
+/// `golive-{room}-{started_ms}`: the broker keeps one per go-live, however
+/// many leaders announce it, and nodes tell the streamer's followers who are
+/// connected to them. Returns how many notices were new.
+pub async fn announce_go_live(state: &ControlState) -> Result<usize, String> {
+    let (Some(store), Some(bus)) = (state.store(), state.bus()) else {
+        return Ok(0);
+    };
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+        .saturating_sub(GO_LIVE_ANNOUNCE_S * 1000);
+    let notices = RoomId::parse(NOTICES_ROOM).map_err(|e| e.to_string())?;
+    let filter = RoomFilter {
+        owner: None,
+        status: Some(RoomStatus::Live),
+    };
+    let mut request = PageRequest {
+        after: String::new(),
+        limit: 500,
+    };
+    let mut new = 0;
+    loop {
+        let page = store
+            .list_rooms(&filter, &request)
+            .await
+            .map_err(|e| e.to_string())?;
+        for room in &page.items {
+            let Some(started) = room.started_ms.filter(|s| *s >= since) else {
+                continue;
+            };
+            let event = RoomEvent {
+                at_ms: started,
+                body: EventBody::GoLive {
+                    streamer: room.owner.to_string(),
+                    room: room.id.to_string(),
+                    title: room.title.clone(),
+                },
+            };
+            let id = format!("golive-{}-{started}", room.id);
+            match bus.publish(&notices, &event, Some(&id)).await {
+                Ok(p) if !p.duplicate => {
+                    new += 1;
+                    metrics::counter!("weir_go_live_notices_total").increment(1);
+                    tracing::info!(room = %room.id, streamer = %room.owner, "go-live notice published");
+                }
+                Ok(_) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        match page.next {
+            Some(next) => request.after = next,
+            None => return Ok(new),
+        }
     }
 }

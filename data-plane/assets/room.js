@@ -125,6 +125,14 @@
         fly(f.text);
         line([who(f.user), ` ${f.text}`]);
         break;
+      case 'notice':
+        if (f.type === 'go_live') {
+          const a = document.createElement('a');
+          a.href = `/play/${encodeURIComponent(f.room)}`;
+          a.textContent = f.title || f.room;
+          line([who(f.streamer), ' went live: ', a], 'system');
+        }
+        break;
       case 'counters':
         state.likes = f.likes;
         state.online = f.online;

@@ -83,6 +83,8 @@ pub struct Node {
     shutdown_tx: watch::Sender<bool>,
     public_url: String,
     hub: Arc<bus::Hub>,
+    /// The control plane (asked who follows a streamer that went live).
+    control_url: String,
     /// Tells WebSocket clients to leave (axum's graceful shutdown does not
     /// wait for upgraded connections).
     events_stop: watch::Sender<bool>,
@@ -217,6 +219,7 @@ impl Node {
             shutdown_tx,
             public_url,
             hub,
+            control_url: config.control_url.clone(),
             events_stop,
         })
     }
@@ -273,6 +276,7 @@ impl Node {
             shutdown_tx,
             events_stop,
             hub,
+            control_url,
             ..
         } = self;
         let shutdown = async move {
@@ -288,6 +292,10 @@ impl Node {
             };
             tokio::spawn(srt.serve(ctx, shutdown_tx.subscribe()))
         });
+        let notices_task = tokio::spawn(bus::notices::run(
+            Arc::clone(&hub),
+            Arc::new(bus::HttpFollowChecker::new(&control_url)),
+        ));
         let config_task = tokio::spawn(
             Arc::clone(&agent).watch_config(Arc::clone(&hub), shutdown_tx.subscribe()),
         );
@@ -300,6 +308,7 @@ impl Node {
         let _ = shutdown_tx.send(true);
         let _ = agent_task.await;
         let _ = config_task.await;
+        notices_task.abort();
         if let Some(t) = srt_task {
             let _ = t.await;
         }

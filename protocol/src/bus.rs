@@ -25,6 +25,18 @@ use crate::RoomId;
 pub const STREAM: &str = "WEIR_ROOMS_V1";
 /// Prefix of every room subject; the stream captures `{SUBJECT_PREFIX}>`.
 pub const SUBJECT_PREFIX: &str = "weir.v1.room.";
+/// The room whose events go to every node rather than to a room's
+/// viewers: go-live notices, which each node hands to those of its
+/// connected users who follow the streamer. Rooms whose id starts with `_`
+/// are reserved: clients cannot join them.
+pub const NOTICES_ROOM: &str = "_notices";
+
+/// How long after a room went live its go-live notice is (re)announced: a
+/// control plane that dies between marking a room live and publishing the
+/// notice is covered by the next leader within this window; the broker's
+/// duplicate window drops the repeats.
+pub const GO_LIVE_ANNOUNCE_S: u64 = 60;
+
 /// Longest danmaku text, in bytes (UTF-8).
 pub const MAX_DANMAKU_BYTES: usize = 500;
 

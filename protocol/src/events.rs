@@ -75,6 +75,13 @@ pub enum ServerFrame {
         count: u64,
         through: u64,
     },
+    /// A notice for this user rather than for the room: a streamer they
+    /// follow went live (`type: go_live`).
+    Notice {
+        at_ms: u64,
+        #[serde(flatten)]
+        body: EventBody,
+    },
     /// The room's counters (likes merged from every node, viewers online).
     Counters { likes: u64, online: u64 },
     /// The node could not keep the room's history contiguous (the broker

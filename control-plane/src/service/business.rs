@@ -174,6 +174,28 @@ impl ControlState {
         .await
     }
 
+    /// Which of `candidates` follow `user`: what a node asks once per
+    /// go-live notice about the users connected to it.
+    pub async fn followers_among(
+        &self,
+        rid: &RequestId,
+        user: &str,
+        candidates: &[String],
+    ) -> Result<Vec<UserId>, ApiError> {
+        observe("FollowersAmong", rid, async {
+            let user = user_id("user", user)?;
+            let candidates = candidates
+                .iter()
+                .map(|c| user_id("candidates", c))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(self
+                .require_store()?
+                .followers_among(&user, &candidates)
+                .await?)
+        })
+        .await
+    }
+
     /// `follower` follows `followee`.
     pub async fn follow(
         &self,

@@ -433,6 +433,39 @@ async fn follow(
     .await
 }
 
+/// Body of `POST /v1/follows/among`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FollowersAmongBody {
+    /// The followee (a streamer).
+    pub user: String,
+    /// At most 500 user ids.
+    pub candidates: Vec<String>,
+}
+
+/// Answer of `POST /v1/follows/among`.
+#[derive(Debug, Serialize)]
+pub struct FollowersAmongJson {
+    /// The candidates who follow `user`, sorted.
+    pub followers: Vec<String>,
+}
+
+async fn followers_among(
+    State(state): State<Arc<ControlState>>,
+    headers: HeaderMap,
+    body: Body<FollowersAmongBody>,
+) -> Response {
+    with_body(&headers, body, |rid, b| async move {
+        state
+            .followers_among(&rid, &b.user, &b.candidates)
+            .await
+            .map(|users| FollowersAmongJson {
+                followers: users.into_iter().map(String::from).collect(),
+            })
+    })
+    .await
+}
+
 async fn unfollow(
     State(state): State<Arc<ControlState>>,
     headers: HeaderMap,
@@ -753,6 +786,7 @@ pub fn routes(state: Arc<ControlState>) -> Router {
         .route("/v1/users/{id}", get(get_user))
         .route("/v1/follows", post(follow))
         .route("/v1/unfollow", post(unfollow))
+        .route("/v1/follows/among", post(followers_among))
         .route("/v1/tokens", post(mint_token))
         .route("/v1/wallet/{user}", get(get_balance))
         .route("/v1/wallet/{user}/ledger", get(list_ledger))

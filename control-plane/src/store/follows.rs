@@ -3,8 +3,8 @@
 use sqlx::error::ErrorKind as DbErrorKind;
 
 use super::{
-    Page, PageRequest, Store, StoreError, UserId, changed, db_error_kind, from_db_ms, page,
-    to_db_ms, unix_ms,
+    MAX_PAGE_SIZE, Page, PageRequest, Store, StoreError, UserId, changed, db_error_kind,
+    from_db_ms, page, to_db_ms, unix_ms,
 };
 
 /// One user following another.
@@ -121,6 +121,43 @@ impl Store {
         .await?;
         self.follow_page(user, rows, limit, |f| f.follower.to_string())
             .await
+    }
+
+    /// Which of `candidates` follow `user` (at most [`MAX_PAGE_SIZE`]
+    /// candidates a call; unknown ids simply do not follow), sorted.
+    pub async fn followers_among(
+        &self,
+        user: &UserId,
+        candidates: &[UserId],
+    ) -> Result<Vec<UserId>, StoreError> {
+        if candidates.len() > MAX_PAGE_SIZE as usize {
+            return Err(StoreError::invalid(
+                "candidates",
+                format!("at most {MAX_PAGE_SIZE} a call, not {}", candidates.len()),
+            ));
+        }
+        if candidates.is_empty() {
+            return Ok(Vec::new());
+        }
+        let placeholders: Vec<String> = (0..candidates.len())
+            .map(|i| format!("${}", i + 2))
+            .collect();
+        let sql = format!(
+            "SELECT follower FROM follows WHERE followee = $1 AND follower IN ({}) ORDER BY follower",
+            placeholders.join(", ")
+        );
+        let mut query =
+            sqlx::query_as::<_, (String,)>(sqlx::AssertSqlSafe(sql)).bind(user.as_str());
+        for c in candidates {
+            query = query.bind(c.as_str());
+        }
+        let rows = query.fetch_all(&self.pool).await?;
+        rows.into_iter()
+            .map(|(f,)| {
+                UserId::parse(&f)
+                    .map_err(|e| StoreError::Internal(format!("stored follower {f:?}: {e}")))
+            })
+            .collect()
     }
 
     /// Whom `user` follows, in followee id order. NOT_FOUND for an unknown user.

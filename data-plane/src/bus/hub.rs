@@ -513,6 +513,8 @@ pub struct Hub {
     feeds: Mutex<HashMap<RoomId, Arc<RoomFeed>>>,
     users: Mutex<HashMap<String, Bucket>>,
     next_id: AtomicU64,
+    /// Who is connected to this node (for notices meant for a user).
+    connected: Arc<super::notices::Users>,
 }
 
 impl std::fmt::Debug for Hub {
@@ -547,11 +549,17 @@ impl Hub {
             feeds: Mutex::default(),
             users: Mutex::default(),
             next_id: AtomicU64::new(0),
+            connected: Arc::default(),
         })
     }
 
     pub fn bus(&self) -> &Arc<dyn RoomBus> {
         &self.bus
+    }
+
+    /// The users connected to this node.
+    pub fn users(&self) -> &Arc<super::notices::Users> {
+        &self.connected
     }
 
     pub fn limits(&self) -> Arc<ChatLimits> {
@@ -726,7 +734,8 @@ impl Hub {
                     }
                     _ = online_tick.tick() => {
                         let n = feed.clients();
-                        if n != last_online {
+                        // Reserved rooms (the notices) have no audience.
+                        if n != last_online && !feed.room.as_str().starts_with('_') {
                             let event = RoomEvent {
                                 at_ms: now_ms(),
                                 body: EventBody::Online { node: self.node.clone(), count: n as u32 },

@@ -65,6 +65,12 @@ pub(crate) async fn events(
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
     let room = match RoomId::parse(&room) {
+        Ok(r) if r.as_str().starts_with('_') => {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                "rooms whose id starts with '_' are reserved",
+            );
+        }
         Ok(r) => r,
         Err(e) => return refuse(StatusCode::BAD_REQUEST, format!("bad room in URL: {e}")),
     };
@@ -247,6 +253,8 @@ impl Client {
         let mut like_bucket = Bucket::new(20.0);
         let mut bad_frames = 0u32;
         let mut counters = tokio::time::interval(COUNTERS_EVERY);
+        // Notices for this user (a streamer they follow went live).
+        let mut slot = self.hub.users().register(&self.user);
         let mut last_counters = (u64::MAX, u64::MAX);
         loop {
             // Send what the log has beyond our cursor.
@@ -298,6 +306,11 @@ impl Client {
                 }
                 _ = stop.changed() => {
                     return End::Bye("shutdown", "the node is shutting down; reconnect to another".into());
+                }
+                Some(notice) = slot.notices.recv() => {
+                    if let Err(end) = self.send(socket, self.frame(&notice)).await {
+                        return end;
+                    }
                 }
                 _ = counters.tick() => {
                     let now = feed.counters();
