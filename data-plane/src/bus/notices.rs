@@ -104,11 +104,14 @@ impl FollowChecker for HttpFollowChecker {
     }
 }
 
+/// One socket of a user: its id and where its notices go.
+type Socket = (u64, mpsc::UnboundedSender<ServerFrame>);
+
 /// The users connected to this node, each with the sockets to reach them.
 #[derive(Default)]
 pub struct Users {
     next: AtomicU64,
-    by_user: Mutex<HashMap<String, Vec<(u64, mpsc::UnboundedSender<ServerFrame>)>>>,
+    by_user: Mutex<HashMap<String, Vec<Socket>>>,
 }
 
 /// A socket's place in [`Users`]; dropping it leaves.
