@@ -291,6 +291,10 @@ struct FeedState {
     gifts_order: VecDeque<String>,
 }
 
+/// Users a feed tracks for slow mode and mutes before it drops what no
+/// longer applies.
+const MAX_TRACKED_USERS: usize = 100_000;
+
 /// Gift ids a feed remembers to drop late duplicates.
 const GIFT_IDS_KEPT: usize = 100_000;
 
@@ -906,10 +910,19 @@ impl Hub {
                 text: text.to_owned(),
             },
         };
-        feed.lock()
-            .last_danmaku
-            .insert(user.to_owned(), event.at_ms);
-        let degraded = feed.lock().degraded;
+        let degraded = {
+            let mut st = feed.lock();
+            // Bounded: what slow mode and mutes no longer need goes.
+            if st.last_danmaku.len() >= MAX_TRACKED_USERS {
+                let keep_after = event.at_ms.saturating_sub(u64::from(st.slow_mode_s) * 1000);
+                st.last_danmaku.retain(|_, at| *at > keep_after);
+            }
+            if st.muted.len() >= MAX_TRACKED_USERS {
+                st.muted.retain(|_, until| *until > event.at_ms);
+            }
+            st.last_danmaku.insert(user.to_owned(), event.at_ms);
+            st.degraded
+        };
         if !degraded {
             match self.bus.publish(&feed.room, &event, Some(&id)).await {
                 Ok(p) => {
