@@ -414,7 +414,7 @@ struct BusNode {
     url: String,
 }
 
-fn start_node(dir: &std::path::Path, id: &str, nats: &str, key: &str) -> BusNode {
+fn start_node(dir: &std::path::Path, id: &str, nats: &str, key: &str, control: &str) -> BusNode {
     // A free port for the SRT listener (the socket is closed right away).
     let srt = {
         let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -437,6 +437,8 @@ fn start_node(dir: &std::path::Path, id: &str, nats: &str, key: &str) -> BusNode
             &srt,
             "--token-public-key",
             key,
+            "--control-url",
+            control,
         ],
     );
     let url = proc.wait_line("its metrics URL", |l| {
@@ -468,8 +470,8 @@ async fn clients_on_two_nodes_see_one_sequence_and_survive_a_broker_restart() {
         l.starts_with("token public key")
             .then(|| l.split_whitespace().last().unwrap_or_default().to_owned())
     });
-    let n1 = start_node(&dir, "n1", &server.url(), &key);
-    let n2 = start_node(&dir, "n2", &server.url(), &key);
+    let n1 = start_node(&dir, "n1", &server.url(), &key, &control_url);
+    let n2 = start_node(&dir, "n2", &server.url(), &key, &control_url);
     let token = |user: &'static str| {
         let control_url = control_url.clone();
         async move {
@@ -512,6 +514,38 @@ async fn clients_on_two_nodes_see_one_sequence_and_survive_a_broker_restart() {
     }
     let seen_a = danmaku(&mut a, 6, 0).await;
     let seen_b = danmaku(&mut b, 6, 0).await;
+
+    // Friends across nodes: ann (on n1) follows ben (on n2); n2 names its
+    // viewers in its online reports.
+    for (path, body) in [
+        ("/v1/users", json!({"id": "ann", "name": "Ann"})),
+        ("/v1/users", json!({"id": "ben", "name": "Ben"})),
+        ("/v1/follows", json!({"follower": "ann", "followee": "ben"})),
+    ] {
+        let r = common::request(
+            "POST",
+            &format!("{control_url}{path}"),
+            &[("content-type", "application/json")],
+            body.to_string().as_bytes(),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        a.send(json!({"t": "friends"})).await;
+        let f = a.next_of("friends").await;
+        if f["users"] == json!(["ben"]) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "ben never showed up: {f}"
+        );
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
     let seq = |v: &[Value]| -> Vec<(u64, String)> {
         v.iter()
             .map(|f| (offset(f), f["text"].as_str().unwrap().to_owned()))
@@ -740,4 +774,20 @@ async fn followers_connected_anywhere_hear_when_a_streamer_goes_live() {
         }
     }
     assert_eq!(dev.metric("weir_go_live_delivered_total").await, 1.0);
+
+    // Friends in a room: the people I follow who are here.
+    post(
+        "/v1/follows",
+        json!({"follower": "fan", "followee": "other"}),
+    )
+    .await;
+    let star_token = dev.token("lobby", "play", "star").await;
+    let _star = EventsClient::connect(&dev.node, "lobby", &format!("token={star_token}"))
+        .await
+        .unwrap();
+    fan.send(json!({"t": "friends"})).await;
+    let friends = fan.next_of("friends").await;
+    assert_eq!(friends["users"], json!(["other", "star"]), "{friends}");
+    other.send(json!({"t": "friends"})).await;
+    assert_eq!(other.next_of("friends").await["users"], json!([]));
 }

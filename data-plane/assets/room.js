@@ -26,11 +26,12 @@
     send: document.getElementById('send-gift'),
     balance: document.getElementById('balance'),
     note: document.getElementById('room-note'),
+    friends: document.getElementById('friends'),
   };
   const state = {
     user: null, connected: false, epoch: 0, offset: 0, recovered: null,
     reconnects: 0, gaps: 0, degraded: false, likes: 0, online: 0, balance: null,
-    danmaku: [], gifts: [], refused: [], error: null,
+    danmaku: [], gifts: [], refused: [], friends: null, error: null,
   };
   window.weirRoom = state;
   /** Drops the socket; the page reconnects and recovers what it missed. */
@@ -132,6 +133,10 @@
           a.textContent = f.title || f.room;
           line([who(f.streamer), ' went live: ', a], 'system');
         }
+        break;
+      case 'friends':
+        state.friends = f.users;
+        line([f.users.length ? `people you follow here: ${f.users.join(', ')}` : 'nobody you follow is here'], 'system');
         break;
       case 'counters':
         state.likes = f.likes;
@@ -257,6 +262,7 @@
       ui.input.value = '';
     });
     ui.like.addEventListener('click', () => send({ t: 'like', count: 1 }));
+    ui.friends.addEventListener('click', () => send({ t: 'friends' }));
     ui.send.addEventListener('click', sendGift);
     try {
       const cat = await api('GET', '/v1/gifts');

@@ -292,10 +292,8 @@ impl Node {
             };
             tokio::spawn(srt.serve(ctx, shutdown_tx.subscribe()))
         });
-        let notices_task = tokio::spawn(bus::notices::run(
-            Arc::clone(&hub),
-            Arc::new(bus::HttpFollowChecker::new(&control_url)),
-        ));
+        hub.set_follow_checker(Arc::new(bus::HttpFollowChecker::new(&control_url)));
+        let notices_task = tokio::spawn(bus::notices::run(Arc::clone(&hub)));
         let config_task = tokio::spawn(
             Arc::clone(&agent).watch_config(Arc::clone(&hub), shutdown_tx.subscribe()),
         );

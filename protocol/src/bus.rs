@@ -37,6 +37,9 @@ pub const NOTICES_ROOM: &str = "_notices";
 /// duplicate window drops the repeats.
 pub const GO_LIVE_ANNOUNCE_S: u64 = 60;
 
+/// Most users a node names in an `online` event of a room.
+pub const MAX_ONLINE_USERS: usize = 200;
+
 /// Longest danmaku text, in bytes (UTF-8).
 pub const MAX_DANMAKU_BYTES: usize = 500;
 
@@ -81,7 +84,15 @@ pub enum EventBody {
         users: u32,
     },
     /// Viewers of the room connected to one node right now.
-    Online { node: String, count: u32 },
+    Online {
+        node: String,
+        count: u32,
+        /// Who they are, when the node has at most [`MAX_ONLINE_USERS`]
+        /// of them in the room (else empty): what "friends in this room"
+        /// is answered from.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        users: Vec<String>,
+    },
     /// A paid gift, published by the control plane's outbox relay once the
     /// payment committed.
     Gift {

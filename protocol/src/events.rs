@@ -82,6 +82,10 @@ pub enum ServerFrame {
         #[serde(flatten)]
         body: EventBody,
     },
+    /// The answer to `friends`: the people the user follows who are in the
+    /// room now (as far as nodes name their viewers: rooms with more than
+    /// `MAX_ONLINE_USERS` viewers on a node are not named there).
+    Friends { users: Vec<String> },
     /// The room's counters (likes merged from every node, viewers online).
     Counters { likes: u64, online: u64 },
     /// The node could not keep the room's history contiguous (the broker
@@ -149,6 +153,8 @@ pub enum ClientFrame {
     SlowMode {
         seconds: u32,
     },
+    /// Which of the people I follow are in this room? (Answered `friends`.)
+    Friends,
     Ping,
 }
 

@@ -174,24 +174,28 @@ impl ControlState {
         .await
     }
 
-    /// Which of `candidates` follow `user`: what a node asks once per
-    /// go-live notice about the users connected to it.
-    pub async fn followers_among(
+    /// Which of `candidates` follow `user` (`followed: false`: what a node
+    /// asks once per go-live notice about the users connected to it), or
+    /// which of them `user` follows (`followed: true`: friends in a room).
+    pub async fn follows_among(
         &self,
         rid: &RequestId,
         user: &str,
         candidates: &[String],
+        followed: bool,
     ) -> Result<Vec<UserId>, ApiError> {
-        observe("FollowersAmong", rid, async {
+        observe("FollowsAmong", rid, async {
             let user = user_id("user", user)?;
             let candidates = candidates
                 .iter()
                 .map(|c| user_id("candidates", c))
                 .collect::<Result<Vec<_>, _>>()?;
-            Ok(self
-                .require_store()?
-                .followers_among(&user, &candidates)
-                .await?)
+            let store = self.require_store()?;
+            Ok(if followed {
+                store.followees_among(&user, &candidates).await?
+            } else {
+                store.followers_among(&user, &candidates).await?
+            })
         })
         .await
     }

@@ -433,21 +433,22 @@ async fn follow(
     .await
 }
 
-/// Body of `POST /v1/follows/among`.
+/// Body of `POST /v1/follows/among` (who of the candidates follow
+/// `user`) and `POST /v1/follows/followed` (whom of them `user` follows).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FollowersAmongBody {
-    /// The followee (a streamer).
+    /// The followee (among) or the follower (followed).
     pub user: String,
     /// At most 500 user ids.
     pub candidates: Vec<String>,
 }
 
-/// Answer of `POST /v1/follows/among`.
+/// Answer of `POST /v1/follows/among` and `/v1/follows/followed`.
 #[derive(Debug, Serialize)]
 pub struct FollowersAmongJson {
-    /// The candidates who follow `user`, sorted.
-    pub followers: Vec<String>,
+    /// The candidates that matched, sorted.
+    pub users: Vec<String>,
 }
 
 async fn followers_among(
@@ -455,12 +456,29 @@ async fn followers_among(
     headers: HeaderMap,
     body: Body<FollowersAmongBody>,
 ) -> Response {
+    among(state, headers, body, false).await
+}
+
+async fn followed_among(
+    State(state): State<Arc<ControlState>>,
+    headers: HeaderMap,
+    body: Body<FollowersAmongBody>,
+) -> Response {
+    among(state, headers, body, true).await
+}
+
+async fn among(
+    state: Arc<ControlState>,
+    headers: HeaderMap,
+    body: Body<FollowersAmongBody>,
+    followed: bool,
+) -> Response {
     with_body(&headers, body, |rid, b| async move {
         state
-            .followers_among(&rid, &b.user, &b.candidates)
+            .follows_among(&rid, &b.user, &b.candidates, followed)
             .await
             .map(|users| FollowersAmongJson {
-                followers: users.into_iter().map(String::from).collect(),
+                users: users.into_iter().map(String::from).collect(),
             })
     })
     .await
@@ -787,6 +805,7 @@ pub fn routes(state: Arc<ControlState>) -> Router {
         .route("/v1/follows", post(follow))
         .route("/v1/unfollow", post(unfollow))
         .route("/v1/follows/among", post(followers_among))
+        .route("/v1/follows/followed", post(followed_among))
         .route("/v1/tokens", post(mint_token))
         .route("/v1/wallet/{user}", get(get_balance))
         .route("/v1/wallet/{user}/ledger", get(list_ledger))

@@ -130,6 +130,23 @@ impl Store {
         user: &UserId,
         candidates: &[UserId],
     ) -> Result<Vec<UserId>, StoreError> {
+        self.among(
+            "SELECT follower FROM follows WHERE followee = $1 AND follower IN",
+            "ORDER BY follower",
+            user,
+            candidates,
+        )
+        .await
+    }
+
+    /// `{select} ($2, $3, …) {order}` over the candidates.
+    async fn among(
+        &self,
+        select: &str,
+        order: &str,
+        user: &UserId,
+        candidates: &[UserId],
+    ) -> Result<Vec<UserId>, StoreError> {
         if candidates.len() > MAX_PAGE_SIZE as usize {
             return Err(StoreError::invalid(
                 "candidates",
@@ -142,10 +159,7 @@ impl Store {
         let placeholders: Vec<String> = (0..candidates.len())
             .map(|i| format!("${}", i + 2))
             .collect();
-        let sql = format!(
-            "SELECT follower FROM follows WHERE followee = $1 AND follower IN ({}) ORDER BY follower",
-            placeholders.join(", ")
-        );
+        let sql = format!("{select} ({}) {order}", placeholders.join(", "));
         let mut query =
             sqlx::query_as::<_, (String,)>(sqlx::AssertSqlSafe(sql)).bind(user.as_str());
         for c in candidates {
@@ -153,11 +167,27 @@ impl Store {
         }
         let rows = query.fetch_all(&self.pool).await?;
         rows.into_iter()
-            .map(|(f,)| {
-                UserId::parse(&f)
-                    .map_err(|e| StoreError::Internal(format!("stored follower {f:?}: {e}")))
+            .map(|(u,)| {
+                UserId::parse(&u)
+                    .map_err(|e| StoreError::Internal(format!("stored user id {u:?}: {e}")))
             })
             .collect()
+    }
+
+    /// Which of `candidates` `user` follows (at most [`MAX_PAGE_SIZE`]
+    /// candidates a call), sorted.
+    pub async fn followees_among(
+        &self,
+        user: &UserId,
+        candidates: &[UserId],
+    ) -> Result<Vec<UserId>, StoreError> {
+        self.among(
+            "SELECT followee FROM follows WHERE follower = $1 AND followee IN",
+            "ORDER BY followee",
+            user,
+            candidates,
+        )
+        .await
     }
 
     /// Whom `user` follows, in followee id order. NOT_FOUND for an unknown user.

@@ -20,7 +20,7 @@
 //! node publishes its online count when it changes; moderation (mute, slow
 //! mode) travels on the bus so every node applies it.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -29,7 +29,8 @@ use bytes::Bytes;
 use tokio::sync::watch;
 use weir_protocol::RoomId;
 use weir_protocol::bus::{
-    BusError, Delivered, EventBody, EventClass, ModerationAction, RoomBus, RoomEvent,
+    BusError, Delivered, EventBody, EventClass, MAX_ONLINE_USERS, ModerationAction, RoomBus,
+    RoomEvent,
 };
 pub use weir_protocol::chat::ChatLimits;
 
@@ -281,7 +282,10 @@ struct FeedState {
     likes_total: u64,
     likes_pending: u64,
     like_users: HashSet<String>,
-    online: HashMap<String, (u32, u64)>,
+    /// Other nodes' latest online reports: count, when, who.
+    online: HashMap<String, (u32, u64, Vec<String>)>,
+    /// This node's users in the room, with their socket counts.
+    local_users: BTreeMap<String, u32>,
     muted: HashMap<String, u64>,
     slow_mode_s: u32,
     last_danmaku: HashMap<String, u64>,
@@ -367,8 +371,9 @@ impl RoomFeed {
         }
         match &d.event.body {
             EventBody::Likes { delta, .. } => st.likes_total += delta,
-            EventBody::Online { node, count } => {
-                st.online.insert(node.clone(), (*count, d.event.at_ms));
+            EventBody::Online { node, count, users } => {
+                st.online
+                    .insert(node.clone(), (*count, d.event.at_ms, users.clone()));
             }
             EventBody::Moderation {
                 action,
@@ -406,11 +411,39 @@ impl RoomFeed {
         let mut online: u64 = st
             .online
             .iter()
-            .filter(|(node, (_, at))| *node != &self.node && *at >= fresh_after)
-            .map(|(_, (n, _))| u64::from(*n))
+            .filter(|(node, (_, at, _))| *node != &self.node && *at >= fresh_after)
+            .map(|(_, (n, _, _))| u64::from(*n))
             .sum();
         online += self.clients.load(Ordering::Relaxed);
         (st.likes_total + st.likes_pending, online)
+    }
+
+    /// Users in the room now: this node's, and those other nodes named in
+    /// their fresh online reports.
+    pub fn present_users(&self) -> Vec<String> {
+        let st = self.lock();
+        let fresh_after = now_ms().saturating_sub(3 * self.config.online_every.as_millis() as u64);
+        let mut users: std::collections::BTreeSet<String> =
+            st.local_users.keys().cloned().collect();
+        for (node, (_, at, named)) in &st.online {
+            if *node != self.node && *at >= fresh_after {
+                users.extend(named.iter().cloned());
+            }
+        }
+        users.into_iter().collect()
+    }
+
+    /// What this node would report as online: count and, for small rooms,
+    /// who.
+    fn online_report(&self) -> (u32, Vec<String>) {
+        let st = self.lock();
+        let count = st.local_users.values().sum::<u32>();
+        let users = if st.local_users.len() <= MAX_ONLINE_USERS {
+            st.local_users.keys().cloned().collect()
+        } else {
+            Vec::new()
+        };
+        (count, users)
     }
 
     /// Waits until the log is loaded.
@@ -519,6 +552,9 @@ pub struct Hub {
     next_id: AtomicU64,
     /// Who is connected to this node (for notices meant for a user).
     connected: Arc<super::notices::Users>,
+    /// Who follows whom (the control plane), for go-live notices and
+    /// friends in a room.
+    follows: RwLock<Option<Arc<dyn super::notices::FollowChecker>>>,
 }
 
 impl std::fmt::Debug for Hub {
@@ -531,10 +567,20 @@ impl std::fmt::Debug for Hub {
 pub struct Membership {
     pub feed: Arc<RoomFeed>,
     hub: Arc<Hub>,
+    user: Option<String>,
 }
 
 impl Drop for Membership {
     fn drop(&mut self) {
+        if let Some(user) = &self.user {
+            let mut st = self.feed.lock();
+            if let Some(n) = st.local_users.get_mut(user) {
+                *n -= 1;
+                if *n == 0 {
+                    st.local_users.remove(user);
+                }
+            }
+        }
         let left = self.feed.clients.fetch_sub(1, Ordering::Relaxed) - 1;
         metrics::gauge!("weir_room_clients").decrement(1.0);
         if left == 0 {
@@ -554,11 +600,25 @@ impl Hub {
             users: Mutex::default(),
             next_id: AtomicU64::new(0),
             connected: Arc::default(),
+            follows: RwLock::new(None),
         })
     }
 
     pub fn bus(&self) -> &Arc<dyn RoomBus> {
         &self.bus
+    }
+
+    /// Where to ask who follows whom.
+    pub fn set_follow_checker(&self, checker: Arc<dyn super::notices::FollowChecker>) {
+        *self.follows.write().unwrap_or_else(|e| e.into_inner()) = Some(checker);
+    }
+
+    /// Who follows whom, if the node knows where to ask.
+    pub fn follow_checker(&self) -> Option<Arc<dyn super::notices::FollowChecker>> {
+        self.follows
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The users connected to this node.
@@ -585,8 +645,9 @@ impl Hub {
             .collect()
     }
 
-    /// Joins `room`, starting its feed if this is its first client here.
-    pub fn join(self: &Arc<Self>, room: &RoomId) -> Membership {
+    /// Joins `room` as `user` (`None`: the node itself, as for the notices
+    /// room), starting its feed if this is its first client here.
+    pub fn join(self: &Arc<Self>, room: &RoomId, user: Option<&str>) -> Membership {
         let mut feeds = self.feeds.lock().unwrap_or_else(|e| e.into_inner());
         let feed = feeds
             .entry(room.clone())
@@ -606,10 +667,14 @@ impl Hub {
             })
             .clone();
         feed.clients.fetch_add(1, Ordering::Relaxed);
+        if let Some(user) = user {
+            *feed.lock().local_users.entry(user.to_owned()).or_default() += 1;
+        }
         metrics::gauge!("weir_room_clients").increment(1.0);
         Membership {
             feed,
             hub: Arc::clone(self),
+            user: user.map(str::to_owned),
         }
     }
 
@@ -651,7 +716,7 @@ impl Hub {
         let mut backoff = Duration::from_millis(100);
         let mut likes_tick = tokio::time::interval(self.config.likes_every);
         let mut online_tick = tokio::time::interval(self.config.online_every);
-        let mut last_online = u64::MAX;
+        let mut last_online: Option<(u32, Vec<String>)> = None;
         'outer: while self.is_open(&feed) {
             // (Re)load: epoch, then the held events after what we have.
             let loaded = async {
@@ -737,15 +802,19 @@ impl Hub {
                         self.flush_likes(&feed).await;
                     }
                     _ = online_tick.tick() => {
-                        let n = feed.clients();
+                        let report = feed.online_report();
                         // Reserved rooms (the notices) have no audience.
-                        if n != last_online && !feed.room.as_str().starts_with('_') {
+                        if Some(&report) != last_online.as_ref() && !feed.room.as_str().starts_with('_') {
                             let event = RoomEvent {
                                 at_ms: now_ms(),
-                                body: EventBody::Online { node: self.node.clone(), count: n as u32 },
+                                body: EventBody::Online {
+                                    node: self.node.clone(),
+                                    count: report.0,
+                                    users: report.1.clone(),
+                                },
                             };
                             if self.bus.publish(&feed.room, &event, None).await.is_ok() {
-                                last_online = n;
+                                last_online = Some(report);
                             }
                         }
                     }

@@ -37,10 +37,18 @@ pub trait FollowChecker: Send + Sync {
         streamer: &str,
         candidates: &[String],
     ) -> Result<Vec<String>, String>;
+
+    /// Those of `candidates` (at most [`CHECK_BATCH`]) whom `user` follows.
+    async fn followed_among(
+        &self,
+        user: &str,
+        candidates: &[String],
+    ) -> Result<Vec<String>, String>;
 }
 
 /// [`FollowChecker`] over the control plane's JSON gateway.
 pub struct HttpFollowChecker {
+    /// The control plane's base URL.
     url: String,
     client: Client<HttpConnector, Full<Bytes>>,
 }
@@ -51,21 +59,21 @@ impl HttpFollowChecker {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(CHECK_TIMEOUT));
         Self {
-            url: format!("{}/v1/follows/among", control_url.trim_end_matches('/')),
+            url: control_url.trim_end_matches('/').to_owned(),
             client: Client::builder(TokioExecutor::new()).build(connector),
         }
     }
 }
 
-#[async_trait]
-impl FollowChecker for HttpFollowChecker {
-    async fn followers_among(
+impl HttpFollowChecker {
+    async fn call(
         &self,
-        streamer: &str,
+        path: &str,
+        user: &str,
         candidates: &[String],
     ) -> Result<Vec<String>, String> {
-        let body = serde_json::json!({ "user": streamer, "candidates": candidates }).to_string();
-        let request = http::Request::post(&self.url)
+        let body = serde_json::json!({ "user": user, "candidates": candidates }).to_string();
+        let request = http::Request::post(format!("{}{path}", self.url))
             .header(http::header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| e.to_string())?;
@@ -89,7 +97,7 @@ impl FollowChecker for HttpFollowChecker {
                 ));
             }
             let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
-            Ok(v["followers"]
+            Ok(v["users"]
                 .as_array()
                 .map(|a| {
                     a.iter()
@@ -101,6 +109,25 @@ impl FollowChecker for HttpFollowChecker {
         tokio::time::timeout(CHECK_TIMEOUT, call)
             .await
             .map_err(|_| format!("no answer within {CHECK_TIMEOUT:?}"))?
+    }
+}
+
+#[async_trait]
+impl FollowChecker for HttpFollowChecker {
+    async fn followers_among(
+        &self,
+        streamer: &str,
+        candidates: &[String],
+    ) -> Result<Vec<String>, String> {
+        self.call("/v1/follows/among", streamer, candidates).await
+    }
+
+    async fn followed_among(
+        &self,
+        user: &str,
+        candidates: &[String],
+    ) -> Result<Vec<String>, String> {
+        self.call("/v1/follows/followed", user, candidates).await
     }
 }
 
@@ -174,12 +201,13 @@ impl Users {
     }
 }
 
-/// Follows the notices room for as long as the node runs.
-pub async fn run(hub: Arc<Hub>, checker: Arc<dyn FollowChecker>) {
-    let Ok(room) = RoomId::parse(NOTICES_ROOM) else {
+/// Follows the notices room for as long as the node runs (when it knows
+/// where to ask who follows whom).
+pub async fn run(hub: Arc<Hub>) {
+    let (Ok(room), Some(checker)) = (RoomId::parse(NOTICES_ROOM), hub.follow_checker()) else {
         return;
     };
-    let membership = hub.join(&room);
+    let membership = hub.join(&room, None);
     let feed = Arc::clone(&membership.feed);
     feed.wait_ready().await;
     // Only notices from now on: a node that starts does not replay old ones.

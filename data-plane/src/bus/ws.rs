@@ -195,7 +195,7 @@ impl Client {
 
     async fn run(self, mut socket: WebSocket, since: Option<(u64, u64)>) {
         metrics::counter!("weir_events_connections_total").increment(1);
-        let membership = self.hub.join(&self.room);
+        let membership = self.hub.join(&self.room, Some(&self.user));
         let feed = Arc::clone(&membership.feed);
         // A room whose bus is away still serves (degraded) after this.
         let _ = tokio::time::timeout(Duration::from_secs(5), feed.wait_ready()).await;
@@ -251,6 +251,7 @@ impl Client {
         let limits = self.hub.limits();
         let mut danmaku_bucket = Bucket::new(limits.conn_burst);
         let mut like_bucket = Bucket::new(20.0);
+        let mut friends_bucket = Bucket::new(3.0);
         let mut bad_frames = 0u32;
         let mut counters = tokio::time::interval(COUNTERS_EVERY);
         // Notices for this user (a streamer they follow went live).
@@ -328,7 +329,7 @@ impl Client {
                         Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
                         Some(Ok(Message::Binary(_))) => Err(("malformed", String::new(), "binary frames are not accepted; send JSON text".to_owned())),
                         Some(Ok(Message::Text(text))) => {
-                            self.handle(feed, text.as_str(), &mut danmaku_bucket, &mut like_bucket).await
+                            self.handle(feed, text.as_str(), &mut danmaku_bucket, &mut like_bucket, &mut friends_bucket).await
                         }
                     };
                     let frame = match reply {
@@ -360,12 +361,49 @@ impl Client {
         text: &str,
         danmaku_bucket: &mut Bucket,
         like_bucket: &mut Bucket,
+        friends_bucket: &mut Bucket,
     ) -> Result<Option<ServerFrame>, (&'static str, String, String)> {
         let frame: ClientFrame = serde_json::from_str(text)
             .map_err(|e| ("malformed", String::new(), format!("bad frame: {e}")))?;
         let limits = self.hub.limits();
         match frame {
             ClientFrame::Ping => Ok(Some(ServerFrame::Pong)),
+            ClientFrame::Friends => {
+                if !friends_bucket.take(1.0, 3.0, now_ms()) {
+                    return Err((
+                        "rate_limited",
+                        String::new(),
+                        "friends: at most one question a second".into(),
+                    ));
+                }
+                let Some(checker) = self.hub.follow_checker() else {
+                    return Err((
+                        "unavailable",
+                        String::new(),
+                        "this node has no control plane to ask who you follow".into(),
+                    ));
+                };
+                let present: Vec<String> = feed
+                    .present_users()
+                    .into_iter()
+                    .filter(|u| *u != self.user)
+                    .collect();
+                let mut users = Vec::new();
+                for batch in present.chunks(super::notices::CHECK_BATCH) {
+                    let found = checker
+                        .followed_among(&self.user, batch)
+                        .await
+                        .map_err(|e| {
+                            (
+                                "unavailable",
+                                String::new(),
+                                format!("cannot ask who you follow: {e}"),
+                            )
+                        })?;
+                    users.extend(found);
+                }
+                Ok(Some(ServerFrame::Friends { users }))
+            }
             ClientFrame::Danmaku { text, r#ref } => {
                 if r#ref.len() > 64 {
                     return Err((
