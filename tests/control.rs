@@ -80,7 +80,8 @@ fn free_udp_addr() -> String {
     socket.local_addr().unwrap().to_string()
 }
 
-fn start_node(dir: &Path, id: &str, etcd: &str, control: &Control) -> Proc {
+/// A `weir node` and its HTTP base URL.
+fn start_node(dir: &Path, id: &str, etcd: &str, control: &Control) -> (Proc, String) {
     let proc = Proc::spawn(
         id,
         dir,
@@ -104,8 +105,10 @@ fn start_node(dir: &Path, id: &str, etcd: &str, control: &Control) -> Proc {
             &control.url,
         ],
     );
-    proc.wait_line("its metrics URL", |l| l.ends_with("/metrics").then_some(()));
-    proc
+    let url = proc.wait_line("its metrics URL", |l| {
+        l.strip_suffix("/metrics").map(str::to_owned)
+    });
+    (proc, url)
 }
 
 /// `weir ctl --control URL ARGS…`.
@@ -229,8 +232,8 @@ async fn two_replicas_share_business_data_config_flags_and_leadership() {
     let mut a = start_control("control-a", &dir, &etcd.endpoint(), &postgres.url());
     let mut b = start_control("control-b", &dir, &etcd.endpoint(), &postgres.url());
     assert_eq!(a.public_key, b.public_key, "replicas share the token key");
-    let _n1 = start_node(&dir, "n1", &etcd.endpoint(), &a);
-    let _n2 = start_node(&dir, "n2", &etcd.endpoint(), &a);
+    let (_n1, _) = start_node(&dir, "n1", &etcd.endpoint(), &a);
+    let (_n2, n2_url) = start_node(&dir, "n2", &etcd.endpoint(), &a);
     wait_viewer_nodes(&a, &["n1", "n2"]).await;
     wait_viewer_nodes(&b, &["n1", "n2"]).await;
 
@@ -373,9 +376,52 @@ async fn two_replicas_share_business_data_config_flags_and_leadership() {
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(viewer_nodes(&a.url).await, (200, vec!["n2".to_owned()]));
     wait_viewer_nodes(&b, &["n2"]).await;
+    // A room-events client on n2, with a token from the scheduler.
+    let r = request(
+        "POST",
+        &format!("{}/v1/assign-viewer", b.url),
+        &[("Content-Type", "application/json")],
+        br#"{"room":"lobby"}"#,
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    let token = v["token"].as_str().unwrap().to_owned();
+    let mut events = common::ws::EventsClient::connect(&n2_url, "lobby", &format!("token={token}"))
+        .await
+        .unwrap();
     let out = ctl(&a.url, &["nodes", "drain", "n2"]);
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(viewer_nodes(&a.url).await.0, 503);
+    // The node reads its flag: its events clients are sent elsewhere, it
+    // refuses new viewers and stops answering ready.
+    let bye = events.next_of("bye").await;
+    assert_eq!(bye["code"], "drain", "{bye}");
+    let ready = request(
+        "GET",
+        &format!("{n2_url}/readyz"),
+        &[],
+        b"",
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    assert_eq!((ready.status, ready.text().trim()), (503, "draining"));
+    let whep = request(
+        "POST",
+        &format!("{n2_url}/whep/lobby"),
+        &[
+            ("Content-Type", "application/sdp"),
+            ("Authorization", &format!("Bearer {token}")),
+        ],
+        common::offer(false).as_bytes(),
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    assert_eq!(whep.status, 503, "{}", whep.text());
+    assert!(whep.text().contains("draining"));
     let started = Instant::now();
     while viewer_nodes(&b.url).await.0 != 503 {
         assert!(
@@ -410,11 +456,27 @@ async fn two_replicas_share_business_data_config_flags_and_leadership() {
         let out = ctl(&b.url, &["nodes", "uncordon", n]);
         assert!(out.status.success(), "{}", text(&out));
     }
-    assert_eq!(
-        viewer_nodes(&b.url).await,
-        (200, vec!["n1".to_owned(), "n2".to_owned()])
-    );
+    // (Within a load report: a drained node also reported itself draining.)
+    wait_viewer_nodes(&b, &["n1", "n2"]).await;
     wait_viewer_nodes(&a, &["n1", "n2"]).await;
+    // n2 takes viewers again once it read the cleared flag.
+    let started = Instant::now();
+    loop {
+        let ready = request(
+            "GET",
+            &format!("{n2_url}/readyz"),
+            &[],
+            b"",
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        if ready.status == 200 {
+            break;
+        }
+        assert!(started.elapsed() < DEADLINE, "n2 stays drained");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let out = ctl(&a.url, &["nodes", "cordon", "no-such-node"]);
     assert_eq!(out.status.code(), Some(64), "{}", text(&out));
 

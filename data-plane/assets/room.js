@@ -39,6 +39,9 @@
   let token = null;
   let ws = null;
   let delay = 500;
+  let origin = location.origin; // the node whose events we read
+  let moveAway = false;         // the node asked us to go (drain) or keeps failing
+  let failures = 0;
   const shown = new Set(); // ids of danmaku already on screen (local copies)
 
   function note(text, bad) {
@@ -114,6 +117,7 @@
         if (f.recovered !== true) state.offset = f.offset;
         state.epoch = f.epoch;
         delay = 500;
+        failures = 0;
         note(f.degraded ? 'chat: degraded (other nodes late)' : `chat as ${f.user}`);
         break;
       case 'event':
@@ -158,14 +162,30 @@
         break;
       case 'bye':
         note(`disconnected: ${f.reason}`, true);
+        if (f.code === 'drain' || f.code === 'shutdown') moveAway = true;
         break;
       default:
         break;
     }
   }
 
-  function connect() {
-    const base = location.origin.replace(/^http/, 'ws');
+  /** A node the scheduler offers for this room (drained ones are left out). */
+  async function pickNode() {
+    try {
+      const a = await W.assign('viewer', room);
+      const e = a.endpoints.find((x) => x && x.kind === 'whep');
+      if (e) return new URL(e.url).origin;
+    } catch (_) { /* keep the one we have */ }
+    return origin;
+  }
+
+  async function connect() {
+    if (moveAway || failures >= 3) {
+      origin = await pickNode();
+      moveAway = false;
+      failures = 0;
+    }
+    const base = origin.replace(/^http/, 'ws');
     let q = `token=${encodeURIComponent(token)}&format=json`;
     if (state.epoch) q += `&since=${state.offset}&epoch=${state.epoch}`;
     ws = new WebSocket(`${base}/rooms/${encodeURIComponent(room)}/events?${q}`);
@@ -173,6 +193,7 @@
       try { onFrame(JSON.parse(m.data)); } catch (e) { console.warn('weir room: bad frame', e); }
     };
     ws.onclose = () => {
+      if (!state.connected) failures += 1;
       state.connected = false;
       state.reconnects += 1;
       note(`chat: reconnecting in ${Math.round(delay / 1000)} s`, true);

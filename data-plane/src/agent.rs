@@ -19,6 +19,8 @@ pub struct Agent {
     coordinator: Arc<dyn Coordinator>,
     info: Mutex<NodeInfo>,
     lease: Mutex<Option<LeaseId>>,
+    /// Whether an operator drains this node (`weir ctl nodes drain`).
+    draining: watch::Sender<bool>,
 }
 
 /// Why a node may not take a room.
@@ -41,6 +43,33 @@ impl Agent {
             coordinator,
             info: Mutex::new(info),
             lease: Mutex::new(None),
+            draining: watch::channel(false).0,
+        }
+    }
+
+    /// Whether the node is being drained: it takes no new sessions and its
+    /// room-event clients are sent elsewhere.
+    pub fn draining(&self) -> watch::Receiver<bool> {
+        self.draining.subscribe()
+    }
+
+    /// Reads the operator's flags for this node (kept when the coordinator
+    /// does not answer).
+    async fn read_flags(&self) {
+        let Some(id) = self.node_id() else { return };
+        let Ok(Ok(flags)) =
+            tokio::time::timeout(Duration::from_secs(2), self.coordinator.node_flags()).await
+        else {
+            return;
+        };
+        let draining = flags.get(&id).is_some_and(|f| f.draining);
+        if let Ok(mut info) = self.info.lock() {
+            info.draining = draining;
+        }
+        if *self.draining.borrow() != draining {
+            tracing::warn!(draining, "node drain flag changed");
+            metrics::gauge!("weir_node_draining").set(if draining { 1.0 } else { 0.0 });
+            self.draining.send_replace(draining);
         }
     }
 
@@ -84,6 +113,7 @@ impl Agent {
                 _ = tick.tick() => {}
                 _ = shutdown.changed() => break,
             }
+            self.read_flags().await;
             let stats = shard.stats();
             let load = NodeLoad {
                 reported_at_ms: unix_ms(),

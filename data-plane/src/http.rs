@@ -88,6 +88,17 @@ fn unavailable() -> ApiError {
     ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the node is shutting down")
 }
 
+/// New sessions are refused while an operator drains the node.
+fn refuse_if_draining(state: &AppState) -> Result<(), ApiError> {
+    if *state.agent.draining().borrow() {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this node is draining: ask the control plane for another",
+        ));
+    }
+    Ok(())
+}
+
 pub(crate) fn router(state: AppState) -> Router {
     let trace = TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
         let request_id = req
@@ -317,6 +328,9 @@ async fn whep_post(
     let room = parse_room(&room)?;
     tracing::Span::current().record("room", room.as_str());
     let viewer = authorize(&state, &headers, &room, Mode::Play)?;
+    // Viewers go elsewhere; a publisher is still taken (an encoder such as
+    // OBS has one fixed URL and must be able to reconnect to its origin).
+    refuse_if_draining(&state)?;
     let offer = body_text(&headers, body, SDP)?;
     let accepted = state
         .shard
@@ -449,8 +463,12 @@ async fn metrics(State(state): State<AppState>) -> Response {
     res
 }
 
-/// Ready while the shard loop is alive (its stats are fresh).
+/// Ready while the shard loop is alive (its stats are fresh) and the node
+/// is not being drained (load balancers then stop sending new clients).
 async fn readyz(State(state): State<AppState>) -> Response {
+    if *state.agent.draining().borrow() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response();
+    }
     let fresh = state
         .shard
         .stats()

@@ -197,6 +197,7 @@ impl Node {
             hub: Arc::clone(&hub),
             verifier: Arc::clone(&verifier),
             stop: events_stop_rx,
+            draining: agent.draining(),
         };
         let state = http::AppState {
             shard: shard.clone(),

@@ -40,6 +40,8 @@ pub(crate) struct EventsState {
     pub hub: Arc<Hub>,
     pub verifier: Arc<TokenVerifier>,
     pub stop: watch::Receiver<bool>,
+    /// The node is drained: clients are sent elsewhere.
+    pub draining: watch::Receiver<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -128,6 +130,12 @@ pub(crate) async fn events(
             format!("the token is for room {}, not {room}", claims.room),
         );
     }
+    if *state.draining.borrow() {
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this node is draining: ask the control plane for another",
+        );
+    }
     let ws = match ws {
         Ok(ws) => ws,
         Err(e) => {
@@ -145,6 +153,7 @@ pub(crate) async fn events(
         streamer: claims.mode == Mode::Publish,
         format,
         stop: state.stop.clone(),
+        draining: state.draining.clone(),
     };
     ws.max_message_size(limits.max_frame_bytes)
         .max_frame_size(limits.max_frame_bytes)
@@ -158,6 +167,7 @@ struct Client {
     streamer: bool,
     format: Format,
     stop: watch::Receiver<bool>,
+    draining: watch::Receiver<bool>,
 }
 
 /// Why a connection ends.
@@ -211,7 +221,11 @@ impl Client {
                 let _ = socket.send(bye).await;
                 let _ = socket
                     .send(Message::Close(Some(CloseFrame {
-                        code: if code == "shutdown" { 1001 } else { 1008 },
+                        code: if code == "shutdown" || code == "drain" {
+                            1001
+                        } else {
+                            1008
+                        },
                         reason: code.into(),
                     })))
                     .await;
@@ -248,6 +262,7 @@ impl Client {
         let mut cursor = start.from_seq;
         let mut head = feed.head();
         let mut stop = self.stop.clone();
+        let mut draining = self.draining.clone();
         let limits = self.hub.limits();
         let mut danmaku_bucket = Bucket::new(limits.conn_burst);
         let mut like_bucket = Bucket::new(20.0);
@@ -303,6 +318,11 @@ impl Client {
                 changed = head.changed() => {
                     if changed.is_err() {
                         return End::Bye("room_closed", "the room's feed stopped".into());
+                    }
+                }
+                Ok(()) = draining.changed() => {
+                    if *draining.borrow() {
+                        return End::Bye("drain", "this node is draining: reconnect through the control plane (with since and epoch)".into());
                     }
                 }
                 _ = stop.changed() => {
