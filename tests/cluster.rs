@@ -8,6 +8,10 @@
 //! of two versions (`--node-version blue|green`): all to one, the flip, a
 //! split, and the survivor taking everyone when the weighted version dies.
 //!
+//! The whole picture: two `weir control` replicas and three nodes; a node
+//! killed, a replica killed, cordon and drain, and a config change reaching
+//! every node.
+//!
 //! `measure_node_death_to_removal` (ignored by default) measures how long a
 //! killed node stays in the scheduler's answers; see bench/RESULTS.md.
 #![allow(clippy::unwrap_used)]
@@ -37,9 +41,15 @@ struct Control {
 }
 
 fn start_control(dir: &Path, etcd: &str) -> Control {
+    start_control_named(dir, etcd, "control")
+}
+
+/// [`start_control`] logging to `{name}.log` (replicas share the data dir,
+/// and so the token key).
+fn start_control_named(dir: &Path, etcd: &str, name: &str) -> Control {
     let data = dir.join("control-data");
     let proc = Proc::spawn(
-        "control",
+        name,
         dir,
         &[
             "control",
@@ -570,5 +580,139 @@ async fn measure_node_death_to_removal() {
         "kill -9 -> node key deleted by lease expiry ({runs} runs): {}",
         summary(keys)
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The node's applied config revision (`weir_config_revision`).
+async fn node_config_revision(node: &NodeProc) -> f64 {
+    let r = request(
+        "GET",
+        &format!("{}/metrics", node.url),
+        &[],
+        b"",
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    r.text()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("weir_config_revision ")
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn two_replicas_and_three_nodes_through_kills_cordon_drain_and_config() {
+    let etcd = Etcd::start();
+    let dir = temp_dir("cluster-all");
+    let a = start_control_named(&dir, &etcd.endpoint(), "control-a");
+    let mut b = start_control_named(&dir, &etcd.endpoint(), "control-b");
+    let mut nodes: Vec<NodeProc> = ["n1", "n2", "n3"]
+        .iter()
+        .map(|id| start_node(&dir, id, &etcd.endpoint(), &a))
+        .collect();
+    for control in [&a, &b] {
+        wait_for_nodes(control, &["n1", "n2", "n3"], START_DEADLINE).await;
+    }
+    for n in &nodes {
+        wait_ready(n).await;
+    }
+
+    // Every answer offers every live node, ranked by load (equal here: no
+    // sessions yet, so ties go by node id).
+    let (status, ids) = assign_viewer(&b.url, "lobby").await;
+    assert_eq!(
+        (status, ids),
+        (200, vec!["n1".into(), "n2".into(), "n3".into()])
+    );
+
+    // kill -9 of n2: out of both replicas' answers within the lease TTL,
+    // and a viewer who asks again gets live nodes.
+    nodes[1].proc.kill9();
+    for control in [&a, &b] {
+        let gone = wait_for_nodes(control, &["n1", "n3"], NODE_TTL + Duration::from_secs(2)).await;
+        eprintln!("n2 left the answers of a replica after {gone:?}");
+    }
+
+    // kill -9 of replica A: a client that retries on B is served as before.
+    let mut a = a;
+    a.proc.kill9();
+    let (status, ids) = assign_viewer(&b.url, "lobby").await;
+    assert_eq!((status, sorted(ids)), (200, vec!["n1".into(), "n3".into()]));
+
+    // Cordon and drain through weir ctl on B.
+    ctl_ok(&b.url, &["nodes", "cordon", "n1"]);
+    wait_for_nodes(&b, &["n3"], Duration::from_secs(5)).await;
+    ctl_ok(&b.url, &["nodes", "drain", "n3"]);
+    let (status, _) = assign_viewer(&b.url, "lobby").await;
+    assert_eq!(status, 503, "no node left to take viewers");
+    let drained = &nodes[2];
+    let started = Instant::now();
+    loop {
+        let r = request(
+            "GET",
+            &format!("{}/readyz", drained.url),
+            &[],
+            b"",
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        if r.status == 503 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "n3 never noticed its drain"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for n in ["n1", "n3"] {
+        ctl_ok(&b.url, &["nodes", "uncordon", n]);
+    }
+    wait_for_nodes(&b, &["n1", "n3"], Duration::from_secs(10)).await;
+
+    // A config change reaches every live node (they apply chat.* keys); a
+    // bad value is refused and reaches nobody.
+    let bad = Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args([
+            "ctl",
+            "--control",
+            &b.url,
+            "config",
+            "set",
+            "chat.conn_rate=-1",
+        ])
+        .env_remove("WEIR_CONTROL")
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(64), "{bad:?}");
+    let revisions = [
+        node_config_revision(&nodes[0]).await,
+        node_config_revision(&nodes[2]).await,
+    ];
+    ctl_ok(&b.url, &["config", "set", "chat.conn_burst=7"]);
+    let set_at = Instant::now();
+    for (node, before) in [&nodes[0], &nodes[2]].into_iter().zip(revisions) {
+        loop {
+            if node_config_revision(node).await > before {
+                eprintln!(
+                    "{} applied the config change after {:?}",
+                    node.id,
+                    set_at.elapsed()
+                );
+                break;
+            }
+            assert!(
+                set_at.elapsed() < Duration::from_secs(10),
+                "{} never applied the change",
+                node.id
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    b.proc.kill9();
     let _ = std::fs::remove_dir_all(&dir);
 }
