@@ -4,6 +4,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Request, State};
@@ -65,7 +66,9 @@ pub async fn router(state: Arc<ControlState>, render_metrics: RenderMetrics) -> 
         Ok(reflection) => grpc = grpc.add_service(reflection),
         Err(e) => tracing::warn!(error = %e, "gRPC reflection is unavailable"),
     }
-    let grpc = grpc.into_axum_router();
+    let grpc = grpc
+        .into_axum_router()
+        .layer(axum::middleware::from_fn(grpc_deadline));
 
     let ops = Router::new()
         .route("/healthz", get(|| async { "ok" }))
@@ -121,6 +124,59 @@ pub async fn serve_shared(
     served
 }
 
+/// Most a client may ask for in `grpc-timeout` (longer asks are capped).
+pub const MAX_DEADLINE: Duration = Duration::from_secs(300);
+
+/// A gRPC client's deadline (`grpc-timeout: 250m`): the call, with every
+/// coordinator, store and bus call it makes, is dropped when it passes and
+/// the client gets `DEADLINE_EXCEEDED`. A dropped store transaction rolls
+/// back, so nothing is half written. A malformed header is ignored (the
+/// gRPC spec lets servers do so), and deadlines are capped at
+/// [`MAX_DEADLINE`].
+async fn grpc_deadline(request: Request, next: axum::middleware::Next) -> Response {
+    let deadline = request
+        .headers()
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_grpc_timeout)
+        .map(|d| d.min(MAX_DEADLINE));
+    let Some(deadline) = deadline else {
+        return next.run(request).await;
+    };
+    let path = request.uri().path().to_owned();
+    match tokio::time::timeout(deadline, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => {
+            metrics::counter!("weir_grpc_deadline_exceeded_total").increment(1);
+            tracing::info!(%path, ?deadline, "gRPC call passed its deadline");
+            let status = tonic::Status::deadline_exceeded(format!(
+                "the call did not finish within its deadline of {deadline:?}"
+            ));
+            let (parts, ()) = status.into_http::<()>().into_parts();
+            Response::from_parts(parts, axum::body::Body::empty())
+        }
+    }
+}
+
+/// Parses a `grpc-timeout` value: up to 8 digits and a unit (`H`, `M`, `S`,
+/// `m`, `u`, `n`).
+pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
 async fn readyz(State(state): State<Arc<ControlState>>) -> Response {
     match state.ready().await {
         Ok(()) => (StatusCode::OK, "ready").into_response(),
@@ -161,4 +217,62 @@ async fn not_found(request: Request) -> Response {
         ),
     }
     .into_response()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use tower::ServiceExt;
+
+    async fn call(timeout: Option<&str>, handler_ms: u64) -> Response {
+        let app = Router::new()
+            .route(
+                "/weir.v1.Slow/Call",
+                axum::routing::post(move || async move {
+                    tokio::time::sleep(Duration::from_millis(handler_ms)).await;
+                    "done"
+                }),
+            )
+            .layer(axum::middleware::from_fn(grpc_deadline));
+        let mut request =
+            Request::post("/weir.v1.Slow/Call").header(header::CONTENT_TYPE, "application/grpc");
+        if let Some(t) = timeout {
+            request = request.header("grpc-timeout", t);
+        }
+        app.oneshot(request.body(axum::body::Body::empty()).unwrap())
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_call_past_its_deadline_is_dropped_with_deadline_exceeded() {
+        let late = call(Some("50m"), 5_000).await;
+        assert_eq!(
+            late.headers().get("grpc-status").unwrap(),
+            &(tonic::Code::DeadlineExceeded as i32).to_string()
+        );
+        for (timeout, ms) in [(Some("5S"), 10), (None, 10), (Some("garbage"), 10)] {
+            let on_time = call(timeout, ms).await;
+            assert_eq!(on_time.status(), StatusCode::OK);
+            assert!(
+                on_time.headers().get("grpc-status").is_none(),
+                "{timeout:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn grpc_timeouts_parse_per_the_spec() {
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(
+            parse_grpc_timeout("99999999n"),
+            Some(Duration::from_nanos(99_999_999))
+        );
+        for bad in ["", "m", "123456789m", "12x", "-1S", "1.5S", "1 S"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
+        }
+    }
 }
