@@ -8,9 +8,9 @@
 //! of two versions (`--node-version blue|green`): all to one, the flip, a
 //! split, and the survivor taking everyone when the weighted version dies.
 //!
-//! The whole picture: two `weir control` replicas and three nodes; a node
-//! killed, a replica killed, cordon and drain, and a config change reaching
-//! every node.
+//! The whole picture: two `weir control` replicas and three nodes; viewers
+//! spread, a node killed, a replica killed, cordon and drain, and a config
+//! change reaching every node.
 //!
 //! `measure_node_death_to_removal` (ignored by default) measures how long a
 //! killed node stays in the scheduler's answers; see bench/RESULTS.md.
@@ -620,12 +620,18 @@ async fn two_replicas_and_three_nodes_through_kills_cordon_drain_and_config() {
         wait_ready(n).await;
     }
 
-    // Every answer offers every live node, ranked by load (equal here: no
-    // sessions yet, so ties go by node id).
+    // Every answer offers every live node, ranked by load; equally loaded
+    // ones (no sessions yet) in an order drawn per viewer, so viewers spread.
     let (status, ids) = assign_viewer(&b.url, "lobby").await;
     assert_eq!(
-        (status, ids),
+        (status, sorted(ids)),
         (200, vec!["n1".into(), "n2".into(), "n3".into()])
+    );
+    let spread = first_nodes(&b.url, 30).await;
+    assert_eq!(
+        spread.len(),
+        3,
+        "every node is first for some viewers: {spread:?}"
     );
 
     // kill -9 of n2: out of both replicas' answers within the lease TTL,

@@ -116,7 +116,11 @@ impl<'a> Snapshot<'a> {
     }
 
     /// Healthy nodes with room for one more session, best first: those in
-    /// `region` (when given) before the others, then the least loaded.
+    /// `region` (when given) before the others, then the least loaded, and
+    /// among equally loaded ones an order drawn from the client's draw
+    /// (rendezvous hashing): a burst of new rooms or viewers between two
+    /// load reports spreads over the equally loaded nodes instead of piling
+    /// onto one, while one client keeps its order.
     fn ranked_nodes(&self, region: Option<&str>) -> Vec<&'a NodeInfo> {
         let region = region.filter(|r| !r.is_empty());
         let mut nodes: Vec<&NodeInfo> = self
@@ -129,9 +133,17 @@ impl<'a> Snapshot<'a> {
             in_region(b)
                 .cmp(&in_region(a))
                 .then_with(|| compare_load(a, b))
+                .then_with(|| self.tie(a).cmp(&self.tie(b)))
                 .then_with(|| a.id.cmp(&b.id))
         });
         nodes
+    }
+}
+
+impl Snapshot<'_> {
+    /// The node's place among equally loaded ones for this draw.
+    fn tie(&self, node: &NodeInfo) -> u64 {
+        crate::rollout::stable_draw(&format!("{}/{}", self.draw, node.id))
     }
 }
 
@@ -327,7 +339,7 @@ mod tests {
     }
 
     #[test]
-    fn region_first_then_load_ratio_then_id() {
+    fn region_first_then_load_ratio_then_a_drawn_order() {
         let nodes = [
             node("us-busy", "us", 50, 100),
             node("eu-busy", "eu", 90, 100),
@@ -337,20 +349,37 @@ mod tests {
             node("b-tie", "ap", 5, 10),
             node("a-tie", "ap", 5, 10),
         ];
-        let s = snap(&nodes, &[]);
-        assert_eq!(
-            ids(&rank_for_viewer(&s, &room("r"), Some("eu"))),
-            [
-                "eu-idle", "eu-busy", "us-idle2", "us-idle", "a-tie", "b-tie", "us-busy"
-            ]
-        );
+        let mut s = snap(&nodes, &[]);
+        // a-tie, b-tie and us-busy are all half full: their order is drawn.
+        let tied = |v: &[String]| -> Vec<String> {
+            let mut t = v.to_vec();
+            t.sort();
+            t
+        };
+        let eu = ids(&rank_for_viewer(&s, &room("r"), Some("eu")));
+        assert_eq!(eu[..4], ["eu-idle", "eu-busy", "us-idle2", "us-idle"]);
+        assert_eq!(tied(&eu[4..]), ["a-tie", "b-tie", "us-busy"]);
         // No region, or an empty one: load alone.
-        let plain = [
-            "eu-idle", "us-idle2", "us-idle", "a-tie", "b-tie", "us-busy", "eu-busy",
-        ];
-        assert_eq!(ids(&rank_for_viewer(&s, &room("r"), None)), plain);
+        let plain = ids(&rank_for_viewer(&s, &room("r"), None));
+        assert_eq!(plain[..3], ["eu-idle", "us-idle2", "us-idle"]);
+        assert_eq!(tied(&plain[3..6]), ["a-tie", "b-tie", "us-busy"]);
+        assert_eq!(plain[6], "eu-busy");
         assert_eq!(ids(&rank_for_viewer(&s, &room("r"), Some(""))), plain);
         assert_eq!(ids(&rank_for_publisher(&s, &room("r"))), plain);
+        // One draw, one order; many draws spread the ties.
+        let mut firsts = BTreeMap::new();
+        for i in 0..300 {
+            s.draw = crate::rollout::stable_draw(&format!("room-{i}"));
+            let order = ids(&rank_for_viewer(&s, &room("r"), None));
+            assert_eq!(order, ids(&rank_for_viewer(&s, &room("r"), None)));
+            *firsts.entry(order[3].to_owned()).or_insert(0) += 1;
+        }
+        assert_eq!(
+            firsts.len(),
+            3,
+            "every tied node comes first for some: {firsts:?}"
+        );
+        assert!(firsts.values().all(|n| *n >= 50), "{firsts:?}");
     }
 
     #[test]
@@ -474,12 +503,12 @@ mod tests {
         let green = RolloutWeights::parse("blue=0,green=100").unwrap();
         s.rollout = &green;
         assert_eq!(first_versions(&s, 1000).get("green"), Some(&1000));
-        // No weights: every version is equal, ranked by load and id.
+        // No weights: every version is equal, ranked by load (all equal
+        // here: a drawn order).
         s.rollout = &NO_WEIGHTS;
-        assert_eq!(
-            ids(&rank_for_viewer(&s, &room("r"), None)),
-            ["blue", "green", "old"]
-        );
+        let mut all = ids(&rank_for_viewer(&s, &room("r"), None));
+        all.sort();
+        assert_eq!(all, ["blue", "green", "old"]);
     }
 
     #[test]
