@@ -1133,7 +1133,17 @@ pub async fn measure(args: &EventsArgs) -> anyhow::Result<EventsReport> {
             }
         }));
     }
+    let connecting = Instant::now();
     let _ = tokio::time::timeout(CONNECT_PHASE_LIMIT, ready_rx.wait_for(|r| *r >= n)).await;
+    // Progress on stderr (the report goes to stdout): scripts wait for
+    // "sending" to sample CPU over the sending phase.
+    eprintln!(
+        "connected {} of {n} ({} failed) in {:.1} s; sending for {} s",
+        ctx.stats.connected.load(Relaxed),
+        ctx.stats.connect_failed.load(Relaxed),
+        connecting.elapsed().as_secs_f64(),
+        args.duration
+    );
     // Let the last hellos settle (and the node's online counts go out).
     tokio::time::sleep(Duration::from_millis(500)).await;
     let start = Instant::now() + Duration::from_millis(200);
