@@ -25,7 +25,8 @@
 # (subscribers in all, 19000: see below), RC_SUBS (10000), RC_ROOMS (1),
 # RATE (200 danmaku/s), DURATION (20 s of sending), RC_AT (8 s), RC_AWAY_MS
 # (2000), TARGETS ("weir-local weir-js nats-ws"), OUT (JSON lines appended,
-# bench/events-runs.jsonl).
+# bench/events-runs.jsonl), PROFILE_DIR (when set, a CPU flamegraph of the
+# node over each weir case's sending phase, from /debug/pprof/profile).
 #
 # File descriptors: every WebSocket is one fd in the client and one in the
 # server; the hard limit here is `ulimit -Hn` (20000, and raising it is not
@@ -51,6 +52,7 @@ RC_AWAY_MS=${RC_AWAY_MS:-2000}
 CONCURRENCY=${CONCURRENCY:-1000}
 TARGETS=${TARGETS:-"weir-local weir-js nats-ws"}
 OUT=${OUT:-bench/events-runs.jsonl}
+PROFILE_DIR=${PROFILE_DIR:-}   # set: a flamegraph of the node per weir case
 for t in nats-server curl python3; do
   command -v "$t" >/dev/null || { echo "missing $t (deploy/setup.sh --test)" >&2; exit 2; }
 done
@@ -147,6 +149,10 @@ run_case() { # name target subs rooms [extra loadtest flags...]
     ltc=$(pgrep -P "$lt" | head -1)   # weir under `timeout`
     sleep 1
     s0=$(ticks "${server_pids[@]}"); c0=$(ticks "$ltc")
+    if [ -n "$PROFILE_DIR" ] && [ "$target" != nats-ws ]; then
+      mkdir -p "$PROFILE_DIR"
+      curl -s "$url/debug/pprof/profile?seconds=$((window - 1))" -o "$PROFILE_DIR/$name-$target.svg" &
+    fi
     sleep "$window"
     s1=$(ticks "${server_pids[@]}"); c1=$(ticks "$ltc")
     sampled=1
@@ -203,14 +209,15 @@ for r in rows:
 rc = [r for r in rows if r.get("reconnect")]
 if rc:
     print()
-    print("| case | side | clients away | back | recovered / not | replayed (missed) | reconnect p50 / p99 ms | caught up p50 / p99 ms | all caught up | gaps |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| case | side | clients away | back | recovered / not | missed (node's count) | reconnect p50 / p99 ms | caught up p50 / p99 ms | all caught up | replayed danmaku, latency p50 / p99 ms | gaps |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rc:
         c = r["reconnect"]
         allc = f"{c['all_caught_up_ms']:.0f} ms" if c.get("all_caught_up_ms") is not None else f"no ({c['caught_up']} of {c['clients']})"
         print(f"| {r['case']} | {r['side']} | {c['clients']} | {c['reconnected']} | {c['recovered']} / {c['not_recovered']} | "
               f"{c['missed']} | {p(c.get('connect_ms'),'p50')} / {p(c.get('connect_ms'),'p99')} | "
-              f"{p(c.get('caught_up_ms'),'p50')} / {p(c.get('caught_up_ms'),'p99')} | {allc} | {r['gaps']} |")
+              f"{p(c.get('caught_up_ms'),'p50')} / {p(c.get('caught_up_ms'),'p99')} | {allc} | "
+              f"{c.get('replayed', 0)}, {p(c.get('replayed_latency_ms'),'p50')} / {p(c.get('replayed_latency_ms'),'p99')} | {r['gaps']} |")
 PY
 }
 

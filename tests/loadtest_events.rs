@@ -97,6 +97,10 @@ fn a_mass_reconnect_recovers_every_client() {
     // Recovery replayed what they missed: nothing lost across the gap.
     assert_eq!(r["gaps"], 0, "{r}");
     assert_eq!(r["deliveries"], r["expected_deliveries"], "{r}");
+    // Live and replayed deliveries are timed apart.
+    let live = r["latency_ms"]["count"].as_u64().unwrap();
+    let replayed = rc["replayed"].as_u64().unwrap();
+    assert_eq!(Some(live + replayed), r["deliveries"].as_u64(), "{r}");
 }
 
 #[test]
@@ -108,12 +112,20 @@ fn bad_arguments_are_refused_before_any_traffic() {
         (vec!["--target", "nats-ws", "--reconnect"], "--url"),
         (vec!["--rooms", "3", "--token", "x"], "--token"),
     ] {
-        let mut all = vec!["--url", "http://127.0.0.1:1", "--control", "http://127.0.0.1:1"];
+        let mut all = vec![
+            "--url",
+            "http://127.0.0.1:1",
+            "--control",
+            "http://127.0.0.1:1",
+        ];
         all.extend(args);
         let (code, _, stderr) = loadtest(&all);
         assert_ne!(code, 0, "{all:?} should be refused");
         assert!(stderr.contains(want), "{all:?}: {stderr}");
-        assert!(!stderr.contains("cannot mint"), "refused after traffic: {stderr}");
+        assert!(
+            !stderr.contains("cannot mint"),
+            "refused after traffic: {stderr}"
+        );
     }
     // A clap-level mistake exits 64 (usage).
     let (code, _, _) = loadtest(&["--rate", "fast"]);

@@ -254,6 +254,11 @@ pub struct ReconnectReport {
     pub not_recovered: u64,
     /// Events the node said it would replay, over all clients.
     pub missed: u64,
+    /// Danmaku of this run received while catching up (sent while away;
+    /// counted in `deliveries` too) and their send-to-receive time, which
+    /// includes the time away.
+    pub replayed: u64,
+    pub replayed_latency_ms: Option<Percentiles>,
     /// From the reconnect instant to the hello frame.
     pub connect_ms: Option<Percentiles>,
     /// From the reconnect instant to an event at or past the newest
@@ -288,7 +293,8 @@ pub struct EventsReport {
     /// their room.
     pub expected_deliveries: u64,
     pub deliveries_per_s: f64,
-    /// Send to receive, milliseconds.
+    /// Send to receive, milliseconds, of live deliveries (not those
+    /// replayed after a reconnect: see [`ReconnectReport`]).
     pub latency_ms: Option<Percentiles>,
     /// Send to the node's ack, milliseconds (Weir).
     pub ack_ms: Option<Percentiles>,
@@ -424,6 +430,8 @@ struct Stats {
     disconnects: Mutex<BTreeMap<String, u64>>,
     errors: Mutex<Vec<String>>,
     latency: Mutex<Option<Histogram<u64>>>,
+    replayed: AtomicU64,
+    replayed_us: Mutex<Option<Histogram<u64>>>,
     ack: Mutex<Option<Histogram<u64>>>,
     connect_us: Mutex<Option<Histogram<u64>>>,
     /// Per room: acknowledged (Weir) or sent (NATS) danmaku.
@@ -445,6 +453,7 @@ impl Stats {
     fn new(rooms: usize) -> Self {
         Self {
             latency: Mutex::new(Some(histogram())),
+            replayed_us: Mutex::new(Some(histogram())),
             ack: Mutex::new(Some(histogram())),
             connect_us: Mutex::new(Some(histogram())),
             rc_connect_us: Mutex::new(Some(histogram())),
@@ -485,6 +494,10 @@ struct Local {
     deliveries: u64,
     other: u64,
     latency_us: Vec<u64>,
+    /// Deliveries replayed after a reconnect (sent while the client was
+    /// away), kept apart from live ones.
+    replayed: u64,
+    replayed_us: Vec<u64>,
     ack_us: Vec<u64>,
 }
 
@@ -492,12 +505,26 @@ impl Local {
     fn flush(&mut self, stats: &Stats) {
         stats.deliveries.fetch_add(self.deliveries, Relaxed);
         stats.other.fetch_add(self.other, Relaxed);
+        stats.replayed.fetch_add(self.replayed, Relaxed);
         self.deliveries = 0;
         self.other = 0;
+        self.replayed = 0;
         Stats::record(&stats.latency, &self.latency_us);
+        Stats::record(&stats.replayed_us, &self.replayed_us);
         Stats::record(&stats.ack, &self.ack_us);
         self.latency_us.clear();
+        self.replayed_us.clear();
         self.ack_us.clear();
+    }
+
+    fn replayed(&mut self, sent_us: u64, stats: &Stats) {
+        self.deliveries += 1;
+        self.replayed += 1;
+        self.replayed_us
+            .push(now_us().saturating_sub(sent_us).max(1));
+        if self.replayed_us.len() >= FLUSH_EVERY {
+            self.flush(stats);
+        }
     }
 
     fn delivered(&mut self, sent_us: u64, stats: &Stats) {
@@ -660,17 +687,18 @@ async fn weir_client(ctx: Arc<Ctx>, i: usize) {
     let stats = &ctx.stats;
     let started = Instant::now();
     let opened = open_weir(&ctx, &events_url(&ctx, room, &token, None)).await;
-    ctx.client_ready();
     let (mut ws, hello) = match opened {
         Ok(v) => v,
         Err(e) => {
             stats.connect_failed.fetch_add(1, Relaxed);
             stats.error(format!("client {i}: {e}"));
+            ctx.client_ready();
             return;
         }
     };
     stats.connected.fetch_add(1, Relaxed);
     Stats::record(&stats.connect_us, &[started.elapsed().as_micros() as u64]);
+    ctx.client_ready();
     let mut chain = Chain {
         last: Some(hello.offset),
         epoch: hello.epoch,
@@ -812,6 +840,9 @@ fn weir_frame(
                 stats.gaps.fetch_add(1, Relaxed);
             }
             chain.last = Some(f.offset);
+            // Until it reaches the target the client is replaying what it
+            // missed (the target event included).
+            let replaying = catch_up.is_some();
             if let Some(c) = catch_up
                 && f.offset >= c.target
             {
@@ -823,6 +854,7 @@ fn weir_frame(
                 *catch_up = None;
             }
             match (f.kind, f.text.and_then(|t| sent_us(t, ctx.run))) {
+                (Some("danmaku"), Some(sent)) if replaying => local.replayed(sent, stats),
                 (Some("danmaku"), Some(sent)) => local.delivered(sent, stats),
                 _ => local.other += 1,
             }
@@ -917,17 +949,18 @@ async fn nats_client(ctx: Arc<Ctx>, i: usize) {
     let stats = &ctx.stats;
     let started = Instant::now();
     let opened = open_nats(&ctx, &subject).await;
-    ctx.client_ready();
     let (mut ws, mut reader) = match opened {
         Ok(v) => v,
         Err(e) => {
             stats.connect_failed.fetch_add(1, Relaxed);
             stats.error(format!("client {i}: {e}"));
+            ctx.client_ready();
             return;
         }
     };
     stats.connected.fetch_add(1, Relaxed);
     Stats::record(&stats.connect_us, &[started.elapsed().as_micros() as u64]);
+    ctx.client_ready();
     let mut local = Local::default();
     let mut plan_rx = ctx.plan.clone();
     let mut plan: Option<Plan> = *plan_rx.borrow_and_update();
@@ -1187,6 +1220,8 @@ pub async fn measure(args: &EventsArgs) -> anyhow::Result<EventsReport> {
             recovered: s.rc_recovered.load(Relaxed),
             not_recovered: s.rc_not_recovered.load(Relaxed),
             missed: s.rc_missed.load(Relaxed),
+            replayed: s.replayed.load(Relaxed),
+            replayed_latency_ms: Stats::take(&s.replayed_us),
             connect_ms: Stats::take(&s.rc_connect_us),
             caught_up_ms: Stats::take(&s.rc_caught_up_us),
             caught_up,
@@ -1278,6 +1313,7 @@ fn print_table(r: &EventsReport) {
     if let Some(rc) = &r.reconnect {
         rows.push(("reconnect (ms)", &rc.connect_ms));
         rows.push(("caught up (ms)", &rc.caught_up_ms));
+        rows.push(("replayed latency (ms)", &rc.replayed_latency_ms));
     }
     for (name, p) in rows {
         match p {
