@@ -22,9 +22,11 @@
 #   bench/run-events.sh [one-room|many-rooms|reconnect|all]
 #
 # Settings (environment): ONE_SUBS (10000), MANY_ROOMS (1000), MANY_SUBS
-# (subscribers in all, 19000: see below), RC_SUBS (10000), RC_ROOMS (1),
-# RATE (200 danmaku/s), DURATION (20 s of sending), RC_AT (8 s), RC_AWAY_MS
-# (2000), TARGETS ("weir-local weir-js nats-ws"), OUT (JSON lines appended,
+# (subscribers in all, 19000: see below), RC_SUBS (10000), RC_ROOMS (100),
+# RATE (200 danmaku/s), DURATION (20 s of sending), DRAIN (5 s more to
+# count deliveries), CONCURRENCY (1000 connects in flight),
+# RC_CONCURRENCY (RC_SUBS: every reconnect at once), RC_AT (8 s),
+# RC_AWAY_MS (2000), TARGETS ("weir-local weir-js nats-ws"), OUT (JSON lines appended,
 # bench/events-runs.jsonl), PROFILE_DIR (when set, a CPU flamegraph of the
 # node over each weir case's sending phase, from /debug/pprof/profile).
 #
@@ -41,15 +43,16 @@ WEIR_SRC=${WEIR_BIN:-$TARGET_DIR/release/weir}
 WHAT=${1:-all}
 RATE=${RATE:-200}
 DURATION=${DURATION:-20}
-DRAIN=${DRAIN:-3}
+DRAIN=${DRAIN:-5}
 ONE_SUBS=${ONE_SUBS:-10000}
 MANY_ROOMS=${MANY_ROOMS:-1000}
 MANY_SUBS=${MANY_SUBS:-19000}
 RC_SUBS=${RC_SUBS:-10000}
-RC_ROOMS=${RC_ROOMS:-1}
+RC_ROOMS=${RC_ROOMS:-100}
 RC_AT=${RC_AT:-8}
 RC_AWAY_MS=${RC_AWAY_MS:-2000}
 CONCURRENCY=${CONCURRENCY:-1000}
+RC_CONCURRENCY=${RC_CONCURRENCY:-$RC_SUBS}   # reconnects in flight at once: all
 TARGETS=${TARGETS:-"weir-local weir-js nats-ws"}
 OUT=${OUT:-bench/events-runs.jsonl}
 PROFILE_DIR=${PROFILE_DIR:-}   # set: a flamegraph of the node per weir case
@@ -139,7 +142,7 @@ run_case() { # name target subs rooms [extra loadtest flags...]
   : >"$work/lt.err"
   timeout $((DURATION + DRAIN + 300)) "$WEIR" --log-format json loadtest events --target "$t" --url "$url" \
     ${control:+--control "$control"} --room "$name" --rooms "$rooms" --subscribers "$subs" --rate "$RATE" \
-    --duration "$DURATION" --drain "$DRAIN" --connect-concurrency "$CONCURRENCY" --json "$@" \
+    --duration "$DURATION" --drain "$DRAIN" --json "$@" \
     >"$work/lt.json" 2>"$work/lt.err" &
   local lt=$! ltc=""
   # CPU over the sending phase: from 1 s after "sending" for DURATION-2 s.
@@ -226,11 +229,12 @@ for what in one-room many-rooms reconnect; do
   [ "$WHAT" = all ] || [ "$WHAT" = "$what" ] || continue
   for target in $TARGETS; do
     case $what in
-      one-room) run_case one "$target" "$ONE_SUBS" 1 ;;
-      many-rooms) run_case many "$target" "$MANY_SUBS" "$MANY_ROOMS" ;;
+      one-room) run_case one "$target" "$ONE_SUBS" 1 --connect-concurrency "$CONCURRENCY" ;;
+      many-rooms) run_case many "$target" "$MANY_SUBS" "$MANY_ROOMS" --connect-concurrency "$CONCURRENCY" ;;
       reconnect)
         [ "$target" = nats-ws ] && continue   # core NATS has no recovery
-        run_case rc "$target" "$RC_SUBS" "$RC_ROOMS" --reconnect --reconnect-at "$RC_AT" --away-ms "$RC_AWAY_MS" ;;
+        run_case rc "$target" "$RC_SUBS" "$RC_ROOMS" --reconnect --reconnect-at "$RC_AT" \
+          --away-ms "$RC_AWAY_MS" --connect-concurrency "$RC_CONCURRENCY" ;;
     esac
   done
 done
