@@ -75,7 +75,10 @@ cleanup() {
 trap cleanup EXIT
 tck=$(getconf CLK_TCK)
 ticks() { local s=0 p; for p in "$@"; do s=$((s + $(awk '{print $14+$15}' "/proc/$p/stat" 2>/dev/null || echo 0))); done; echo "$s"; }
-wait_http() { for _ in $(seq 200); do curl -sf "$1" >/dev/null 2>&1 && return; sleep 0.1; done; echo "no answer from $1" >&2; exit 1; }
+wait_http() { # url [log]
+  for _ in $(seq 300); do curl -sf "$1" >/dev/null 2>&1 && return; sleep 0.1; done
+  echo "no answer from $1" >&2; [ -n "${2:-}" ] && tail -20 "$2" >&2; exit 1
+}
 stop() { for p in "$@"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; }
 
 echo "machine: nproc=$(nproc), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(uname -r), ulimit -n $(ulimit -n)"
@@ -117,20 +120,20 @@ run_case() { # name target subs rooms [extra loadtest flags...]
         --srt 127.0.0.1:49000 --shards 1 --hls-segment 0 --snapshot-interval 0 --ladder off \
         --data-dir "$work/dev-$name" >"$work/dev.out" 2>"$work/dev-$name.log" &
       server_pids=($!); pids+=("$!")
-      wait_http http://127.0.0.1:48080/readyz
+      wait_http http://127.0.0.1:48080/readyz "$work/dev-$name.log"
       url=http://127.0.0.1:48080 control=http://127.0.0.1:47000 ;;
     weir-js)
       "$WEIR" --log-format json control --allow-token-minting --grpc 127.0.0.1:47001 \
         --data-dir "$work/control-$name" >"$work/control.out" 2>"$work/control-$name.log" &
       local cpid=$!; pids+=("$cpid")
-      for _ in $(seq 100); do grep -q 'token public key' "$work/control.out" 2>/dev/null && break; sleep 0.1; done
+      for _ in $(seq 300); do grep -q "token public key" "$work/control.out" 2>/dev/null && break; sleep 0.1; done
       local key; key=$(awk '/token public key/ {print $NF}' "$work/control.out")
       "$WEIR" --log-format json node --nats nats://127.0.0.1:44222 --token-public-key "$key" \
         --http 127.0.0.1:48081 --udp 127.0.0.1:47200 --srt 127.0.0.1:49001 --shards 1 --hls-segment 0 \
         --snapshot-interval 0 --ladder off --data-dir "$work/node-$name" \
         >"$work/node.out" 2>"$work/node-$name.log" &
       local npid=$!; pids+=("$npid")
-      wait_http http://127.0.0.1:48081/readyz
+      wait_http http://127.0.0.1:48081/readyz "$work/node-$name.log"
       server_pids=("$npid" "$nats_pid")
       url=http://127.0.0.1:48081 control=http://127.0.0.1:47001 ;;
     nats-ws)
