@@ -114,7 +114,8 @@ pub struct EventsArgs {
     #[arg(long, default_value_t = 500)]
     pub connect_concurrency: usize,
     /// Mass reconnect: every subscriber that is not a chatter disconnects
-    /// while danmaku keep flowing, then all reconnect at once with
+    /// while danmaku keep flowing, then all reconnect at once (at most
+    /// --connect-concurrency handshakes in flight) with
     /// `since=&epoch=`; measures the time until every one has caught up
     /// (got an event at or past the newest offset acknowledged when they
     /// reconnected). Weir only.
@@ -292,6 +293,8 @@ pub struct EventsReport {
     /// Acknowledged (Weir) or sent (NATS) danmaku times the subscribers of
     /// their room.
     pub expected_deliveries: u64,
+    /// Deliveries received while the danmaku were being sent, per second
+    /// of sending (a backlog delivered during --drain is not throughput).
     pub deliveries_per_s: f64,
     /// Send to receive, milliseconds, of live deliveries (not those
     /// replayed after a reconnect: see [`ReconnectReport`]).
@@ -431,6 +434,7 @@ struct Stats {
     errors: Mutex<Vec<String>>,
     latency: Mutex<Option<Histogram<u64>>>,
     replayed: AtomicU64,
+    in_window: AtomicU64,
     replayed_us: Mutex<Option<Histogram<u64>>>,
     ack: Mutex<Option<Histogram<u64>>>,
     connect_us: Mutex<Option<Histogram<u64>>>,
@@ -499,6 +503,9 @@ struct Local {
     replayed: u64,
     replayed_us: Vec<u64>,
     ack_us: Vec<u64>,
+    /// End of the sending phase, and deliveries received before it.
+    window_end: Option<Instant>,
+    in_window: u64,
 }
 
 impl Local {
@@ -506,6 +513,8 @@ impl Local {
         stats.deliveries.fetch_add(self.deliveries, Relaxed);
         stats.other.fetch_add(self.other, Relaxed);
         stats.replayed.fetch_add(self.replayed, Relaxed);
+        stats.in_window.fetch_add(self.in_window, Relaxed);
+        self.in_window = 0;
         self.deliveries = 0;
         self.other = 0;
         self.replayed = 0;
@@ -518,7 +527,7 @@ impl Local {
     }
 
     fn replayed(&mut self, sent_us: u64, stats: &Stats) {
-        self.deliveries += 1;
+        self.count();
         self.replayed += 1;
         self.replayed_us
             .push(now_us().saturating_sub(sent_us).max(1));
@@ -527,8 +536,15 @@ impl Local {
         }
     }
 
-    fn delivered(&mut self, sent_us: u64, stats: &Stats) {
+    fn count(&mut self) {
         self.deliveries += 1;
+        if self.window_end.is_some_and(|end| Instant::now() <= end) {
+            self.in_window += 1;
+        }
+    }
+
+    fn delivered(&mut self, sent_us: u64, stats: &Stats) {
+        self.count();
         self.latency_us
             .push(now_us().saturating_sub(sent_us).max(1));
         if self.latency_us.len() >= FLUSH_EVERY {
@@ -725,6 +741,7 @@ async fn weir_client(ctx: Arc<Ctx>, i: usize) {
     };
     if let Some(p) = &plan {
         next_send = arm(p, &mut send, &mut away, &mut stop);
+        local.window_end = Some(p.end);
     }
     let mut ended = false;
     while !ended {
@@ -748,6 +765,7 @@ async fn weir_client(ctx: Arc<Ctx>, i: usize) {
                 plan = *plan_rx.borrow_and_update();
                 if let Some(p) = &plan {
                     next_send = arm(p, &mut send, &mut away, &mut stop);
+                    local.window_end = Some(p.end);
                 }
             }
             () = &mut send.0, if send.armed() => {
@@ -976,6 +994,7 @@ async fn nats_client(ctx: Arc<Ctx>, i: usize) {
     };
     if let Some(p) = &plan {
         next_send = arm(p, &mut send, &mut stop);
+        local.window_end = Some(p.end);
     }
     'run: loop {
         tokio::select! {
@@ -1027,6 +1046,7 @@ async fn nats_client(ctx: Arc<Ctx>, i: usize) {
                 plan = *plan_rx.borrow_and_update();
                 if let Some(p) = &plan {
                     next_send = arm(p, &mut send, &mut stop);
+                    local.window_end = Some(p.end);
                 }
             }
             () = &mut send.0, if send.armed() => {
@@ -1246,7 +1266,7 @@ pub async fn measure(args: &EventsArgs) -> anyhow::Result<EventsReport> {
         refused: lock(&s.refused).clone(),
         deliveries,
         expected_deliveries: expected,
-        deliveries_per_s: deliveries as f64 / duration_s,
+        deliveries_per_s: s.in_window.load(Relaxed) as f64 / duration_s,
         latency_ms: Stats::take(&s.latency),
         ack_ms: match args.target {
             Target::Weir => Stats::take(&s.ack),
