@@ -26,8 +26,9 @@
 # RATE (200 danmaku/s), DURATION (20 s of sending), DRAIN (5 s more to
 # count deliveries), CONCURRENCY (1000 connects in flight),
 # RC_CONCURRENCY (RC_SUBS: every reconnect at once), RC_AT (8 s),
-# RC_AWAY_MS (2000), TARGETS ("weir-local weir-js nats-ws"), OUT (JSON lines appended,
-# bench/events-runs.jsonl), PROFILE_DIR (when set, a CPU flamegraph of the
+# RC_AWAY_MS (2000), TARGETS ("weir-local weir-js nats-ws"), WEIR_NODE_BIN
+# (another weir build for the servers than for the load client), OUT (JSON
+# lines appended, bench/events-runs.jsonl), PROFILE_DIR (when set, a CPU flamegraph of the
 # node over each weir case's sending phase, from /debug/pprof/profile).
 #
 # File descriptors: every WebSocket is one fd in the client and one in the
@@ -66,6 +67,9 @@ work=$(mktemp -d /tmp/weir-bench-events.XXXXXX)
 # A copy: the shared target dir's release/weir may be rebuilt meanwhile.
 cp "$WEIR_SRC" "$work/weir"
 WEIR=$work/weir
+# The servers may run another build (WEIR_NODE_BIN) than the load client.
+NODE=$WEIR
+if [ -n "${WEIR_NODE_BIN:-}" ]; then cp "$WEIR_NODE_BIN" "$work/node-bin"; NODE=$work/node-bin; fi
 pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -116,19 +120,19 @@ run_case() { # name target subs rooms [extra loadtest flags...]
   local server_pids=() url control="" load0
   case $target in
     weir-local)
-      "$WEIR" --log-format json dev --http 127.0.0.1:48080 --grpc 127.0.0.1:47000 --udp 127.0.0.1:47100 \
+      "$NODE" --log-format json dev --http 127.0.0.1:48080 --grpc 127.0.0.1:47000 --udp 127.0.0.1:47100 \
         --srt 127.0.0.1:49000 --shards 1 --hls-segment 0 --snapshot-interval 0 --ladder off \
         --data-dir "$work/dev-$name" >"$work/dev.out" 2>"$work/dev-$name.log" &
       server_pids=($!); pids+=("$!")
       wait_http http://127.0.0.1:48080/readyz "$work/dev-$name.log"
       url=http://127.0.0.1:48080 control=http://127.0.0.1:47000 ;;
     weir-js)
-      "$WEIR" --log-format json control --allow-token-minting --grpc 127.0.0.1:47001 \
+      "$NODE" --log-format json control --allow-token-minting --grpc 127.0.0.1:47001 \
         --data-dir "$work/control-$name" >"$work/control.out" 2>"$work/control-$name.log" &
       local cpid=$!; pids+=("$cpid")
       for _ in $(seq 300); do grep -q "token public key" "$work/control.out" 2>/dev/null && break; sleep 0.1; done
       local key; key=$(awk '/token public key/ {print $NF}' "$work/control.out")
-      "$WEIR" --log-format json node --nats nats://127.0.0.1:44222 --token-public-key "$key" \
+      "$NODE" --log-format json node --nats nats://127.0.0.1:44222 --token-public-key "$key" \
         --http 127.0.0.1:48081 --udp 127.0.0.1:47200 --srt 127.0.0.1:49001 --shards 1 --hls-segment 0 \
         --snapshot-interval 0 --ladder off --data-dir "$work/node-$name" \
         >"$work/node.out" 2>"$work/node-$name.log" &
