@@ -128,10 +128,12 @@ run_case() { # name target subs rooms [extra loadtest flags...]
       url=http://127.0.0.1:48080 control=http://127.0.0.1:47000 ;;
     weir-js)
       "$NODE" --log-format json control --allow-token-minting --grpc 127.0.0.1:47001 \
-        --data-dir "$work/control-$name" >"$work/control.out" 2>"$work/control-$name.log" &
+        --data-dir "$work/control-$name" >"$work/control-$name.out" 2>"$work/control-$name.log" &
       local cpid=$!; pids+=("$cpid")
-      for _ in $(seq 300); do grep -q "token public key" "$work/control.out" 2>/dev/null && break; sleep 0.1; done
-      local key; key=$(awk '/token public key/ {print $NF}' "$work/control.out")
+      # A file of its own per case: an older one could be read before
+      # this process has truncated it.
+      for _ in $(seq 300); do grep -q "token public key" "$work/control-$name.out" 2>/dev/null && break; sleep 0.1; done
+      local key; key=$(awk '/token public key/ {print $NF}' "$work/control-$name.out")
       "$NODE" --log-format json node --nats nats://127.0.0.1:44222 --token-public-key "$key" \
         --http 127.0.0.1:48081 --udp 127.0.0.1:47200 --srt 127.0.0.1:49001 --shards 1 --hls-segment 0 \
         --snapshot-interval 0 --ladder off --data-dir "$work/node-$name" \
