@@ -36,7 +36,9 @@
 # permitted in this container), so one server process cannot hold 20,000
 # clients: 1,000 rooms of 20 run as 1,000 rooms of 19 (19,000 sockets).
 #
-# Needs nats-server 2.9+, curl, python3. Loopback ports 4x000 only.
+# Needs nats-server 2.9+, curl, python3. Loopback ports 21000-21901 only:
+# below the ephemeral range (32768-60999), where the load client's own
+# sockets would sometimes hold a server's port when the next case starts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TARGET_DIR=${CARGO_TARGET_DIR:-target}
@@ -97,20 +99,20 @@ start_nats() {
   cat >"$work/nats.conf" <<EOF
 server_name: weirbench
 host: 127.0.0.1
-port: 44222
-http_port: 48222
+port: 21222
+http_port: 21822
 jetstream {
   store_dir: "$work/js"
 }
 websocket {
-  listen: "127.0.0.1:44223"
+  listen: "127.0.0.1:21223"
   no_tls: true
 }
 EOF
   nats-server -c "$work/nats.conf" >"$work/nats.log" 2>&1 &
   nats_pid=$!
   pids+=("$nats_pid")
-  wait_http "http://127.0.0.1:48222/healthz"
+  wait_http "http://127.0.0.1:21822/healthz"
 }
 
 # Runs one case on one target; appends its JSON (with CPU and load) to $OUT
@@ -120,31 +122,31 @@ run_case() { # name target subs rooms [extra loadtest flags...]
   local server_pids=() url control="" load0
   case $target in
     weir-local)
-      "$NODE" --log-format json dev --http 127.0.0.1:48080 --grpc 127.0.0.1:47000 --udp 127.0.0.1:47100 \
-        --srt 127.0.0.1:49000 --shards 1 --hls-segment 0 --snapshot-interval 0 --ladder off \
+      "$NODE" --log-format json dev --http 127.0.0.1:21080 --grpc 127.0.0.1:21000 --udp 127.0.0.1:21100 \
+        --srt 127.0.0.1:21900 --shards 1 --hls-segment 0 --snapshot-interval 0 --ladder off \
         --data-dir "$work/dev-$name" >"$work/dev.out" 2>"$work/dev-$name.log" &
       server_pids=($!); pids+=("$!")
-      wait_http http://127.0.0.1:48080/readyz "$work/dev-$name.log"
-      url=http://127.0.0.1:48080 control=http://127.0.0.1:47000 ;;
+      wait_http http://127.0.0.1:21080/readyz "$work/dev-$name.log"
+      url=http://127.0.0.1:21080 control=http://127.0.0.1:21000 ;;
     weir-js)
-      "$NODE" --log-format json control --allow-token-minting --grpc 127.0.0.1:47001 \
+      "$NODE" --log-format json control --allow-token-minting --grpc 127.0.0.1:21001 \
         --data-dir "$work/control-$name" >"$work/control-$name.out" 2>"$work/control-$name.log" &
       local cpid=$!; pids+=("$cpid")
       # A file of its own per case: an older one could be read before
       # this process has truncated it.
       for _ in $(seq 300); do grep -q "token public key" "$work/control-$name.out" 2>/dev/null && break; sleep 0.1; done
       local key; key=$(awk '/token public key/ {print $NF}' "$work/control-$name.out")
-      "$NODE" --log-format json node --nats nats://127.0.0.1:44222 --token-public-key "$key" \
-        --http 127.0.0.1:48081 --udp 127.0.0.1:47200 --srt 127.0.0.1:49001 --shards 1 --hls-segment 0 \
+      "$NODE" --log-format json node --nats nats://127.0.0.1:21222 --token-public-key "$key" \
+        --http 127.0.0.1:21081 --udp 127.0.0.1:21200 --srt 127.0.0.1:21901 --shards 1 --hls-segment 0 \
         --snapshot-interval 0 --ladder off --data-dir "$work/node-$name" \
         >"$work/node.out" 2>"$work/node-$name.log" &
       local npid=$!; pids+=("$npid")
-      wait_http http://127.0.0.1:48081/readyz "$work/node-$name.log"
+      wait_http http://127.0.0.1:21081/readyz "$work/node-$name.log"
       server_pids=("$npid" "$nats_pid")
-      url=http://127.0.0.1:48081 control=http://127.0.0.1:47001 ;;
+      url=http://127.0.0.1:21081 control=http://127.0.0.1:21001 ;;
     nats-ws)
       server_pids=("$nats_pid")
-      url=ws://127.0.0.1:44223 ;;
+      url=ws://127.0.0.1:21223 ;;
   esac
   local t=weir; [ "$target" = nats-ws ] && t=nats-ws
   load0=$(cut -d' ' -f1 /proc/loadavg)
