@@ -48,8 +48,9 @@ enum Command {
     /// Operator CLI: talk to a control plane over gRPC.
     Ctl(weir_control_plane::ctl::CtlArgs),
     /// Generate load against a node: WHEP viewers measuring join time,
-    /// time to first frame and received media.
-    Loadtest(weir_loadtest::LoadtestArgs),
+    /// time to first frame and received media; `weir loadtest events`:
+    /// room events WebSocket subscribers and chatters.
+    Loadtest(weir_loadtest::LoadtestCommand),
 }
 
 /// How a node runs its media shards.
@@ -299,7 +300,7 @@ fn main() -> ExitCode {
             Command::Node(a) => node(a).await.map(|()| 0),
             Command::Control(a) => control(a).await.map(|()| 0),
             Command::Ctl(a) => weir_control_plane::ctl::run(a).await,
-            Command::Loadtest(a) => weir_loadtest::run(a).await,
+            Command::Loadtest(a) => weir_loadtest::run_command(a).await,
         }
     });
     match result {

@@ -19,6 +19,24 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use anyhow::Context;
+
+/// Pending connections the HTTP listener queues before the kernel drops
+/// SYNs. `TcpListener::bind` asks for 128 (libc's SOMAXCONN constant): a
+/// mass reconnect of room events clients overflowed it (bench/RESULTS.md,
+/// issue 8), and every dropped SYN costs its client a 1 s retransmission.
+/// The kernel caps it at `net.core.somaxconn`.
+pub const HTTP_BACKLOG: u32 = 4096;
+
+/// The node's HTTP listener, with [`HTTP_BACKLOG`].
+fn bind_http(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(HTTP_BACKLOG)
+}
 use tokio::sync::watch;
 use weir_protocol::NodeId;
 use weir_protocol::TokenVerifier;
@@ -98,8 +116,7 @@ impl Node {
         verifier: TokenVerifier,
         render_metrics: RenderMetrics,
     ) -> anyhow::Result<Self> {
-        let http_listener = tokio::net::TcpListener::bind(config.http)
-            .await
+        let http_listener = bind_http(config.http)
             .with_context(|| format!("cannot listen for HTTP on {}", config.http))?;
         let http_addr = http_listener.local_addr()?;
         let srt = match config.srt.clone() {

@@ -3,9 +3,15 @@
 //! frame, received media, freezes and end-to-end delay, reported as
 //! percentiles (hdrhistogram) in a table or JSON. Bounded in count and time;
 //! it sends only to the addresses the control plane it is given hands out.
+//!
+//! `weir loadtest events` loads a node's room events WebSocket instead
+//! (module [`events`]), or nats-server's own WebSocket as the peer to
+//! compare with ([`nats_ws`]).
 
 pub mod clip;
+pub mod events;
 pub mod http;
+pub mod nats_ws;
 pub mod publisher;
 pub mod viewer;
 
@@ -28,7 +34,38 @@ pub const MAX_VIEWERS: u32 = 5000;
 /// Longest run.
 pub const MAX_DURATION_SECS: u64 = 3600;
 
-/// `weir loadtest` options.
+/// `weir loadtest`: WebRTC viewers (the options below), or a mode.
+#[derive(Debug, Clone, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct LoadtestCommand {
+    #[command(subcommand)]
+    pub mode: Option<LoadtestMode>,
+    #[command(flatten)]
+    pub viewers: Option<LoadtestArgs>,
+}
+
+/// What else `weir loadtest` can load.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum LoadtestMode {
+    /// Room events: WebSocket subscribers over rooms of a node, chatters
+    /// sending danmaku at a rate; deliveries/s, delivery latency, gaps,
+    /// disconnects, mass reconnect with recovery. Or the same load on
+    /// nats-server's own WebSocket (--target nats-ws).
+    Events(events::EventsArgs),
+}
+
+/// Entry point of `weir loadtest [events]`; returns the exit code.
+pub async fn run_command(command: LoadtestCommand) -> anyhow::Result<i32> {
+    match (command.mode, command.viewers) {
+        (Some(LoadtestMode::Events(args)), _) => events::run(args).await,
+        (None, Some(args)) => run(args).await,
+        (None, None) => {
+            bail!("give --room ROOM for WebRTC viewers, or a mode (`weir loadtest events --help`)")
+        }
+    }
+}
+
+/// `weir loadtest` options (WebRTC viewers).
 #[derive(Debug, Clone, clap::Args)]
 pub struct LoadtestArgs {
     /// Control plane to ask for the WHEP endpoint and a play token.
@@ -97,7 +134,7 @@ pub struct Summary {
     pub publishers_failed: u32,
 }
 
-fn percentiles(h: &Histogram<u64>, scale: f64) -> Option<Percentiles> {
+pub(crate) fn percentiles(h: &Histogram<u64>, scale: f64) -> Option<Percentiles> {
     (!h.is_empty()).then(|| Percentiles {
         count: h.len(),
         p50: h.value_at_quantile(0.5) as f64 / scale,
