@@ -16,6 +16,7 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use futures::SinkExt;
 use serde::Deserialize;
 use tokio::sync::watch;
 use weir_protocol::bus::ModerationAction;
@@ -203,6 +204,28 @@ impl Client {
         }
     }
 
+    /// Writes a batch of frames and flushes once, all within one
+    /// [`SEND_TIMEOUT`] (a flush per frame was most of a busy node's time).
+    async fn send_batch(&self, socket: &mut WebSocket, messages: Vec<Message>) -> Result<(), End> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        let write = async {
+            for m in messages {
+                socket.feed(m).await?;
+            }
+            socket.flush().await
+        };
+        match tokio::time::timeout(SEND_TIMEOUT, write).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(End::Closed),
+            Err(_) => Err(End::Bye(
+                "too_slow",
+                format!("a batch of frames took over {SEND_TIMEOUT:?} to reach you"),
+            )),
+        }
+    }
+
     async fn run(self, mut socket: WebSocket, since: Option<(u64, u64)>) {
         metrics::counter!("weir_events_connections_total").increment(1);
         let membership = self.hub.join(&self.room, Some(&self.user));
@@ -292,8 +315,9 @@ impl Client {
                     Ok(plan) => plan,
                     Err(reason) => return End::Bye("too_slow", reason),
                 };
-                for step in plan {
-                    let message = match step {
+                let messages: Vec<Message> = plan
+                    .into_iter()
+                    .map(|step| match step {
                         Delivery::Send(item) => self.message(item.encoded(self.format)),
                         Delivery::Skipped {
                             class,
@@ -307,10 +331,10 @@ impl Client {
                                 through,
                             })
                         }
-                    };
-                    if let Err(end) = self.send(socket, message).await {
-                        return end;
-                    }
+                    })
+                    .collect();
+                if let Err(end) = self.send_batch(socket, messages).await {
+                    return end;
                 }
                 cursor = next_cursor;
             }
