@@ -214,7 +214,8 @@ struct NodeArgs {
     )]
     control_url: String,
     /// Public key that verifies tokens (base64url, as `weir control` prints it).
-    #[arg(long, env = "WEIR_TOKEN_PUBLIC_KEY")]
+    /// (A key may start with '-'; it is still taken as the value.)
+    #[arg(long, env = "WEIR_TOKEN_PUBLIC_KEY", allow_hyphen_values = true)]
     token_public_key: String,
     /// SRT listen address (MPEG-TS publishers: OBS, ffmpeg).
     #[arg(long, env = "WEIR_SRT", default_value = "0.0.0.0:9000")]
