@@ -46,19 +46,7 @@ async fn chromium_viewers_chat_like_and_send_gifts() {
         .unwrap();
         assert_eq!(r.status, 200, "{}", r.text());
     }
-    let grant = Command::new(env!("CARGO_BIN_EXE_weir"))
-        .args([
-            "ctl",
-            "--control",
-            &dev.control,
-            "wallet",
-            "grant",
-            "alice",
-            "500",
-        ])
-        .env_remove("WEIR_CONTROL")
-        .output()
-        .unwrap();
+    let grant = common::ctl(&dev.control, &["wallet", "grant", "alice", "500"]);
     assert!(grant.status.success(), "{grant:?}");
 
     let out = Command::new("node")

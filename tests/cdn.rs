@@ -26,25 +26,15 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::ffmpeg::{Publisher, require_ffmpeg};
 use common::nginx::{Nginx, free_port, require_nginx};
-use common::{DevServer, request, temp_dir};
+use common::{DevServer, ctl, request, temp_dir};
 
 /// How long a state may take to show (a few seconds expected; CI is slow).
 const BOUND: Duration = Duration::from_secs(20);
-
-/// `weir ctl --control URL ARGS…`.
-fn ctl(control: &str, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_weir"))
-        .args(["ctl", "--control", control])
-        .args(args)
-        .env_remove("WEIR_CONTROL")
-        .output()
-        .unwrap()
-}
 
 fn ctl_json(control: &str, args: &[&str]) -> serde_json::Value {
     let out = ctl(control, args);

@@ -334,12 +334,7 @@ async fn first_nodes(control: &str, n: usize) -> std::collections::BTreeMap<Stri
 }
 
 fn ctl_ok(control: &str, args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_weir"))
-        .args(["ctl", "--control", control])
-        .args(args)
-        .env_remove("WEIR_CONTROL")
-        .output()
-        .unwrap();
+    let out = common::ctl(control, args);
     assert!(
         out.status.success(),
         "weir ctl {args:?}: {}",
@@ -682,18 +677,7 @@ async fn two_replicas_and_three_nodes_through_kills_cordon_drain_and_config() {
 
     // A config change reaches every live node (they apply chat.* keys); a
     // bad value is refused and reaches nobody.
-    let bad = Command::new(env!("CARGO_BIN_EXE_weir"))
-        .args([
-            "ctl",
-            "--control",
-            &b.url,
-            "config",
-            "set",
-            "chat.conn_rate=-1",
-        ])
-        .env_remove("WEIR_CONTROL")
-        .output()
-        .unwrap();
+    let bad = common::ctl(&b.url, &["config", "set", "chat.conn_rate=-1"]);
     assert_eq!(bad.status.code(), Some(64), "{bad:?}");
     let revisions = [
         node_config_revision(&nodes[0]).await,

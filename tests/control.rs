@@ -24,11 +24,11 @@ mod etcd;
 mod pg;
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::proc::Proc;
-use common::{request, temp_dir};
+use common::{ctl, request, temp_dir};
 use weir_protocol::pb;
 
 /// How long processes may take to start and to agree (CI is slow).
@@ -109,16 +109,6 @@ fn start_node(dir: &Path, id: &str, etcd: &str, control: &Control) -> (Proc, Str
         l.strip_suffix("/metrics").map(str::to_owned)
     });
     (proc, url)
-}
-
-/// `weir ctl --control URL ARGS…`.
-fn ctl(control: &str, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_weir"))
-        .args(["ctl", "--control", control])
-        .args(args)
-        .env_remove("WEIR_CONTROL")
-        .output()
-        .unwrap()
 }
 
 fn text(out: &Output) -> String {

@@ -6,20 +6,11 @@
 
 mod common;
 
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use common::ffmpeg::{Publisher, require_ffmpeg};
-use common::{DevServer, request};
-
-fn ctl(control: &str, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_weir"))
-        .args(["ctl", "--control", control])
-        .args(args)
-        .env_remove("WEIR_CONTROL")
-        .output()
-        .unwrap()
-}
+use common::{DevServer, ctl, request};
 
 fn text(out: &Output) -> String {
     format!(

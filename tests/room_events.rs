@@ -11,9 +11,9 @@ mod nats;
 
 use std::time::Duration;
 
-use common::DevServer;
 use common::proc::Proc;
 use common::ws::EventsClient;
+use common::{DevServer, ctl};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -586,15 +586,6 @@ async fn clients_on_two_nodes_see_one_sequence_and_survive_a_broker_restart() {
     assert_eq!(offset(&on_a), offset(&on_b[0]));
     drop((n1, n2));
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-fn ctl(control: &str, args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
-        .args(["ctl", "--control", control])
-        .args(args)
-        .env_remove("WEIR_CONTROL")
-        .output()
-        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

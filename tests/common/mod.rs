@@ -29,6 +29,17 @@ pub struct DevServer {
     printed: Vec<String>,
 }
 
+/// `weir ctl --control CONTROL ARGS…` (ignoring any `WEIR_CONTROL` of the
+/// environment), with its exit status and output.
+pub fn ctl(control: &str, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(["ctl", "--control", control])
+        .args(args)
+        .env_remove("WEIR_CONTROL")
+        .output()
+        .unwrap()
+}
+
 /// A fresh directory under the system temp dir.
 pub fn temp_dir(tag: &str) -> PathBuf {
     static N: AtomicU32 = AtomicU32::new(0);
