@@ -8,7 +8,6 @@ mod common;
 
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
 
 use common::DevServer;
 
@@ -27,24 +26,21 @@ async fn chromium_viewers_chat_like_and_send_gifts() {
     let dev = DevServer::start();
     let room = "browser-chat";
     for (path, body) in [
-        ("/v1/users", r#"{"id":"alice","name":"Alice"}"#.to_owned()),
-        ("/v1/users", r#"{"id":"bob","name":"Bob"}"#.to_owned()),
-        ("/v1/users", r#"{"id":"host","name":"Host"}"#.to_owned()),
+        (
+            "/v1/users",
+            serde_json::json!({"id": "alice", "name": "Alice"}),
+        ),
+        ("/v1/users", serde_json::json!({"id": "bob", "name": "Bob"})),
+        (
+            "/v1/users",
+            serde_json::json!({"id": "host", "name": "Host"}),
+        ),
         (
             "/v1/rooms",
-            format!(r#"{{"id":"{room}","owner":"host","title":"Chat"}}"#),
+            serde_json::json!({"id": room, "owner": "host", "title": "Chat"}),
         ),
     ] {
-        let r = common::request(
-            "POST",
-            &format!("{}{path}", dev.control),
-            &[("content-type", "application/json")],
-            body.as_bytes(),
-            Duration::from_secs(5),
-        )
-        .await
-        .unwrap();
-        assert_eq!(r.status, 200, "{}", r.text());
+        common::post_json_ok(&dev.control, path, &body).await;
     }
     let grant = common::ctl(&dev.control, &["wallet", "grant", "alice", "500"]);
     assert!(grant.status.success(), "{grant:?}");

@@ -522,16 +522,7 @@ async fn clients_on_two_nodes_see_one_sequence_and_survive_a_broker_restart() {
         ("/v1/users", json!({"id": "ben", "name": "Ben"})),
         ("/v1/follows", json!({"follower": "ann", "followee": "ben"})),
     ] {
-        let r = common::request(
-            "POST",
-            &format!("{control_url}{path}"),
-            &[("content-type", "application/json")],
-            body.to_string().as_bytes(),
-            Duration::from_secs(5),
-        )
-        .await
-        .unwrap();
-        assert_eq!(r.status, 200, "{}", r.text());
+        common::post_json_ok(&control_url, path, &body).await;
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
@@ -633,16 +624,7 @@ async fn chat_limits_follow_the_config_center_and_paid_gifts_reach_the_room() {
             json!({"id": room, "owner": "host", "title": "Tuned"}),
         ),
     ] {
-        let r = common::request(
-            "POST",
-            &format!("{}{path}", dev.control),
-            &[("content-type", "application/json")],
-            body.to_string().as_bytes(),
-            Duration::from_secs(5),
-        )
-        .await
-        .unwrap();
-        assert_eq!(r.status, 200, "{}", r.text());
+        common::post_json_ok(&dev.control, path, &body).await;
     }
     let grant = ctl(
         &dev.control,
@@ -694,18 +676,7 @@ async fn followers_connected_anywhere_hear_when_a_streamer_goes_live() {
     let dev = DevServer::start();
     let post = |path: &'static str, body: Value| {
         let control = dev.control.clone();
-        async move {
-            let r = common::request(
-                "POST",
-                &format!("{control}{path}"),
-                &[("content-type", "application/json")],
-                body.to_string().as_bytes(),
-                Duration::from_secs(5),
-            )
-            .await
-            .unwrap();
-            assert_eq!(r.status, 200, "{path}: {}", r.text());
-        }
+        async move { common::post_json_ok(&control, path, &body).await }
     };
     for user in ["star", "fan", "other"] {
         post("/v1/users", json!({"id": user, "name": user})).await;

@@ -40,6 +40,20 @@ pub fn ctl(control: &str, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// POSTs `body` as JSON to `base` + `path` and asserts a 200 answer.
+pub async fn post_json_ok(base: &str, path: &str, body: &serde_json::Value) {
+    let r = request(
+        "POST",
+        &format!("{base}{path}"),
+        &[("content-type", "application/json")],
+        body.to_string().as_bytes(),
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "POST {path}: {}", r.text());
+}
+
 /// A fresh directory under the system temp dir.
 pub fn temp_dir(tag: &str) -> PathBuf {
     static N: AtomicU32 = AtomicU32::new(0);
