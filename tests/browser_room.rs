@@ -72,3 +72,63 @@ async fn chromium_viewers_chat_like_and_send_gifts() {
         "one rose, charged once: {result}"
     );
 }
+
+/// tests/e2e/dc_events.mjs: the same room events over the data channel of a
+/// WHEP session, beside a WebSocket client of the room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_gets_room_events_over_the_whep_data_channel() {
+    let e2e = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2e");
+    assert!(
+        e2e.join("node_modules/playwright-core").exists(),
+        "tests/e2e/node_modules is missing: run deploy/setup.sh (npm ci in tests/e2e)"
+    );
+    let dev = DevServer::start();
+    let room = "browser-dc";
+    let dc_token = dev.token(room, "play", "carol").await;
+    let ws_token = dev.token(room, "play", "dave").await;
+    let out = Command::new("node")
+        .current_dir(&e2e)
+        .args([
+            "dc_events.mjs",
+            "--base",
+            &dev.node,
+            "--room",
+            room,
+            "--dc-token",
+            &dc_token,
+            "--ws-token",
+            &ws_token,
+            "--timeout-ms",
+            "60000",
+        ])
+        .output()
+        .expect("node runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "data channel e2e failed:\n{stdout}\n{stderr}"
+    );
+    let r: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(
+        r["hello"]["user"], "carol",
+        "the session's token names the user: {r}"
+    );
+    assert_eq!(r["hello"]["room"], room, "{r}");
+    assert_eq!(r["refused"], "malformed", "{r}");
+    assert_eq!(r["recoveredFlag"], true, "{r}");
+    assert_eq!(
+        r["recovered"],
+        serde_json::json!(["missed one", "missed two"]),
+        "exactly the missed danmaku, in order: {r}"
+    );
+    assert_eq!(r["bye"]["code"], "bad_request", "{r}");
+    assert!(
+        r["bye"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("since and epoch"),
+        "{r}"
+    );
+    assert!(dev.metric("weir_events_channels_total").await >= 3.0);
+}

@@ -139,6 +139,7 @@ impl Node {
         let (shutdown_tx, _) = watch::channel(false);
         let shard_stop = shard::ShardStop::default();
         let peers = shard::Peers::default();
+        let channels = shard::ChannelSinkSlot::default();
         let mut shards = Vec::with_capacity(count);
         let mut shard_threads = Vec::with_capacity(count);
         for i in 0..count {
@@ -168,6 +169,7 @@ impl Node {
                 config.io,
                 &shard_stop,
                 &peers,
+                &channels,
             )
             .with_context(|| format!("cannot start media shard {i} ({:?} I/O)", config.io))?;
             shards.push(handle);
@@ -216,6 +218,12 @@ impl Node {
             stop: events_stop_rx,
             draining: agent.draining(),
         };
+        let _ = channels.set(bus::dc::DataChannels::new(
+            tokio::runtime::Handle::current(),
+            Arc::clone(&hub),
+            events.stop.clone(),
+            events.draining.clone(),
+        ));
         let state = http::AppState {
             shard: shard.clone(),
             verifier,

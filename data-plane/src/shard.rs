@@ -72,7 +72,41 @@ enum Command {
     },
     /// Viewers on another shard need a keyframe of this room.
     RoomKeyframe { room: RoomId, rid: Option<String> },
+    /// Write to a session's data channel; the reply says how many fit.
+    ChannelSend {
+        session: SessionId,
+        label: String,
+        binary: bool,
+        messages: Vec<bytes::Bytes>,
+        reply: oneshot::Sender<Result<usize, SfuError>>,
+    },
 }
+
+/// Where shards hand the data channels their peers open (the room events
+/// over WebRTC, `crate::bus::dc`). Called on the shard's thread: must not
+/// block.
+pub(crate) trait ChannelSink: Send + Sync {
+    /// A peer opened channel `label`; `shard` is where to write to it.
+    fn opened(&self, shard: Shard, opened: ChannelOpened);
+    /// A message arrived on an open channel.
+    fn message(&self, session: &SessionId, label: &str, binary: bool, data: Vec<u8>);
+    /// The channel closed (or its session ended).
+    fn closed(&self, session: &SessionId, label: &str);
+}
+
+/// A data channel a peer opened.
+#[derive(Debug, Clone)]
+pub(crate) struct ChannelOpened {
+    pub session: SessionId,
+    pub room: RoomId,
+    pub role: Role,
+    /// Token subject of the session.
+    pub owner: String,
+    pub label: String,
+}
+
+/// The node's [`ChannelSink`], set once the room events hub exists.
+pub(crate) type ChannelSinkSlot = Arc<std::sync::OnceLock<Arc<dyn ChannelSink>>>;
 
 /// Owner of the relay sources a room's home shard feeds on other shards.
 const RELAY_OWNER: &str = "weir:shard-relay";
@@ -231,6 +265,29 @@ impl Shard {
         let (reply, rx) = oneshot::channel();
         self.send(Command::OpenSource { room, owner, reply }, rx)
             .await
+    }
+
+    /// Writes `messages` to the session's data channel `label`, in order,
+    /// as many as fit its send buffer now; returns how many did.
+    pub(crate) async fn channel_send(
+        &self,
+        session: SessionId,
+        label: String,
+        binary: bool,
+        messages: Vec<bytes::Bytes>,
+    ) -> Result<Result<usize, SfuError>, ShardGone> {
+        let (reply, rx) = oneshot::channel();
+        self.send(
+            Command::ChannelSend {
+                session,
+                label,
+                binary,
+                messages,
+                reply,
+            },
+            rx,
+        )
+        .await
     }
 
     fn post(&self, cmd: Command) {
@@ -542,6 +599,7 @@ pub fn spawn(
     io: IoChoice,
     stop: &ShardStop,
     peers: &Peers,
+    channels: &ChannelSinkSlot,
 ) -> std::io::Result<(Shard, std::thread::JoinHandle<()>)> {
     let local_addr = socket.local_addr()?;
     let (io, waker) = udp::open(socket, io)?;
@@ -563,6 +621,7 @@ pub fn spawn(
     };
     let stop = stop.stop.clone();
     let peers = peers.clone();
+    let channels = channels.clone();
     let thread = std::thread::Builder::new()
         .name(format!("weir-shard-{index}"))
         .spawn(move || {
@@ -578,6 +637,7 @@ pub fn spawn(
                 viewers,
                 taps: HashMap::new(),
                 generations: HashMap::new(),
+                channels,
             };
             if let Err(e) = run(&mut ctx, io, local_addr, sfu, rx, &stats, &stop) {
                 tracing::error!(shard = index, error = %e, "shard I/O failed; shard stopped");
@@ -596,6 +656,7 @@ struct Ctx {
     taps: HashMap<RoomId, Vec<(usize, SessionId)>>,
     /// Last publisher generation seen per relay source here.
     generations: HashMap<SessionId, u64>,
+    channels: ChannelSinkSlot,
 }
 
 impl Ctx {
@@ -669,6 +730,41 @@ fn drain(sfu: &mut Sfu, io: &mut dyn Io, ctx: &mut Ctx) -> Instant {
                     && home.index() != ctx.index
                 {
                     home.post(Command::RoomKeyframe { room, rid });
+                }
+            }
+            Output::Event(Event::ChannelOpened {
+                session,
+                room,
+                role,
+                owner,
+                label,
+            }) => {
+                if let (Some(sink), Some(me)) = (ctx.channels.get(), ctx.peer(ctx.index)) {
+                    sink.opened(
+                        me.clone(),
+                        ChannelOpened {
+                            session,
+                            room,
+                            role,
+                            owner,
+                            label,
+                        },
+                    );
+                }
+            }
+            Output::Event(Event::ChannelMessage {
+                session,
+                label,
+                binary,
+                data,
+            }) => {
+                if let Some(sink) = ctx.channels.get() {
+                    sink.message(&session, &label, binary, data);
+                }
+            }
+            Output::Event(Event::ChannelClosed { session, label }) => {
+                if let Some(sink) = ctx.channels.get() {
+                    sink.closed(&session, &label);
                 }
             }
             Output::Event(e) => {
@@ -767,11 +863,24 @@ fn handle_command(sfu: &mut Sfu, cmd: Command, ctx: &mut Ctx) {
         Command::RoomKeyframe { room, rid } => {
             sfu.request_room_keyframe(now, &room, rid.as_deref());
         }
+        Command::ChannelSend {
+            session,
+            label,
+            binary,
+            messages,
+            reply,
+        } => {
+            let refs: Vec<&[u8]> = messages.iter().map(|m| m.as_ref()).collect();
+            let _ = reply.send(sfu.send_channel(now, &session, &label, binary, &refs));
+        }
     }
 }
 
 fn record_event(e: Event) {
     match e {
+        Event::ChannelOpened { .. }
+        | Event::ChannelMessage { .. }
+        | Event::ChannelClosed { .. } => {}
         Event::SessionConnected {
             session,
             room,

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use str0m::Rtc;
+use str0m::channel::ChannelId;
 use str0m::media::{MediaKind, Mid};
 use weir_protocol::{RoomId, SessionId};
 
@@ -49,7 +50,12 @@ pub(crate) struct Session {
     pub(crate) first_frame_sent: bool,
     pub(crate) rebase_audio: Rebase,
     pub(crate) rebase_video: Rebase,
+    /// Open data channels, by label (the peer's first [`MAX_CHANNELS`]).
+    pub(crate) channels: Vec<(ChannelId, String)>,
 }
+
+/// Data channels a session may have open; more are ignored.
+pub(crate) const MAX_CHANNELS: usize = 8;
 
 impl Session {
     pub(crate) fn new(
@@ -82,7 +88,15 @@ impl Session {
             first_frame_sent: false,
             rebase_audio: Rebase::default(),
             rebase_video: Rebase::default(),
+            channels: Vec::new(),
         }
+    }
+
+    pub(crate) fn channel_label(&self, id: ChannelId) -> Option<&str> {
+        self.channels
+            .iter()
+            .find(|(c, _)| *c == id)
+            .map(|(_, l)| l.as_str())
     }
 
     pub(crate) fn out_mid(&self, kind: MediaKind) -> Option<Mid> {

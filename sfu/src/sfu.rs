@@ -15,7 +15,7 @@ use weir_protocol::{RoomId, SessionId};
 use crate::frame::MediaFrame;
 use crate::gop::GopLimits;
 use crate::layers::{LayerKey, Layers};
-use crate::session::Session;
+use crate::session::{MAX_CHANNELS, Session};
 
 /// Settings of one SFU (one shard).
 #[derive(Debug, Clone)]
@@ -127,6 +127,25 @@ pub enum Event {
     /// A viewer of a room whose publisher is a source (a relay from another
     /// shard or node) needs a keyframe: ask upstream.
     KeyframeWanted { room: RoomId, rid: Option<String> },
+    /// The peer opened a data channel (the first [`MAX_CHANNELS`] of a
+    /// session count). `owner` is the token subject of the session.
+    ChannelOpened {
+        session: SessionId,
+        room: RoomId,
+        role: Role,
+        owner: String,
+        label: String,
+    },
+    /// A message arrived on one of the session's data channels.
+    ChannelMessage {
+        session: SessionId,
+        label: String,
+        binary: bool,
+        data: Vec<u8>,
+    },
+    /// A data channel closed (also before `SessionClosed` ends a session
+    /// with channels open).
+    ChannelClosed { session: SessionId, label: String },
     /// Once a second per viewer: how its video fares.
     SubscriberStats {
         session: SessionId,
@@ -187,6 +206,8 @@ pub enum SfuError {
     InvalidCandidate(String),
     #[error("ICE restart is not supported; start a new session")]
     IceRestartUnsupported,
+    #[error("the session has no open data channel {0:?}")]
+    NoChannel(String),
 }
 
 /// Monotonic counters of the SFU's work.
@@ -597,6 +618,43 @@ impl Sfu {
         Ok(role)
     }
 
+    /// Writes messages to the session's open data channel `label`, in
+    /// order, until one does not fit the channel's send buffer. Returns how
+    /// many were written: the caller retries the rest later (or gives up on
+    /// a peer that does not read).
+    pub fn send_channel(
+        &mut self,
+        now: Instant,
+        id: &SessionId,
+        label: &str,
+        binary: bool,
+        messages: &[&[u8]],
+    ) -> Result<usize, SfuError> {
+        let s = self.sessions.get_mut(id).ok_or(SfuError::UnknownSession)?;
+        let channel = s
+            .channels
+            .iter()
+            .find(|(_, l)| l == label)
+            .map(|(c, _)| *c)
+            .ok_or_else(|| SfuError::NoChannel(label.to_owned()))?;
+        let mut written = 0;
+        if let Some(mut ch) = s.rtc.channel(channel) {
+            for m in messages {
+                match ch.write(binary, m) {
+                    Ok(true) => written += 1,
+                    Ok(false) => break,
+                    Err(e) => {
+                        tracing::debug!(session = %id, error = %e, "data channel write failed");
+                        break;
+                    }
+                }
+            }
+        }
+        self.dirty.push(id.clone());
+        self.run(now);
+        Ok(written)
+    }
+
     /// Adds trickled ICE candidates (a WHIP/WHEP `PATCH` body of type
     /// `application/trickle-ice-sdpfrag`). Returns how many were added.
     pub fn add_remote_candidates(
@@ -884,6 +942,38 @@ impl Sfu {
                     estimate_bps: s.estimate_bps,
                 }));
             }
+            str0m::Event::ChannelOpen(channel, label) => {
+                if s.channels.len() >= MAX_CHANNELS {
+                    return;
+                }
+                s.channels.push((channel, label.clone()));
+                self.out.push_back(Output::Event(Event::ChannelOpened {
+                    session: id.clone(),
+                    room: s.room.clone(),
+                    role: s.role,
+                    owner: s.owner.clone(),
+                    label,
+                }));
+            }
+            str0m::Event::ChannelData(d) => {
+                if let Some(label) = s.channel_label(d.id) {
+                    self.out.push_back(Output::Event(Event::ChannelMessage {
+                        session: id.clone(),
+                        label: label.to_owned(),
+                        binary: d.binary,
+                        data: d.data,
+                    }));
+                }
+            }
+            str0m::Event::ChannelClose(channel) => {
+                if let Some(i) = s.channels.iter().position(|(c, _)| *c == channel) {
+                    let (_, label) = s.channels.remove(i);
+                    self.out.push_back(Output::Event(Event::ChannelClosed {
+                        session: id.clone(),
+                        label,
+                    }));
+                }
+            }
             str0m::Event::EgressBitrateEstimate(str0m::bwe::BweKind::Twcc { estimate, .. })
                 if s.role == Role::Subscriber =>
             {
@@ -1089,6 +1179,12 @@ impl Sfu {
         let (room, role) = if let Some(mut s) = self.sessions.remove(id) {
             s.rtc.disconnect();
             self.by_addr.retain(|_, v| v != id);
+            for (_, label) in s.channels {
+                self.out.push_back(Output::Event(Event::ChannelClosed {
+                    session: id.clone(),
+                    label,
+                }));
+            }
             (s.room, s.role)
         } else if let Some(s) = self.sources.remove(id) {
             (s.room, Role::Source)

@@ -42,6 +42,10 @@ pub struct Peer {
     pub link_free_at: Instant,
     /// Simulcast layers this peer publishes (empty: one stream).
     pub rids: Vec<&'static str>,
+    /// The data channel this peer opened, once open.
+    pub channel: Option<str0m::channel::ChannelId>,
+    /// Messages received on it: (binary, bytes).
+    pub channel_messages: Vec<(bool, Vec<u8>)>,
 }
 
 /// An [`Sfu`] and its peers on a simulated network with a virtual clock.
@@ -120,6 +124,17 @@ impl Net {
         dir: Direction,
         rids: &[&'static str],
     ) -> (usize, String, SdpPendingOffer) {
+        self.client_full(dir, rids, None)
+    }
+
+    /// A client with simulcast layers `rids` and, with `channel`, a data
+    /// channel of that label in its offer.
+    pub fn client_full(
+        &mut self,
+        dir: Direction,
+        rids: &[&'static str],
+        channel: Option<&str>,
+    ) -> (usize, String, SdpPendingOffer) {
         let addr: SocketAddr = format!("127.0.0.1:{}", 20000 + self.peers.len())
             .parse()
             .unwrap();
@@ -135,6 +150,9 @@ impl Net {
             sc
         });
         let video = change.add_media(MediaKind::Video, dir, None, None, simulcast);
+        if let Some(label) = channel {
+            change.add_channel(label.to_owned());
+        }
         let (offer, pending) = change.apply().unwrap();
         self.peers.push(Peer {
             addr,
@@ -151,6 +169,8 @@ impl Net {
             cap_bps: None,
             link_free_at: self.now,
             rids: rids.to_vec(),
+            channel: None,
+            channel_messages: Vec::new(),
         });
         (self.peers.len() - 1, offer.to_sdp_string(), pending)
     }
@@ -197,6 +217,33 @@ impl Net {
         self.finish(i, pending, &accepted.answer_sdp);
         self.drain_sfu();
         (i, accepted.session)
+    }
+
+    /// A viewer whose offer also opens a data channel `label`.
+    pub fn subscribe_with_channel(&mut self, room_name: &str, label: &str) -> (usize, SessionId) {
+        let (i, offer, pending) = self.client_full(Direction::RecvOnly, &[], Some(label));
+        let accepted = self
+            .sfu
+            .accept_subscriber(self.now, room(room_name), "viewer", &offer)
+            .unwrap();
+        self.finish(i, pending, &accepted.answer_sdp);
+        self.drain_sfu();
+        (i, accepted.session)
+    }
+
+    /// Peer `i` writes `data` on its data channel; false if it has none open
+    /// yet or the channel's buffer is full.
+    pub fn peer_send(&mut self, i: usize, binary: bool, data: &[u8]) -> bool {
+        let p = &mut self.peers[i];
+        let Some(id) = p.channel else {
+            return false;
+        };
+        let written = p
+            .rtc
+            .channel(id)
+            .is_some_and(|mut ch| ch.write(binary, data).unwrap_or(false));
+        self.drain_peer(i);
+        written
     }
 
     pub fn drain_sfu(&mut self) {
@@ -265,6 +312,8 @@ impl Net {
                         p.media.push((kind, d.is_keyframe(), now));
                     }
                     RtcEvent::KeyframeRequest(_) => p.keyframe_requests += 1,
+                    RtcEvent::ChannelOpen(id, _) => p.channel = Some(id),
+                    RtcEvent::ChannelData(d) => p.channel_messages.push((d.binary, d.data)),
                     _ => {}
                 },
                 Err(e) => panic!("peer {i} failed: {e}"),

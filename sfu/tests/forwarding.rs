@@ -499,3 +499,110 @@ fn a_bandwidth_cap_moves_a_viewer_to_a_lower_simulcast_layer_and_back() {
         "frames kept flowing"
     );
 }
+
+#[test]
+fn a_viewers_data_channel_carries_messages_both_ways_and_closes_with_the_session() {
+    let mut net = Net::new();
+    let (p, _) = net.publish("r1", "alice").unwrap();
+    let (v, session) = net.subscribe_with_channel("r1", "weir-events?format=json");
+    let end = net.now + Duration::from_secs(2);
+    net.run_until(end, drive_publisher(p));
+
+    let opened: Vec<_> = net
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::ChannelOpened {
+                session: s,
+                role,
+                owner,
+                label,
+                ..
+            } => Some((s.clone(), *role, owner.clone(), label.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        opened,
+        vec![(
+            session.clone(),
+            Role::Subscriber,
+            "viewer".to_owned(),
+            "weir-events?format=json".to_owned()
+        )]
+    );
+    assert!(
+        net.peers[v].channel.is_some(),
+        "the viewer saw its channel open"
+    );
+    // Media still flows beside the channel.
+    assert!(net.video_received(v).len() > 10);
+
+    // Node → viewer, in order.
+    let now = net.now;
+    let written = net
+        .sfu
+        .send_channel(
+            now,
+            &session,
+            "weir-events?format=json",
+            false,
+            &[b"one", b"two"],
+        )
+        .unwrap();
+    assert_eq!(written, 2);
+    net.drain_sfu();
+    // Viewer → node.
+    assert!(net.peer_send(v, false, b"{\"t\":\"ping\"}"));
+    let end = net.now + Duration::from_millis(500);
+    net.run_until(end, |_| {});
+    let got: Vec<_> = net.peers[v].channel_messages.clone();
+    assert_eq!(
+        got,
+        vec![(false, b"one".to_vec()), (false, b"two".to_vec())]
+    );
+    assert!(net.events.iter().any(|e| matches!(e,
+        Event::ChannelMessage { session: s, binary: false, data, .. }
+            if *s == session && data == b"{\"t\":\"ping\"}")));
+
+    // Refusals change nothing.
+    let now = net.now;
+    assert_eq!(
+        net.sfu.send_channel(now, &session, "other", true, &[b"x"]),
+        Err(SfuError::NoChannel("other".into()))
+    );
+    assert_eq!(
+        net.sfu.send_channel(
+            now,
+            &weir_protocol::SessionId::random(),
+            "weir-events",
+            true,
+            &[b"x"]
+        ),
+        Err(SfuError::UnknownSession)
+    );
+    // A peer that does not keep up fills the channel's buffer: the SFU
+    // writes what fits and says how much.
+    let big = vec![7u8; 16 * 1024];
+    let many: Vec<&[u8]> = (0..1000).map(|_| big.as_slice()).collect();
+    let written = net
+        .sfu
+        .send_channel(now, &session, "weir-events?format=json", true, &many)
+        .unwrap();
+    assert!(written > 0 && written < many.len(), "wrote {written}");
+
+    // Ending the session closes its channel first.
+    net.sfu.close_session(&room("r1"), &session).unwrap();
+    net.drain_sfu();
+    let tail: Vec<_> = net
+        .events
+        .iter()
+        .filter(|e| {
+            matches!(e, Event::ChannelClosed { session: s, .. } | Event::SessionClosed { session: s, .. } if *s == session)
+        })
+        .collect();
+    assert!(
+        matches!(tail.as_slice(), [Event::ChannelClosed { label, .. }, Event::SessionClosed { .. }] if label == "weir-events?format=json"),
+        "{tail:?}"
+    );
+}

@@ -16,6 +16,7 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use futures::SinkExt;
 use serde::Deserialize;
 use tokio::sync::watch;
@@ -158,31 +159,64 @@ pub(crate) async fn events(
     };
     ws.max_message_size(limits.max_frame_bytes)
         .max_frame_size(limits.max_frame_bytes)
-        .on_upgrade(move |socket| client.run(socket, since))
+        .on_upgrade(move |socket| client.run(WsTransport { socket, format }, since))
 }
 
-struct Client {
-    hub: Arc<Hub>,
-    room: RoomId,
-    user: String,
-    streamer: bool,
-    format: Format,
-    stop: watch::Receiver<bool>,
-    draining: watch::Receiver<bool>,
+pub(crate) struct Client {
+    pub(crate) hub: Arc<Hub>,
+    pub(crate) room: RoomId,
+    pub(crate) user: String,
+    pub(crate) streamer: bool,
+    pub(crate) format: Format,
+    pub(crate) stop: watch::Receiver<bool>,
+    pub(crate) draining: watch::Receiver<bool>,
 }
 
 /// Why a connection ends.
-enum End {
+pub(crate) enum End {
     Closed,
     Bye(&'static str, String),
 }
 
-impl Client {
-    fn frame(&self, f: &ServerFrame) -> Message {
-        self.message(f.encode(self.format).into())
-    }
+/// What a client sent.
+pub(crate) enum Incoming {
+    /// A text frame (JSON).
+    Text(String),
+    /// Something that is not a JSON text frame, with why.
+    Bad(String),
+    /// Nothing to act on (pings).
+    Nothing,
+    /// The client is gone.
+    Closed,
+}
 
-    fn message(&self, bytes: bytes::Bytes) -> Message {
+/// How frames reach a client and its frames reach us: a WebSocket, or the
+/// data channel of a WebRTC session (`super::dc`).
+pub(crate) trait Transport: Send {
+    /// Writes encoded frames in order, all within one [`SEND_TIMEOUT`].
+    fn send_batch(
+        &mut self,
+        frames: Vec<Bytes>,
+    ) -> impl std::future::Future<Output = Result<(), End>> + Send;
+    /// The client's next frame. Cancel-safe.
+    fn recv(&mut self) -> impl std::future::Future<Output = Incoming> + Send;
+    /// Says goodbye with the encoded `bye` frame and closes (best effort,
+    /// bounded in time).
+    fn close(
+        &mut self,
+        bye: Bytes,
+        code: &'static str,
+    ) -> impl std::future::Future<Output = ()> + Send;
+}
+
+/// [`Transport`] over an upgraded WebSocket.
+struct WsTransport {
+    socket: WebSocket,
+    format: Format,
+}
+
+impl WsTransport {
+    fn message(&self, bytes: Bytes) -> Message {
         match self.format {
             Format::Msgpack => Message::Binary(bytes),
             // Encoded from serde_json: valid UTF-8.
@@ -192,24 +226,17 @@ impl Client {
             },
         }
     }
+}
 
-    async fn send(&self, socket: &mut WebSocket, message: Message) -> Result<(), End> {
-        match tokio::time::timeout(SEND_TIMEOUT, socket.send(message)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(End::Closed),
-            Err(_) => Err(End::Bye(
-                "too_slow",
-                format!("a frame took over {SEND_TIMEOUT:?} to reach you"),
-            )),
-        }
-    }
-
-    /// Writes a batch of frames and flushes once, all within one
-    /// [`SEND_TIMEOUT`] (a flush per frame was most of a busy node's time).
-    async fn send_batch(&self, socket: &mut WebSocket, messages: Vec<Message>) -> Result<(), End> {
-        if messages.is_empty() {
+impl Transport for WsTransport {
+    /// Feeds the batch and flushes once (a flush per frame was most of a
+    /// busy node's time).
+    async fn send_batch(&mut self, frames: Vec<Bytes>) -> Result<(), End> {
+        if frames.is_empty() {
             return Ok(());
         }
+        let messages: Vec<Message> = frames.into_iter().map(|b| self.message(b)).collect();
+        let socket = &mut self.socket;
         let write = async {
             for m in messages {
                 socket.feed(m).await?;
@@ -221,18 +248,59 @@ impl Client {
             Ok(Err(_)) => Err(End::Closed),
             Err(_) => Err(End::Bye(
                 "too_slow",
-                format!("a batch of frames took over {SEND_TIMEOUT:?} to reach you"),
+                format!("frames took over {SEND_TIMEOUT:?} to reach you"),
             )),
         }
     }
 
-    async fn run(self, mut socket: WebSocket, since: Option<(u64, u64)>) {
+    async fn recv(&mut self) -> Incoming {
+        match self.socket.recv().await {
+            None | Some(Err(_)) | Some(Ok(Message::Close(_))) => Incoming::Closed,
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => Incoming::Nothing,
+            Some(Ok(Message::Binary(_))) => {
+                Incoming::Bad("binary frames are not accepted; send JSON text".to_owned())
+            }
+            Some(Ok(Message::Text(text))) => Incoming::Text(text.as_str().to_owned()),
+        }
+    }
+
+    async fn close(&mut self, bye: Bytes, code: &'static str) {
+        let bye = self.message(bye);
+        let socket = &mut self.socket;
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            let _ = socket.send(bye).await;
+            let _ = socket
+                .send(Message::Close(Some(CloseFrame {
+                    code: if code == "shutdown" || code == "drain" {
+                        1001
+                    } else {
+                        1008
+                    },
+                    reason: code.into(),
+                })))
+                .await;
+        })
+        .await;
+    }
+}
+
+impl Client {
+    fn frame(&self, f: &ServerFrame) -> Bytes {
+        f.encode(self.format).into()
+    }
+
+    async fn send<T: Transport>(&self, t: &mut T, frame: Bytes) -> Result<(), End> {
+        t.send_batch(vec![frame]).await
+    }
+
+    /// Serves the client until it leaves or is let go.
+    pub(crate) async fn run<T: Transport>(self, mut t: T, since: Option<(u64, u64)>) {
         metrics::counter!("weir_events_connections_total").increment(1);
         let membership = self.hub.join(&self.room, Some(&self.user));
         let feed = Arc::clone(&membership.feed);
         // A room whose bus is away still serves (degraded) after this.
         let _ = tokio::time::timeout(Duration::from_secs(5), feed.wait_ready()).await;
-        let end = self.serve(&mut socket, &feed, since).await;
+        let end = self.serve(&mut t, &feed, since).await;
         if let End::Bye(code, reason) = end {
             metrics::counter!("weir_events_disconnected_total", "reason" => code).increment(1);
             tracing::info!(room = %self.room, user = %self.user, code, %reason, "events client disconnected");
@@ -240,27 +308,14 @@ impl Client {
                 code: code.to_owned(),
                 reason: reason.clone(),
             });
-            let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                let _ = socket.send(bye).await;
-                let _ = socket
-                    .send(Message::Close(Some(CloseFrame {
-                        code: if code == "shutdown" || code == "drain" {
-                            1001
-                        } else {
-                            1008
-                        },
-                        reason: code.into(),
-                    })))
-                    .await;
-            })
-            .await;
+            t.close(bye, code).await;
         }
         drop(membership);
     }
 
-    async fn serve(
+    async fn serve<T: Transport>(
         &self,
-        socket: &mut WebSocket,
+        socket: &mut T,
         feed: &Arc<RoomFeed>,
         since: Option<(u64, u64)>,
     ) -> End {
@@ -315,10 +370,10 @@ impl Client {
                     Ok(plan) => plan,
                     Err(reason) => return End::Bye("too_slow", reason),
                 };
-                let messages: Vec<Message> = plan
+                let messages: Vec<Bytes> = plan
                     .into_iter()
                     .map(|step| match step {
-                        Delivery::Send(item) => self.message(item.encoded(self.format)),
+                        Delivery::Send(item) => item.encoded(self.format),
                         Delivery::Skipped {
                             class,
                             count,
@@ -333,7 +388,7 @@ impl Client {
                         }
                     })
                     .collect();
-                if let Err(end) = self.send_batch(socket, messages).await {
+                if let Err(end) = socket.send_batch(messages).await {
                     return end;
                 }
                 cursor = next_cursor;
@@ -369,11 +424,11 @@ impl Client {
                 }
                 message = socket.recv() => {
                     let reply = match message {
-                        None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return End::Closed,
-                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-                        Some(Ok(Message::Binary(_))) => Err(("malformed", String::new(), "binary frames are not accepted; send JSON text".to_owned())),
-                        Some(Ok(Message::Text(text))) => {
-                            self.handle(feed, text.as_str(), &mut danmaku_bucket, &mut like_bucket, &mut friends_bucket).await
+                        Incoming::Closed => return End::Closed,
+                        Incoming::Nothing => continue,
+                        Incoming::Bad(why) => Err(("malformed", String::new(), why)),
+                        Incoming::Text(text) => {
+                            self.handle(feed, &text, &mut danmaku_bucket, &mut like_bucket, &mut friends_bucket).await
                         }
                     };
                     let frame = match reply {
