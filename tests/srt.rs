@@ -116,7 +116,8 @@ async fn wait_metric(dev: &DevServer, name: &str, labels: &str, min: f64) -> f64
 async fn ffmpeg_pushes_srt_and_two_chromium_viewers_play_it() {
     require_ffmpeg();
     require_browser_tools();
-    let dev = DevServer::start();
+    // One rendition below the 640x360 source: a second video layer.
+    let dev = DevServer::start_with(&["--ladder", "source,180p"]);
     let room = "srt-e2e";
     let token = dev.token(room, "publish", "streamer").await;
     let _ffmpeg = Ffmpeg::push(dev.srt, &access_control(room, "publish", &token), 120);
@@ -128,6 +129,8 @@ async fn ffmpeg_pushes_srt_and_two_chromium_viewers_play_it() {
         .current_dir(&e2e)
         .args(["browser_e2e.mjs", "--base", &dev.node, "--room", room])
         .args(["--codec", "h264", "--no-publisher", "--watch-ms", "4000"])
+        // The late joiner asks for at most the 180p rendition.
+        .args(["--viewer2-query", "layer=180p"])
         .args(["--timeout-ms", "90000"])
         .output()
         .expect("node runs");
@@ -138,6 +141,11 @@ async fn ffmpeg_pushes_srt_and_two_chromium_viewers_play_it() {
         serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap();
     let viewers = result["viewers"].as_array().unwrap();
     assert_eq!(viewers.len(), 2, "{result}");
+    // The source as sent (without B-frames) to one; the ladder's rendition,
+    // a simulcast layer of the room, to the one that asked for it.
+    assert_eq!(viewers[0]["width"], 640, "{result}");
+    assert_eq!(viewers[1]["width"], 320, "{result}");
+    assert_eq!(viewers[1]["height"], 180, "{result}");
     for v in viewers {
         let decoded = v["framesDecoded"].as_u64().unwrap();
         let received = v["framesReceived"].as_u64().unwrap();
@@ -148,7 +156,6 @@ async fn ffmpeg_pushes_srt_and_two_chromium_viewers_play_it() {
         // decoder; B-frames break nearly all of them.)
         assert!(decoded * 2 >= received, "{result}");
         assert!(v["audioPackets"].as_u64().unwrap() > 0, "{result}");
-        assert_eq!(v["width"], 640, "{result}");
         assert!(
             v["videoCodec"]
                 .as_str()

@@ -15,6 +15,10 @@
 // fails, gives way to the next at once. When everything failed, the round
 // starts again from a fresh assignment, with back-off.
 //
+// `?layer=360p` asks for at most that video layer (a rendition of the room's
+// transcoding ladder, or a simulcast rid); by default the node picks the best
+// layer the viewer's bandwidth allows.
+//
 // HLS: `?protocol=hls` plays the room's HLS (through the CDNs as above)
 // instead of WebRTC; `?protocol=webrtc` never leaves WebRTC. By default
 // (`auto`) the page falls back to HLS when the browser has no WebRTC, or when
@@ -284,7 +288,15 @@
       });
 
       setState(weir.state, 'sending offer (WHEP)');
-      const res = await W.negotiate(conn, { ...assignment, endpoints: whep }, 'whep', stale);
+      const layer = W.param('layer');
+      const offered = layer
+        ? whep.map((e) => {
+          const u = new URL(e.url, window.location.href);
+          u.searchParams.set('layer', layer);
+          return { ...e, url: u.href };
+        })
+        : whep;
+      const res = await W.negotiate(conn, { ...assignment, endpoints: offered }, 'whep', stale);
       if (stale()) { W.deleteSession(res.location, token); return; }
       weir.endpoint = res.endpoint;
       weir.session = res.location;

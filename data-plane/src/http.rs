@@ -8,8 +8,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -319,14 +319,43 @@ async fn whip_post(
     ))
 }
 
+/// What a WHEP `POST` may add to its URL.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WhepQuery {
+    /// The highest video layer wanted: a simulcast rid, or a rendition of
+    /// the room's ladder (`360p`). Where the room has no such layer, the
+    /// viewer gets what its bandwidth allows.
+    layer: Option<String>,
+}
+
 async fn whep_post(
     State(state): State<AppState>,
     Path(room): Path<String>,
+    query: Result<Query<WhepQuery>, QueryRejection>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let room = parse_room(&room)?;
     tracing::Span::current().record("room", room.as_str());
+    let Query(query) = query.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("bad query: {e} (known: layer)"),
+        )
+    })?;
+    if let Some(layer) = &query.layer
+        && (layer.is_empty()
+            || layer.len() > 8
+            || !layer
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
+    {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("bad layer {layer:?}: 1 to 8 letters, digits, '-' or '_' (e.g. 360p)"),
+        ));
+    }
     let viewer = authorize(&state, &headers, &room, Mode::Play)?;
     // Viewers go elsewhere; a publisher is still taken (an encoder such as
     // OBS has one fixed URL and must be able to reconnect to its origin).
@@ -337,6 +366,13 @@ async fn whep_post(
         .play(room.clone(), viewer, offer)
         .await
         .map_err(|_| unavailable())??;
+    if query.layer.is_some() {
+        state
+            .shard
+            .set_max_layer(room.clone(), accepted.session.clone(), query.layer)
+            .await
+            .map_err(|_| unavailable())??;
+    }
     Ok(created(
         "whep",
         &room,

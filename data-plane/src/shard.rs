@@ -72,6 +72,12 @@ enum Command {
     },
     /// Viewers on another shard need a keyframe of this room.
     RoomKeyframe { room: RoomId, rid: Option<String> },
+    /// Cap the video layer a viewer gets (`None` lifts it).
+    SetMaxLayer {
+        session: SessionId,
+        layer: Option<String>,
+        reply: oneshot::Sender<Result<(), SfuError>>,
+    },
     /// Write to a session's data channel; the reply says how many fit.
     ChannelSend {
         session: SessionId,
@@ -265,6 +271,23 @@ impl Shard {
         let (reply, rx) = oneshot::channel();
         self.send(Command::OpenSource { room, owner, reply }, rx)
             .await
+    }
+
+    pub async fn set_max_layer(
+        &self,
+        session: SessionId,
+        layer: Option<String>,
+    ) -> Result<Result<(), SfuError>, ShardGone> {
+        let (reply, rx) = oneshot::channel();
+        self.send(
+            Command::SetMaxLayer {
+                session,
+                layer,
+                reply,
+            },
+            rx,
+        )
+        .await
     }
 
     /// Writes `messages` to the session's data channel `label`, in order,
@@ -531,6 +554,20 @@ impl ShardHandle {
         self.for_session(&room, &session)
             .clone()
             .trickle(room, session, sdpfrag)
+            .await
+    }
+
+    /// Caps the video layer viewer `session` of `room` gets at `layer` (a
+    /// simulcast rid or a rendition name, `360p`); `None` lifts the cap.
+    pub async fn set_max_layer(
+        &self,
+        room: RoomId,
+        session: SessionId,
+        layer: Option<String>,
+    ) -> Result<Result<(), SfuError>, ShardGone> {
+        self.for_session(&room, &session)
+            .clone()
+            .set_max_layer(session, layer)
             .await
     }
 
@@ -862,6 +899,13 @@ fn handle_command(sfu: &mut Sfu, cmd: Command, ctx: &mut Ctx) {
         }
         Command::RoomKeyframe { room, rid } => {
             sfu.request_room_keyframe(now, &room, rid.as_deref());
+        }
+        Command::SetMaxLayer {
+            session,
+            layer,
+            reply,
+        } => {
+            let _ = reply.send(sfu.set_max_layer(now, &session, layer.as_deref()));
         }
         Command::ChannelSend {
             session,

@@ -32,11 +32,18 @@ pub(crate) struct Layers {
 
 impl Layers {
     /// Records a video frame of `frame.rid`'s layer; returns the layer's index
-    /// (stable: layers are only added).
-    pub(crate) fn record(&mut self, now: Instant, frame: &MediaFrame, gop: GopLimits) -> usize {
+    /// (stable: layers are only added) and whether the layer is new.
+    pub(crate) fn record(
+        &mut self,
+        now: Instant,
+        frame: &MediaFrame,
+        gop: GopLimits,
+    ) -> (usize, bool) {
+        let mut new = false;
         let i = match self.list.iter().position(|l| l.key == frame.rid) {
             Some(i) => i,
             None => {
+                new = true;
                 self.list.push(Layer {
                     key: frame.rid,
                     gop: GopCache::default(),
@@ -59,7 +66,7 @@ impl Layers {
         if gop.max_frames > 0 {
             l.gop.push(frame, gop);
         }
-        i
+        (i, new)
     }
 
     pub(crate) fn index(&self, key: LayerKey) -> Option<usize> {
@@ -82,14 +89,21 @@ impl Layers {
     /// The layer for a viewer whose estimate is `estimate` and who now gets
     /// `current`: the best layer that fits with headroom; a viewer keeps its
     /// layer while the layer still fits without headroom (no flapping at the
-    /// boundary). Without an estimate, the best layer. `None` when no layer
-    /// has been seen.
+    /// boundary). Without an estimate, the best layer. With `cap` (a layer
+    /// the viewer asked for at most, when the room has it), nothing above
+    /// that layer's rate. `None` when no layer has been seen.
     pub(crate) fn choose(
         &self,
         estimate: Option<u64>,
         current: Option<LayerKey>,
+        cap: Option<LayerKey>,
     ) -> Option<LayerKey> {
         let mut by_rate: Vec<&Layer> = self.list.iter().collect();
+        if let Some(c) = cap.and_then(|k| self.get(k)) {
+            // The capping layer itself always stays (its rate may not be
+            // measured yet).
+            by_rate.retain(|l| l.key == c.key || l.bps < c.bps);
+        }
         by_rate.sort_by_key(|l| l.bps);
         let lowest = by_rate.first()?;
         let Some(estimate) = estimate else {
@@ -102,7 +116,7 @@ impl Layers {
             .unwrap_or(lowest)
             .key;
         if let Some(cur) = current
-            && let Some(c) = self.get(cur)
+            && let Some(c) = by_rate.iter().find(|l| l.key == cur)
             && c.bps <= estimate
             && self.bps(best) <= c.bps
         {

@@ -42,6 +42,8 @@ pub(crate) struct Session {
     pub(crate) layer: Option<LayerKey>,
     /// Subscriber: the layer it moves to at that layer's next keyframe.
     pub(crate) pending_layer: Option<LayerKey>,
+    /// Subscriber: the layer it asked for at most (WHEP `?layer=`).
+    pub(crate) max_layer: Option<LayerKey>,
     /// Subscriber: the latest bandwidth estimate towards it (TWCC).
     pub(crate) estimate_bps: Option<u64>,
     /// Subscriber: NACKs and PLIs it had sent at the last stats report, and
@@ -83,6 +85,7 @@ impl Session {
             outgoing: Vec::new(),
             layer: None,
             pending_layer: None,
+            max_layer: None,
             estimate_bps: None,
             reported: (0, 0, 0),
             first_frame_sent: false,

@@ -208,6 +208,21 @@ pub enum SfuError {
     IceRestartUnsupported,
     #[error("the session has no open data channel {0:?}")]
     NoChannel(String),
+    #[error("bad layer name {0:?}: 1 to 8 letters, digits, '-' or '_'")]
+    BadLayer(String),
+}
+
+/// A layer name as a rid (what RFC 8851 allows, in str0m's 8 bytes).
+fn parse_rid(name: &str) -> Result<Rid, SfuError> {
+    if name.is_empty()
+        || name.len() > 8
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(SfuError::BadLayer(name.to_owned()));
+    }
+    Ok(Rid::from(name))
 }
 
 /// Monotonic counters of the SFU's work.
@@ -495,8 +510,42 @@ impl Sfu {
             .ok_or(SfuError::UnknownSession)?;
         self.last_now = self.last_now.max(now);
         self.counters.frames_in += 1;
+        if frame.kind == MediaKind::Video
+            && frame.rid.is_some()
+            && let Some(r) = self.rooms.get_mut(&room)
+        {
+            // Layers (a transcoder's renditions, or a relayed simulcast
+            // publisher): viewers from now on get a bandwidth estimate to
+            // choose by.
+            r.simulcast = true;
+        }
         self.forward(now, &room, &frame);
         self.run(now);
+        Ok(())
+    }
+
+    /// Caps the video layer a viewer gets at `layer` (a rid, or a
+    /// transcoder's rendition name such as `360p`) where the room has it;
+    /// `None` lifts the cap. Takes effect at the next keyframe.
+    pub fn set_max_layer(
+        &mut self,
+        now: Instant,
+        id: &SessionId,
+        layer: Option<&str>,
+    ) -> Result<(), SfuError> {
+        let key = match layer {
+            Some(l) => Some(parse_rid(l)?),
+            None => None,
+        };
+        let s = self.sessions.get_mut(id).ok_or(SfuError::UnknownSession)?;
+        if s.role != Role::Subscriber {
+            return Err(SfuError::UnknownSession);
+        }
+        s.max_layer = key.map(Some);
+        let room = s.room.clone();
+        if s.layer.is_some() {
+            self.reconsider_layer(now, &room, id);
+        }
         Ok(())
     }
 
@@ -890,10 +939,11 @@ impl Sfu {
                     role,
                 }));
                 if role == Role::Subscriber && !self.start_from_cache(now, &room, id) {
+                    let cap = self.sessions.get(id).and_then(|s| s.max_layer);
                     let key = self
                         .rooms
                         .get(&room)
-                        .and_then(|r| r.layers.choose(None, None));
+                        .and_then(|r| r.layers.choose(None, None, cap));
                     self.request_keyframe(now, &room, key.flatten());
                 }
             }
@@ -1036,9 +1086,29 @@ impl Sfu {
         let Some(r) = self.rooms.get_mut(room) else {
             return;
         };
-        let layer_index = match frame.kind {
+        let (layer_index, new_layer) = match frame.kind {
             MediaKind::Video => r.layers.record(now, frame, self.config.gop),
-            MediaKind::Audio => 0,
+            MediaKind::Audio => (0, false),
+        };
+        if new_layer {
+            // Viewers capped at a layer that did not exist yet may now
+            // move to it.
+            let capped: Vec<SessionId> = r
+                .subscribers
+                .iter()
+                .filter(|id| {
+                    self.sessions
+                        .get(*id)
+                        .is_some_and(|s| s.max_layer.is_some())
+                })
+                .cloned()
+                .collect();
+            for id in capped {
+                self.reconsider_layer(now, room, &id);
+            }
+        }
+        let Some(r) = self.rooms.get_mut(room) else {
+            return;
         };
         if self.taps.contains(room) {
             self.out.push_back(Output::Relay {
@@ -1057,7 +1127,7 @@ impl Sfu {
             }
             if frame.kind == MediaKind::Video {
                 if s.layer.is_none() && s.pending_layer.is_none() {
-                    s.pending_layer = r.layers.choose(s.estimate_bps, None);
+                    s.pending_layer = r.layers.choose(s.estimate_bps, None, s.max_layer);
                 }
                 if s.pending_layer == Some(frame.rid) && frame.keyframe {
                     // Switch (or start) at this layer's keyframe: no freeze,
@@ -1109,7 +1179,7 @@ impl Sfu {
         let Some(current) = s.layer else {
             return;
         };
-        let Some(best) = r.layers.choose(s.estimate_bps, Some(current)) else {
+        let Some(best) = r.layers.choose(s.estimate_bps, Some(current), s.max_layer) else {
             return;
         };
         let top = r.layers.top_bps();
@@ -1146,7 +1216,7 @@ impl Sfu {
         let Some(s) = self.sessions.get_mut(id) else {
             return false;
         };
-        let Some(key) = r.layers.choose(s.estimate_bps, None) else {
+        let Some(key) = r.layers.choose(s.estimate_bps, None, s.max_layer) else {
             return false;
         };
         let (Some(layer), Some(index)) = (r.layers.get(key), r.layers.index(key)) else {

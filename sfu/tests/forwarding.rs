@@ -606,3 +606,90 @@ fn a_viewers_data_channel_carries_messages_both_ways_and_closes_with_the_session
         "{tail:?}"
     );
 }
+
+/// A source (SRT ingest) with a transcoder's renditions: each rendition is
+/// a layer; a viewer may cap the layer it gets, and lifting the cap takes
+/// it back to the source at the next keyframe.
+#[test]
+fn a_sources_renditions_are_layers_a_viewer_can_cap() {
+    use std::sync::Arc;
+    use weir_sfu::{Codec, MediaFrame};
+
+    let mut net = Net::new();
+    let (free, free_id) = net.subscribe("show");
+    let (capped, capped_id) = net.subscribe("show");
+    let now = net.now;
+    net.sfu
+        .set_max_layer(now, &capped_id, Some("360p"))
+        .unwrap();
+    let (source, _) = net.sfu.accept_source(room("show"), "streamer").unwrap();
+    let mut frame_no = 0u64;
+    let mut push = move |net: &mut Net| {
+        if !net.peers[free].connected || !net.peers[capped].connected {
+            return;
+        }
+        let keyframe = frame_no.is_multiple_of(30);
+        // The source and one smaller rendition, keyframes aligned.
+        for (rid, key_size, size) in [(None, 6000, 900), (Some("360p"), 1500, 200)] {
+            let mut au = Vec::new();
+            if keyframe {
+                au.extend_from_slice(&[0, 0, 0, 1, 0x67, 0x42, 0xc0, 0x1f, 0xda, 0x01, 0x40]);
+                au.extend_from_slice(&[0, 0, 0, 1, 0x68, 0xce, 0x3c, 0x80]);
+                au.extend_from_slice(&[0, 0, 0, 1, 0x65]);
+            } else {
+                au.extend_from_slice(&[0, 0, 0, 1, 0x41]);
+            }
+            au.extend(std::iter::repeat_n(
+                0x5a,
+                if keyframe { key_size } else { size },
+            ));
+            let frame = MediaFrame {
+                kind: MediaKind::Video,
+                codec: Codec::H264,
+                params: None,
+                time: MediaTime::from_90khz(frame_no * 3000),
+                network_time: net.now,
+                keyframe,
+                rid: rid.map(str0m::media::Rid::from),
+                capture_time: None,
+                data: Arc::from(au),
+            };
+            net.sfu.push_frame(net.now, &source, frame).unwrap();
+        }
+        net.drain_sfu();
+        frame_no += 1;
+    };
+    let end = net.now + Duration::from_secs(3);
+    net.run_until(end, &mut push);
+    assert_eq!(net.sfu.subscriber_layer(&free_id), Some(None), "the source");
+    assert_eq!(
+        net.sfu.subscriber_layer(&capped_id),
+        Some(Some("360p".to_owned()))
+    );
+    let before = net.video_received(capped).len();
+    assert!(before > 30, "the capped viewer plays: {before} frames");
+
+    // Lifted: back to the source at its next keyframe, without a freeze.
+    let now = net.now;
+    net.sfu.set_max_layer(now, &capped_id, None).unwrap();
+    let end = net.now + Duration::from_secs(2);
+    net.run_until(end, &mut push);
+    assert_eq!(net.sfu.subscriber_layer(&capped_id), Some(None));
+    assert!(net.video_received(capped).len() > before + 40);
+    assert!(net.sfu.counters().layer_switches >= 1);
+
+    // Bad names and unknown sessions are refused and change nothing.
+    let now = net.now;
+    for bad in ["", "much-too-long", "3 60p"] {
+        assert_eq!(
+            net.sfu.set_max_layer(now, &capped_id, Some(bad)),
+            Err(SfuError::BadLayer(bad.to_owned()))
+        );
+    }
+    assert_eq!(
+        net.sfu
+            .set_max_layer(now, &weir_protocol::SessionId::random(), Some("360p")),
+        Err(SfuError::UnknownSession)
+    );
+    assert_eq!(net.sfu.subscriber_layer(&capped_id), Some(None));
+}

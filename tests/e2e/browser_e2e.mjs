@@ -5,13 +5,15 @@
 //
 //   node browser_e2e.mjs --base http://127.0.0.1:8080 --room ROOM \
 //        [--codec vp8|h264] [--timeout-ms 60000] [--no-publisher] [--watch-ms 0]
+//        [--viewer2-query layer=360p]
 //
 // Steps: publisher opens /publish/ROOM?autostart=1&codec=C and must reach
 // state 'connected' with packets going out; viewer 1 opens /play/ROOM and must
 // decode video and receive audio; 3 s later viewer 2 (the late joiner) must do
 // the same. With --no-publisher the room is published by something else
 // (ffmpeg over SRT) and only the two viewers run. --watch-ms keeps both
-// viewers playing that long before their stats are read. The pages expose their state as `window.weir` (see
+// viewers playing that long before their stats are read. --viewer2-query adds
+// a query to the late joiner's play page URL (e.g. a layer cap). The pages expose their state as `window.weir` (see
 // data-plane/assets/publish.js and play.js).
 //
 // Output: exactly one JSON line on stdout.
@@ -27,7 +29,7 @@
 import { accessSync, constants as fsConstants } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 
-const USAGE = 'usage: node browser_e2e.mjs --base http://127.0.0.1:8080 --room ROOM [--codec vp8|h264] [--timeout-ms 60000] [--no-publisher] [--watch-ms 0]';
+const USAGE = 'usage: node browser_e2e.mjs --base http://127.0.0.1:8080 --room ROOM [--codec vp8|h264] [--timeout-ms 60000] [--no-publisher] [--watch-ms 0] [--viewer2-query Q]';
 const LATE_JOIN_DELAY_MS = 3000;
 const CONSOLE_KEEP = 30;
 
@@ -54,7 +56,7 @@ function setupError(message) {
 }
 
 function parseArgs(argv) {
-  const opts = { base: null, room: null, codec: 'vp8', timeoutMs: 60000, publisher: true, watchMs: 0 };
+  const opts = { base: null, room: null, codec: 'vp8', timeoutMs: 60000, publisher: true, watchMs: 0, viewer2Query: '' };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
     const next = () => {
@@ -68,6 +70,7 @@ function parseArgs(argv) {
       case '--timeout-ms': opts.timeoutMs = Number(next()); break;
       case '--no-publisher': opts.publisher = false; break;
       case '--watch-ms': opts.watchMs = Number(next()); break;
+      case '--viewer2-query': opts.viewer2Query = next().replace(/^\?/, ''); break;
       case '-h': case '--help': process.stderr.write(USAGE + '\n'); process.exit(0); break;
       default: setupError(`unknown argument ${a}\n${USAGE}`);
     }
@@ -232,7 +235,7 @@ try {
 
   await sleep(Math.min(LATE_JOIN_DELAY_MS, remaining()));
 
-  const viewer2 = await openClient('viewer2', `${opts.base}/play/${room}`);
+  const viewer2 = await openClient('viewer2', `${opts.base}/play/${room}${opts.viewer2Query ? `?${opts.viewer2Query}` : ''}`);
   await waitForWeir('viewer2', viewer2, 'decoded video and received audio', viewerReady);
 
   if (opts.watchMs > 0) await sleep(Math.min(opts.watchMs, remaining()));

@@ -450,8 +450,8 @@ async fn run_connection(
     let sink: FrameSink = Arc::new(move |frame| {
         let _ = shard.push_frame(source.clone(), frame);
     });
-    let mut bridge = Bridge::new(room.clone(), sink);
-    bridge.media = ctx.media.open(room);
+    let mut bridge = Bridge::new(room.clone(), sink.clone());
+    bridge.media = ctx.media.open(room, Some(sink));
     let mut demux = TsDemuxer::new();
     let mut pes = Vec::new();
     let mut reported = ts::DemuxStats::default();
@@ -637,7 +637,13 @@ impl Bridge {
         // HLS and the ladder take the stream as sent (B-frames and all),
         // decode time on the same timeline.
         let dts = out - (pts - p.dts.unwrap_or(pts)).clamp(0, 90_000);
-        self.media.video(&au.data, au.keyframe, out, dts);
+        self.media.video(
+            &au.data,
+            au.keyframe,
+            (out, dts),
+            network_time,
+            Some(wall_clock(sent)),
+        );
         if let Some(reencoder) = self.reencode.as_mut() {
             let capture = Some(wall_clock(sent));
             reencoder.push(VideoJob {

@@ -25,6 +25,7 @@ use weir_protocol::RoomId;
 use crate::hls::fmp4::AudioTrack;
 use crate::hls::segmenter::{AudioIn, VideoIn};
 use crate::hls::{HlsConfig, HlsFeed, HlsStore, Planned, SOURCE};
+use crate::ingest::FrameSink;
 pub use encoder::{EncoderChoice, EncoderKind};
 pub use ladder::LadderEncoder;
 pub use snapshot::{Snapshot, SnapshotStore};
@@ -236,10 +237,11 @@ impl MediaHub {
             .get_or_init(|| encoder::choose(self.config.encoder))
     }
 
-    /// A publisher of `room` starts: its HLS epoch and its transcoder.
-    /// Nothing here fails the publisher: a part that cannot start is
-    /// logged and left out.
-    pub fn open(&self, room: &RoomId) -> RoomMedia {
+    /// A publisher of `room` starts: its HLS epoch and its transcoder,
+    /// whose renditions also go to `layers` (the room's WebRTC viewers, as
+    /// simulcast layers named after the renditions). Nothing here fails
+    /// the publisher: a part that cannot start is logged and left out.
+    pub(crate) fn open(&self, room: &RoomId, layers: Option<FrameSink>) -> RoomMedia {
         let ladder = self.ladder(room).clone();
         let hls = self.hls.as_ref().and_then(|store| {
             let mut plan = vec![Planned {
@@ -260,7 +262,7 @@ impl MediaHub {
                 }
             }
         });
-        let wants_ladder = !ladder.is_off() && hls.is_some();
+        let wants_ladder = !ladder.is_off() && (hls.is_some() || layers.is_some());
         let snapshots = self.config.snapshot_interval;
         let transcoder = if wants_ladder || snapshots.is_some() {
             let encoder = if wants_ladder {
@@ -281,6 +283,7 @@ impl MediaHub {
                     .filter(|_| wants_ladder)
                     .map(HlsFeed::renditions),
                 snapshots: snapshots.map(|every| (every, self.snapshots.clone())),
+                layers: layers.filter(|_| wants_ladder),
                 delay: self.config.test_delay,
             });
             match spawned {
@@ -329,8 +332,16 @@ impl RoomMedia {
     }
 
     /// A source access unit (Annex-B, SPS/PPS before each IDR) with its
-    /// presentation and decode times (90 kHz, the room's timeline).
-    pub fn video(&mut self, au: &[u8], keyframe: bool, pts: i64, dts: i64) {
+    /// presentation and decode times (90 kHz, the room's timeline), the
+    /// instant its presentation time maps to and when it was captured.
+    pub(crate) fn video(
+        &mut self,
+        au: &[u8],
+        keyframe: bool,
+        (pts, dts): (i64, i64),
+        network_time: Instant,
+        capture: Option<SystemTime>,
+    ) {
         if self.hls.is_none() && self.transcoder.is_none() {
             return;
         }
@@ -342,6 +353,8 @@ impl RoomMedia {
                 dts,
                 keyframe,
                 queued: Instant::now(),
+                network_time,
+                capture,
             });
         }
         if let Some(hls) = self.hls.as_mut() {

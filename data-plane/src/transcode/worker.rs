@@ -3,8 +3,9 @@
 //! the source has them), and takes snapshots of keyframes. Fed through a
 //! bounded queue that never blocks the sender.
 
+use std::collections::VecDeque;
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use ffmpeg_next as ffmpeg;
@@ -15,7 +16,12 @@ use super::encoder::EncoderKind;
 use super::ladder::LadderEncoder;
 use super::snapshot::{JpegEncoder, SnapshotStore};
 use crate::hls::RenditionFeed;
+use crate::hls::segmenter::VideoIn;
+use crate::ingest::FrameSink;
 use crate::ingest::audio::{TranscodeError, init_ffmpeg};
+use str0m::format::Codec;
+use str0m::media::{MediaKind, MediaTime, Rid};
+use weir_sfu::MediaFrame;
 
 /// Access units queued before the transcoder drops (about half a second at
 /// 30 fps: a transcoder that far behind is not keeping up).
@@ -29,6 +35,8 @@ pub(crate) struct Settings {
     pub encoder: Option<EncoderKind>,
     pub feed: Option<RenditionFeed>,
     pub snapshots: Option<(Duration, SnapshotStore)>,
+    /// Where renditions go as video layers of the room's WebRTC viewers.
+    pub layers: Option<FrameSink>,
     /// Test only: sleep per access unit.
     pub delay: Duration,
 }
@@ -40,7 +48,15 @@ pub(crate) struct Job {
     pub dts: i64,
     pub keyframe: bool,
     pub queued: Instant,
+    /// The source frame's wall-clock mapping and capture time, given to
+    /// its renditions (the same instant of the stream).
+    pub network_time: Instant,
+    pub capture: Option<SystemTime>,
 }
+
+/// Source frames remembered to time their renditions (the encoder's delay
+/// is a few frames).
+const TIMES_KEPT: usize = 128;
 
 /// The sending side; every call returns at once.
 pub(crate) struct Transcoder {
@@ -130,15 +146,21 @@ fn run(s: Settings, rx: Receiver<Job>) {
         room,
         mut feed,
         snapshots,
+        layers,
         delay,
         ..
     } = s;
+    let mut times: VecDeque<(i64, Instant, Option<SystemTime>)> = VecDeque::new();
     let mut next_snapshot = Instant::now();
     let mut errors = 0u64;
     let mut out = Vec::new();
     while let Ok(job) = rx.recv() {
         if !delay.is_zero() {
             std::thread::sleep(delay);
+        }
+        times.push_back((job.pts, job.network_time, job.capture));
+        if times.len() > TIMES_KEPT {
+            times.pop_front();
         }
         let snapshot = |picture: &ffmpeg::frame::Video, key: bool| {
             let Some((every, store)) = &snapshots else {
@@ -167,6 +189,15 @@ fn run(s: Settings, rx: Receiver<Job>) {
                 tracing::warn!(%room, error = %e, errors, "transcoder: access unit not decodable");
             }
         }
+        if let Some(sink) = &layers {
+            for (name, unit) in &out {
+                let (network_time, capture) = times
+                    .iter()
+                    .find(|(pts, ..)| *pts == unit.pts)
+                    .map_or((Instant::now(), None), |(_, n, c)| (*n, *c));
+                sink(layer_frame(name, unit, network_time, capture));
+            }
+        }
         let Some(feed) = feed.as_mut() else {
             out.clear();
             continue;
@@ -182,6 +213,30 @@ fn run(s: Settings, rx: Receiver<Job>) {
         for name in ladder.rendition_names() {
             feed.gone(&name);
         }
+    }
+}
+
+/// A rendition's access unit as a video layer (rid = rendition name) of
+/// the room's WebRTC viewers, on the source's timeline.
+fn layer_frame(
+    name: &str,
+    unit: &VideoIn,
+    network_time: Instant,
+    capture: Option<SystemTime>,
+) -> MediaFrame {
+    MediaFrame {
+        kind: MediaKind::Video,
+        codec: Codec::H264,
+        params: None,
+        time: MediaTime::from_90khz(unit.pts.max(0) as u64),
+        network_time,
+        keyframe: unit.keyframe,
+        rid: Some(Rid::from(name)),
+        capture_time: capture.map(|capture_time| str0m::rtp::AbsCaptureTime {
+            capture_time,
+            clock_offset: None,
+        }),
+        data: unit.annexb.to_vec().into(),
     }
 }
 
