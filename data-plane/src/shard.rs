@@ -791,6 +791,7 @@ fn record_event(e: Event) {
                 weir_sfu::CloseReason::Requested => "requested".to_owned(),
                 weir_sfu::CloseReason::Disconnected => "disconnected".to_owned(),
                 weir_sfu::CloseReason::Replaced => "replaced".to_owned(),
+                weir_sfu::CloseReason::Moved => "moved".to_owned(),
                 weir_sfu::CloseReason::Failed(why) => {
                     tracing::warn!(%room, %session, error = %why, "session failed");
                     "failed".to_owned()

@@ -28,6 +28,8 @@ pub struct Peer {
     pub media: Vec<(MediaKind, bool, Instant)>,
     pub keyframe_requests: usize,
     pub connected: bool,
+    /// The SFU closed the session in-band (DTLS close_notify arrived).
+    pub closed: bool,
     pub audio: Option<Mid>,
     pub video: Option<Mid>,
     /// Whether this peer still takes part in the network.
@@ -143,6 +145,7 @@ impl Net {
             media: Vec::new(),
             keyframe_requests: 0,
             connected: false,
+            closed: false,
             audio: Some(audio),
             video: Some(video),
             online: true,
@@ -265,6 +268,7 @@ impl Net {
                         p.media.push((kind, d.is_keyframe(), now));
                     }
                     RtcEvent::KeyframeRequest(_) => p.keyframe_requests += 1,
+                    RtcEvent::Closed => p.closed = true,
                     _ => {}
                 },
                 Err(e) => panic!("peer {i} failed: {e}"),
