@@ -70,6 +70,37 @@ struct ShardArgs {
     shard_spill: usize,
 }
 
+/// How a drained node (`weir ctl nodes drain`) sends its WebRTC viewers
+/// to other nodes.
+#[derive(Args, Clone, Copy)]
+struct DrainArgs {
+    /// Viewers a drained node ends per --drain-interval-ms; each asks the
+    /// control plane again and moves to another node. Viewers of rooms
+    /// published on the node move once their publisher has left it.
+    #[arg(long, env = "WEIR_DRAIN_BATCH", default_value_t = 50,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    drain_batch: u64,
+    /// Milliseconds between two batches of viewers of a drained node.
+    #[arg(long, env = "WEIR_DRAIN_INTERVAL_MS", default_value_t = 500,
+          value_parser = clap::value_parser!(u64).range(10..=600_000))]
+    drain_interval_ms: u64,
+    /// Milliseconds a drained node waits before its first batch (load
+    /// balancers and the scheduler notice the drain meanwhile).
+    #[arg(long, env = "WEIR_DRAIN_GRACE_MS", default_value_t = 2000,
+          value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
+    drain_grace_ms: u64,
+}
+
+impl DrainArgs {
+    fn pace(&self) -> weir_data_plane::DrainPace {
+        weir_data_plane::DrainPace {
+            batch: usize::try_from(self.drain_batch).unwrap_or(usize::MAX),
+            interval: Duration::from_millis(self.drain_interval_ms),
+            grace: Duration::from_millis(self.drain_grace_ms),
+        }
+    }
+}
+
 /// HLS, transcoding and snapshots of SRT-published rooms.
 #[derive(Args, Clone)]
 struct MediaArgs {
@@ -137,6 +168,8 @@ struct DevArgs {
     #[command(flatten)]
     media: ShardArgs,
     #[command(flatten)]
+    drain: DrainArgs,
+    #[command(flatten)]
     av: MediaArgs,
     #[command(flatten)]
     room_bus: RoomBusArgs,
@@ -167,6 +200,8 @@ struct DevArgs {
 struct NodeArgs {
     #[command(flatten)]
     media: ShardArgs,
+    #[command(flatten)]
+    drain: DrainArgs,
     #[command(flatten)]
     av: MediaArgs,
     #[command(flatten)]
@@ -414,6 +449,7 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
             media: media_config(&a.av, &a.data_dir)?,
             room_bus: Some(room_bus),
             hub: a.room_bus.hub(),
+            drain: a.drain.pace(),
         },
         coordinator,
         verifier,
@@ -543,6 +579,7 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
             media: media_config(&a.av, &a.data_dir)?,
             room_bus,
             hub: a.room_bus.hub(),
+            drain: a.drain.pace(),
         },
         coordinator,
         verifier,

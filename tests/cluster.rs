@@ -12,6 +12,11 @@
 //! spread, a node killed, a replica killed, cordon and drain, and a config
 //! change reaching every node.
 //!
+//! Drain with media: viewers playing on a drained node stay while their
+//! room's publisher is there, then move in paced batches (each told
+//! in-band, its session URL answering 410) and play on the node the
+//! scheduler gives them next, where the streamer went.
+//!
 //! `measure_node_death_to_removal` (ignored by default) measures how long a
 //! killed node stays in the scheduler's answers; see bench/RESULTS.md.
 #![allow(clippy::unwrap_used)]
@@ -704,5 +709,398 @@ async fn two_replicas_and_three_nodes_through_kills_cordon_drain_and_config() {
         }
     }
     b.proc.kill9();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// One WHEP session of a [`follow_viewer`]: where, what it got, and whether
+/// the node ended it in-band (DTLS close_notify).
+#[derive(Debug, Clone)]
+struct Visit {
+    /// The node's base URL.
+    node: String,
+    session_url: String,
+    /// The play token it was opened with.
+    token: String,
+    video_frames: u64,
+    closed_by_node: bool,
+}
+
+/// A str0m WHEP viewer that behaves like the play page: asks the control
+/// plane for a node, plays there, and when the node ends the session asks
+/// again. Every session is appended to `visits`; stops at `stop`.
+async fn follow_viewer(
+    control: String,
+    room: String,
+    visits: std::sync::Arc<std::sync::Mutex<Vec<Visit>>>,
+    stop: Instant,
+) {
+    while Instant::now() < stop {
+        let played = match weir_loadtest::assign_viewer(&control, &room).await {
+            Ok(target) => play_once(&target, &visits, stop).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = played {
+            eprintln!("viewer of {room}: {e:#}; asking again");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// Plays one WHEP session until the node ends it or `stop`.
+async fn play_once(
+    target: &weir_loadtest::viewer::Target,
+    visits: &std::sync::Mutex<Vec<Visit>>,
+    stop: Instant,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use str0m::media::{Direction, MediaKind};
+    use str0m::net::{Protocol, Receive};
+    use str0m::{Candidate, Event, Input, Output, Rtc};
+
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+    let local = socket.local_addr()?;
+    let mut rtc = Rtc::builder().build(Instant::now());
+    rtc.add_local_candidate(Candidate::host(local, "udp")?);
+    let mut change = rtc.sdp_api();
+    change.add_media(MediaKind::Audio, Direction::RecvOnly, None, None, None);
+    let video = change.add_media(MediaKind::Video, Direction::RecvOnly, None, None, None);
+    let (offer, pending) = change.apply().context("no offer")?;
+    let auth = format!("Bearer {}", target.token);
+    let r = request(
+        "POST",
+        &target.whep_url,
+        &[
+            ("Content-Type", "application/sdp"),
+            ("Authorization", &auth),
+        ],
+        offer.to_sdp_string().as_bytes(),
+        Duration::from_secs(10),
+    )
+    .await?;
+    anyhow::ensure!(r.status == 201, "WHEP answered {}: {}", r.status, r.text());
+    let node = target
+        .whep_url
+        .split("/whep/")
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let session_url = format!("{node}{}", r.header("location").context("no Location")?);
+    let answer = str0m::change::SdpAnswer::from_sdp_string(&r.text())?;
+    rtc.sdp_api().accept_answer(pending, answer)?;
+    let index = {
+        let mut v = visits.lock().unwrap();
+        v.push(Visit {
+            node,
+            session_url: session_url.clone(),
+            token: target.token.clone(),
+            video_frames: 0,
+            closed_by_node: false,
+        });
+        v.len() - 1
+    };
+    let mut buf = vec![0u8; 2048];
+    loop {
+        let timeout = loop {
+            match rtc.poll_output()? {
+                Output::Transmit(t) => {
+                    let _ = socket.send_to(&t.contents, t.destination).await;
+                }
+                Output::Timeout(t) => break t,
+                Output::Event(Event::MediaData(d)) if d.mid == video => {
+                    visits.lock().unwrap()[index].video_frames += 1;
+                }
+                Output::Event(Event::Closed) => {
+                    visits.lock().unwrap()[index].closed_by_node = true;
+                    return Ok(());
+                }
+                Output::Event(Event::IceConnectionStateChange(
+                    str0m::IceConnectionState::Disconnected,
+                )) => anyhow::bail!("ICE disconnected from {session_url}"),
+                Output::Event(_) => {}
+            }
+        };
+        let now = Instant::now();
+        if now >= stop {
+            let _ = request(
+                "DELETE",
+                &session_url,
+                &[("Authorization", &auth)],
+                b"",
+                Duration::from_secs(5),
+            )
+            .await;
+            return Ok(());
+        }
+        tokio::select! {
+            r = socket.recv_from(&mut buf) => {
+                let (n, source) = r?;
+                let Ok(contents) = buf[..n].try_into() else { continue };
+                let input = Input::Receive(Instant::now(), Receive { proto: Protocol::Udp, source, destination: local, contents });
+                if rtc.accepts(&input) {
+                    rtc.handle_input(input)?;
+                }
+            }
+            _ = tokio::time::sleep_until(timeout.min(stop).max(now).into()) => {
+                rtc.handle_input(Input::Timeout(Instant::now()))?;
+            }
+        }
+    }
+}
+
+/// The value of an unlabelled counter or gauge on a node (0 when absent).
+async fn node_metric(node: &NodeProc, name: &str) -> f64 {
+    let r = request(
+        "GET",
+        &format!("{}/metrics", node.url),
+        &[],
+        b"",
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    r.text()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(name)
+                .and_then(|v| v.strip_prefix(' '))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0.0)
+}
+
+/// Polls `/readyz` of `node` until it answers `status`.
+async fn wait_readyz(node: &NodeProc, status: u16) {
+    let started = Instant::now();
+    loop {
+        let r = request(
+            "GET",
+            &format!("{}/readyz", node.url),
+            &[],
+            b"",
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        if r.status == status {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{} /readyz answers {} rather than {status}",
+            node.id,
+            r.status
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Polls `check` over every viewer's visits until it holds for all.
+async fn wait_viewers(
+    viewers: &[std::sync::Arc<std::sync::Mutex<Vec<Visit>>>],
+    what: &str,
+    deadline: Duration,
+    check: impl Fn(&[Visit]) -> bool,
+) {
+    let started = Instant::now();
+    loop {
+        if viewers.iter().all(|v| check(&v.lock().unwrap())) {
+            return;
+        }
+        let seen: Vec<Vec<Visit>> = viewers.iter().map(|v| v.lock().unwrap().clone()).collect();
+        assert!(
+            started.elapsed() < deadline,
+            "viewers not {what} after {deadline:?}: {seen:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_drained_node_sends_its_viewers_to_another_node_in_batches() {
+    use std::sync::{Arc, Mutex};
+    weir_data_plane::install_crypto_provider();
+    let etcd = Etcd::start();
+    let dir = temp_dir("cluster-drain");
+    let control = start_control(&dir, &etcd.endpoint());
+    let a = start_node_with(
+        &dir,
+        "a",
+        &etcd.endpoint(),
+        &control,
+        &[
+            "--drain-batch",
+            "2",
+            "--drain-interval-ms",
+            "700",
+            "--drain-grace-ms",
+            "300",
+        ],
+    );
+    let b = start_node(&dir, "b", &etcd.endpoint(), &control);
+    wait_for_nodes(&control, &["a", "b"], START_DEADLINE).await;
+    wait_ready(&a).await;
+    wait_ready(&b).await;
+    let c = control.url.as_str();
+    let room = "drained-show";
+    let clip = Arc::new(
+        weir_loadtest::clip::Clip::read_ivf(
+            &weir_loadtest::clip::Clip::generate(&dir, 320, 240, 300)
+                .expect("ffmpeg generates the test clip"),
+        )
+        .unwrap(),
+    );
+
+    // The room goes live on A (B cordoned while the publisher is placed).
+    ctl_ok(c, &["nodes", "cordon", "b"]);
+    wait_for_nodes(&control, &["a"], Duration::from_secs(5)).await;
+    let target = weir_loadtest::assign_publisher(c, room).await.unwrap();
+    assert!(target.whip_url.starts_with(&a.url), "{target:?}");
+    // It publishes until this deadline, then leaves with DELETE: the
+    // streamer moving away from the drained node.
+    let first_leaves = Instant::now() + Duration::from_secs(15);
+    let first = {
+        let clip = clip.clone();
+        tokio::spawn(async move {
+            weir_loadtest::publisher::run(
+                &target,
+                &clip,
+                "127.0.0.1".parse().unwrap(),
+                first_leaves,
+            )
+            .await
+        })
+    };
+    let started = Instant::now();
+    loop {
+        let (status, ids) = assign_viewer(c, room).await;
+        if status == 200 && ids == ["a"] {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{room} never went live on a: {status} {ids:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ctl_ok(c, &["nodes", "uncordon", "b"]);
+    wait_for_nodes(&control, &["a", "b"], Duration::from_secs(5)).await;
+
+    // Six viewers play on A (the live room's origin).
+    let stop = Instant::now() + Duration::from_secs(90);
+    let viewers: Vec<Arc<Mutex<Vec<Visit>>>> = (0..6).map(|_| Arc::default()).collect();
+    let tasks: Vec<_> = viewers
+        .iter()
+        .map(|v| {
+            tokio::spawn(follow_viewer(
+                c.to_owned(),
+                room.to_owned(),
+                v.clone(),
+                stop,
+            ))
+        })
+        .collect();
+    wait_viewers(&viewers, "playing on a", Duration::from_secs(15), |v| {
+        v.len() == 1 && v[0].node == a.url && v[0].video_frames > 10
+    })
+    .await;
+
+    // Drain A: no new viewers; those playing stay with their publisher
+    // (there is no relay: elsewhere they would have nothing to play).
+    ctl_ok(c, &["nodes", "drain", "a"]);
+    wait_readyz(&a, 503).await;
+    let frames = |v: &Arc<Mutex<Vec<Visit>>>| v.lock().unwrap()[0].video_frames;
+    let before: Vec<u64> = viewers.iter().map(frames).collect();
+    // Past the grace and two batch intervals.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    assert!(
+        Instant::now() < first_leaves,
+        "the setup outlasted the first publisher; the check below means nothing"
+    );
+    assert_eq!(node_metric(&a, "weir_drain_viewers_moved_total").await, 0.0);
+    for (v, before) in viewers.iter().zip(before) {
+        let v = v.lock().unwrap();
+        assert_eq!(v.len(), 1, "a viewer of a room live on a moved: {v:?}");
+        assert!(v[0].video_frames > before + 10, "{v:?}");
+    }
+
+    // The streamer leaves A and publishes again through the control plane,
+    // which places the room on B (A is draining); A's claim on the room
+    // lapses within a second, until then B refuses it.
+    let report = first.await.unwrap();
+    assert!(report.error.is_none(), "{report:?}");
+    let second_leaves = stop;
+    let second = {
+        let (c, clip, b_url) = (c.to_owned(), clip.clone(), b.url.clone());
+        tokio::spawn(async move {
+            loop {
+                let target = weir_loadtest::assign_publisher(&c, room).await.unwrap();
+                assert!(target.whip_url.starts_with(&b_url), "{target:?}");
+                let r = weir_loadtest::publisher::run(
+                    &target,
+                    &clip,
+                    "127.0.0.1".parse().unwrap(),
+                    second_leaves,
+                )
+                .await;
+                if r.error.is_none() || Instant::now() >= second_leaves {
+                    return r;
+                }
+                eprintln!("publisher on b: {:?}; again", r.error);
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        })
+    };
+
+    // A's viewers are sent away in batches, each told in-band, and play on B.
+    wait_viewers(&viewers, "moved to b", Duration::from_secs(30), |v| {
+        v.len() >= 2
+            && v[0].node == a.url
+            && v[0].closed_by_node
+            && v.last()
+                .is_some_and(|l| l.node == b.url && l.video_frames > 10)
+    })
+    .await;
+    assert_eq!(node_metric(&a, "weir_drain_viewers_moved_total").await, 6.0);
+    // Batches of at most --drain-batch, so at least three of them.
+    let log = std::fs::read_to_string(&a.proc.log).unwrap();
+    let batches: Vec<u64> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["message"] == "drain: viewers sent to other nodes")
+        .map(|v| v["moved"].as_u64().unwrap())
+        .collect();
+    assert!(
+        batches.len() >= 3
+            && batches.iter().all(|n| (1..=2).contains(n))
+            && batches.iter().sum::<u64>() == 6,
+        "batches {batches:?}"
+    );
+    // A moved viewer's session URL says so.
+    let (url, token) = {
+        let v = viewers[0].lock().unwrap();
+        (v[0].session_url.clone(), v[0].token.clone())
+    };
+    let r = request(
+        "PATCH",
+        &url,
+        &[
+            ("Authorization", &format!("Bearer {token}")),
+            ("Content-Type", "application/trickle-ice-sdpfrag"),
+        ],
+        b"",
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 410, "{}", r.text());
+    assert!(r.text().contains("draining"), "{}", r.text());
+
+    // Undrained, A is ready again.
+    ctl_ok(c, &["nodes", "uncordon", "a"]);
+    wait_readyz(&a, 200).await;
+    for t in tasks {
+        t.abort();
+    }
+    second.abort();
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -188,12 +188,15 @@ pub enum NodesCommand {
         /// The node id.
         node: String,
     },
-    /// Cordon the node and mark its sessions to move away.
+    /// Cordon the node and move its viewers away: room-event clients at
+    /// once, WebRTC viewers in paced batches (see `weir node
+    /// --drain-batch`), those of rooms published there once their
+    /// publisher has left it. Publishers are not ended.
     Drain {
         /// The node id.
         node: String,
     },
-    /// Clear cordon and drain.
+    /// Clear cordon and drain (viewers stop being moved).
     Uncordon {
         /// The node id.
         node: String,

@@ -9,7 +9,11 @@
 // and CDN order): WHEP on the first node; when its offer is refused the next
 // node is tried at once, and when ICE/DTLS never comes up (or drops before
 // the first frame) on a node, that node is skipped and the next one tried;
-// a connection that played and then dropped asks for a fresh assignment. With no node left, HLS:
+// a connection that played and then dropped asks for a fresh assignment.
+// When the connection drops or the node closes DTLS, the page asks the node
+// about its session at once (an empty trickle PATCH): a 410 (the node is
+// draining and moved this viewer) or a 404 (the session is gone) sends it
+// to a fresh assignment without waiting out the grace. With no node left, HLS:
 // the CDNs in the order given (the control plane puts failing CDNs last),
 // then the node's own HLS; a CDN that does not answer, or whose playback
 // fails, gives way to the next at once. When everything failed, the round
@@ -40,6 +44,7 @@
 //   WebRTC (null unless it did); hls: { url, cdn (the CDN's name, null for
 //   the node itself), player: 'native'|'hls.js', level,
 //   levels: [{width, height, bitrate}], latencyS } while on HLS;
+//   moves: how many times a draining node sent this viewer elsewhere;
 //   viewerId: the id sent with assign-viewer; endpoints: the last ranked
 //   list [{kind, url, node_id, cdn}]; failures: the last 20 failed tries,
 //   oldest first, [{kind, url, node_id, cdn, error}]
@@ -94,6 +99,7 @@
     fallback: null,
     hls: null,
     viewerId: null,
+    moves: 0,
     endpoints: [],
     failures: [],
     stats: emptyStats(),
@@ -303,6 +309,33 @@
       setState(weir.state, `ICE/DTLS with ${res.endpoint.node_id || res.endpoint.url}`);
 
       const ep = res.endpoint;
+      const sessionUrl = res.location;
+      // A drop may be the node ending the session (drain): ask it at once
+      // rather than waiting out RECONNECT_GRACE_MS.
+      let probing = false;
+      const probe = async (why) => {
+        if (stale() || probing) return;
+        probing = true;
+        const state = await W.sessionState(sessionUrl, token);
+        probing = false;
+        if (stale() || (state !== 'moved' && state !== 'gone')) return;
+        if (state === 'moved') weir.moves += 1;
+        console.warn(`weir play: ${why}; ${state === 'moved'
+          ? 'the node is draining and moved this viewer'
+          : 'the node no longer has this session'}: asking for another node`);
+        if (weir.session === sessionUrl) weir.session = null; // nothing left to DELETE
+        connect(true);
+      };
+      conn.addEventListener('connectionstatechange', () => {
+        const s = conn.connectionState;
+        if (s === 'disconnected' || s === 'failed') probe(`connection ${s}`);
+      });
+      const dtls = conn.getReceivers().map((r) => r.transport).find(Boolean);
+      if (dtls) {
+        dtls.addEventListener('statechange', () => {
+          if (dtls.state === 'closed' || dtls.state === 'failed') probe(`DTLS ${dtls.state}`);
+        });
+      }
       unwatch = W.watchConnection(conn, RECONNECT_GRACE_MS, (s) => {
         if (stale()) return;
         if (weir.ttffMs !== null) {

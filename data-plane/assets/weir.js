@@ -202,6 +202,29 @@
   }
 
   /**
+   * Whether a WHIP/WHEP session still exists on its node, asked with an
+   * empty trickle PATCH: 'live', 'moved' (410: the node is draining and sent
+   * this client elsewhere), 'gone' (404: the node no longer has it) or
+   * 'unknown' (no clear answer, e.g. the node is down).
+   */
+  async function sessionState(sessionUrl, token) {
+    if (!sessionUrl) return 'unknown';
+    try {
+      const r = await fetch(sessionUrl, {
+        method: 'PATCH',
+        headers: { Authorization: `Bearer ${token}`, 'Content-Type': 'application/trickle-ice-sdpfrag' },
+        body: '',
+        cache: 'no-store',
+      });
+      if (r.status === 410) return 'moved';
+      if (r.status === 404) return 'gone';
+      return r.ok ? 'live' : 'unknown';
+    } catch (_) {
+      return 'unknown';
+    }
+  }
+
+  /**
    * Calls onLost() when `pc` stays 'failed' or 'disconnected' for graceMs.
    * Returns a function that stops watching.
    */
@@ -341,6 +364,7 @@
     postOffer,
     negotiate,
     deleteSession,
+    sessionState,
     watchConnection,
     codecName,
     findStat,

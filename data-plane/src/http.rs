@@ -416,6 +416,18 @@ fn parse_session(room: &str, session: &str) -> Result<(RoomId, SessionId), ApiEr
     Ok((room, session))
 }
 
+/// A viewer this node moved away (drain) learns so from its session URL:
+/// `410 Gone`, so that it asks the control plane for another node at once.
+fn refuse_if_moved(state: &AppState, session: &SessionId) -> Result<(), ApiError> {
+    if state.shard.was_moved(session) {
+        return Err(ApiError::new(
+            StatusCode::GONE,
+            "this viewer was moved: the node is draining; ask the control plane for another",
+        ));
+    }
+    Ok(())
+}
+
 async fn session_delete(
     State(state): State<AppState>,
     Path((room, session)): Path<(String, String)>,
@@ -424,6 +436,7 @@ async fn session_delete(
 ) -> Result<Response, ApiError> {
     let (room, session) = parse_session(&room, &session)?;
     authorize(&state, &headers, &room, session_mode(uri.path()))?;
+    refuse_if_moved(&state, &session)?;
     let role = state
         .shard
         .close(room.clone(), session.clone())
@@ -442,6 +455,7 @@ async fn session_patch(
 ) -> Result<Response, ApiError> {
     let (room, session) = parse_session(&room, &session)?;
     authorize(&state, &headers, &room, session_mode(uri.path()))?;
+    refuse_if_moved(&state, &session)?;
     let frag = body_text(&headers, body, SDPFRAG)?;
     state
         .shard

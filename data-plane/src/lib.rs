@@ -6,6 +6,7 @@
 
 mod agent;
 pub mod bus;
+mod drain;
 pub mod hls;
 mod http;
 pub mod ingest;
@@ -43,9 +44,10 @@ use weir_protocol::TokenVerifier;
 use weir_protocol::bus::{Retention, RoomBus};
 use weir_protocol::coordinator::{Coordinator, NodeInfo, NodeLoad};
 
+pub use drain::DrainPace;
 pub use http::{MAX_SDP_BYTES, RenderMetrics};
 pub use ingest::SrtConfig;
-pub use shard::{Shard, ShardGone, ShardHandle, ShardStats};
+pub use shard::{MovedBatch, Shard, ShardGone, ShardHandle, ShardStats};
 pub use transcode::{EncoderChoice, Ladder, MediaConfig};
 pub use udp::{Backend as IoBackend, IoChoice};
 pub use weir_sfu::install_crypto_provider;
@@ -86,6 +88,8 @@ pub struct NodeConfig {
     pub room_bus: Option<Arc<dyn RoomBus>>,
     /// Settings of the node's room feeds.
     pub hub: bus::HubConfig,
+    /// How fast a drained node sends its WebRTC viewers elsewhere.
+    pub drain: DrainPace,
 }
 
 /// A node whose sockets are bound, ready to serve.
@@ -106,6 +110,7 @@ pub struct Node {
     /// Tells WebSocket clients to leave (axum's graceful shutdown does not
     /// wait for upgraded connections).
     events_stop: watch::Sender<bool>,
+    drain: DrainPace,
 }
 
 impl Node {
@@ -247,6 +252,7 @@ impl Node {
             hub,
             control_url: config.control_url.clone(),
             events_stop,
+            drain: config.drain,
         })
     }
 
@@ -303,6 +309,7 @@ impl Node {
             events_stop,
             hub,
             control_url,
+            drain,
             ..
         } = self;
         let shutdown = async move {
@@ -323,6 +330,12 @@ impl Node {
         let config_task = tokio::spawn(
             Arc::clone(&agent).watch_config(Arc::clone(&hub), shutdown_tx.subscribe()),
         );
+        let drain_task = tokio::spawn(drain::run(
+            shard.clone(),
+            agent.draining(),
+            drain,
+            shutdown_tx.subscribe(),
+        ));
         let agent_task = tokio::spawn(agent.run(shard, shutdown_tx.subscribe()));
         let app = http::router(state);
         let result = axum::serve(http_listener, app)
@@ -332,6 +345,7 @@ impl Node {
         let _ = shutdown_tx.send(true);
         let _ = agent_task.await;
         let _ = config_task.await;
+        let _ = drain_task.await;
         notices_task.abort();
         if let Some(t) = srt_task {
             let _ = t.await;

@@ -4,7 +4,7 @@
 //! talks to it through [`ShardHandle`]: a bounded command queue plus the
 //! waker that interrupts the loop's wait.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
@@ -85,6 +85,13 @@ enum Command {
         binary: bool,
         messages: Vec<bytes::Bytes>,
         reply: oneshot::Sender<Result<usize, SfuError>>,
+    },
+    /// End up to `max` viewers, sparing those of rooms in `keep` (drain).
+    MoveViewers {
+        max: usize,
+        keep: Arc<HashSet<RoomId>>,
+        /// The ended viewers, and how many the shard still has.
+        reply: oneshot::Sender<(Vec<SessionId>, usize)>,
     },
 }
 
@@ -261,6 +268,19 @@ impl Shard {
         .await
     }
 
+    /// Ends up to `max` of this shard's viewers so that they play elsewhere,
+    /// sparing those of rooms in `keep`; returns the ended sessions and
+    /// how many viewers the shard still has.
+    pub async fn move_viewers(
+        &self,
+        max: usize,
+        keep: Arc<HashSet<RoomId>>,
+    ) -> Result<(Vec<SessionId>, usize), ShardGone> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::MoveViewers { max, keep, reply }, rx)
+            .await
+    }
+
     /// Opens a non-WebRTC publisher (SRT ingest) for `room`; same takeover
     /// rule as WHIP. Returns the source's session and the one it replaced.
     pub async fn open_source(
@@ -361,6 +381,42 @@ pub struct ShardHandle {
     spill: usize,
     /// Serializes viewer placement with its reservation.
     placing: Arc<Mutex<()>>,
+    /// Viewers recently moved away (drain), so that their session URL says
+    /// so rather than "no such session".
+    moved: Arc<Mutex<MovedViewers>>,
+}
+
+/// What one [`ShardHandle::move_viewers`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MovedBatch {
+    /// Viewers ended.
+    pub moved: usize,
+    /// Viewers the node still has.
+    pub left: usize,
+}
+
+/// Viewer sessions the node moved away, newest kept: a bounded memory.
+#[derive(Default)]
+struct MovedViewers {
+    set: HashSet<SessionId>,
+    order: VecDeque<SessionId>,
+}
+
+impl MovedViewers {
+    /// Sessions remembered; older ones are forgotten (their clients have
+    /// long moved).
+    const CAPACITY: usize = 100_000;
+
+    fn insert(&mut self, id: SessionId) {
+        if self.set.insert(id.clone()) {
+            self.order.push_back(id);
+        }
+        while self.order.len() > Self::CAPACITY {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+    }
 }
 
 impl ShardHandle {
@@ -376,7 +432,67 @@ impl ShardHandle {
             relays: Arc::default(),
             spill,
             placing: Arc::default(),
+            moved: Arc::default(),
         }
+    }
+
+    /// Ends up to `max` WebRTC viewers of the node so that they play
+    /// elsewhere (the node is being drained), shard by shard, oldest first
+    /// on each. Viewers of rooms published on this node stay: there is no
+    /// relay between nodes, so elsewhere they would have nothing to play;
+    /// they move once their publisher has left. A room counts as published
+    /// by its home shard's latest stats (at most a second old).
+    pub async fn move_viewers(&self, max: usize) -> Result<MovedBatch, ShardGone> {
+        let n = self.shards.len();
+        let keep: HashSet<RoomId> = self
+            .shards
+            .iter()
+            .enumerate()
+            .flat_map(|(i, shard)| {
+                shard
+                    .stats()
+                    .rooms
+                    .into_iter()
+                    .filter(move |r| r.live && home_index(&r.room, n) == i)
+                    .map(|r| r.room)
+            })
+            .collect();
+        let keep = Arc::new(keep);
+        let mut batch = MovedBatch::default();
+        for shard in self.shards.iter() {
+            if shard.live_viewers() == 0 {
+                continue;
+            }
+            let budget = max.saturating_sub(batch.moved);
+            let (ended, left) = if budget == 0 {
+                (Vec::new(), shard.live_viewers())
+            } else {
+                shard.move_viewers(budget, keep.clone()).await?
+            };
+            batch.moved += ended.len();
+            batch.left += left;
+            if let Ok(mut v) = self.viewers.lock() {
+                for id in &ended {
+                    v.remove(id);
+                }
+            }
+            if let Ok(mut m) = self.moved.lock() {
+                for id in ended {
+                    m.insert(id);
+                }
+            }
+        }
+        Ok(batch)
+    }
+
+    /// Whether `session` is a viewer this node moved away.
+    pub fn was_moved(&self, session: &SessionId) -> bool {
+        self.moved.lock().is_ok_and(|m| m.set.contains(session))
+    }
+
+    /// WebRTC viewers on the node now.
+    pub fn live_viewers(&self) -> usize {
+        self.shards.iter().map(Shard::live_viewers).sum()
     }
 
     /// Every shard.
@@ -917,6 +1033,10 @@ fn handle_command(sfu: &mut Sfu, cmd: Command, ctx: &mut Ctx) {
             let refs: Vec<&[u8]> = messages.iter().map(|m| m.as_ref()).collect();
             let _ = reply.send(sfu.send_channel(now, &session, &label, binary, &refs));
         }
+        Command::MoveViewers { max, keep, reply } => {
+            let moved = sfu.move_viewers(max, |room| keep.contains(room));
+            let _ = reply.send((moved, sfu.viewer_count()));
+        }
     }
 }
 
@@ -944,6 +1064,7 @@ fn record_event(e: Event) {
                 weir_sfu::CloseReason::Requested => "requested".to_owned(),
                 weir_sfu::CloseReason::Disconnected => "disconnected".to_owned(),
                 weir_sfu::CloseReason::Replaced => "replaced".to_owned(),
+                weir_sfu::CloseReason::Moved => "moved".to_owned(),
                 weir_sfu::CloseReason::Failed(why) => {
                     tracing::warn!(%room, %session, error = %why, "session failed");
                     "failed".to_owned()

@@ -100,6 +100,9 @@ pub enum CloseReason {
     Replaced,
     /// The WebRTC stack failed on this session.
     Failed(String),
+    /// The node sent the viewer to play elsewhere ([`Sfu::move_viewers`]:
+    /// the node is being drained).
+    Moved,
 }
 
 /// Something that happened, for the caller's logs and metrics.
@@ -704,6 +707,39 @@ impl Sfu {
         Ok(written)
     }
 
+    /// Ends up to `max` viewers so that they play elsewhere (the node is
+    /// being drained), oldest first (ties by session id, so the order is
+    /// the same on every run); viewers of rooms for which `keep` answers
+    /// true are left alone. Publishers and sources are never touched, and
+    /// forwarding to the viewers that stay goes on as before. Each ended
+    /// viewer is told in-band (RTCP BYE and a DTLS close_notify, queued as
+    /// transmits) and reported as [`Event::SessionClosed`] with
+    /// [`CloseReason::Moved`]. Returns the ended sessions; then drain
+    /// [`Sfu::poll_output`].
+    pub fn move_viewers(&mut self, max: usize, keep: impl Fn(&RoomId) -> bool) -> Vec<SessionId> {
+        let mut viewers: Vec<(Instant, SessionId)> = self
+            .sessions
+            .values()
+            .filter(|s| s.role == Role::Subscriber && !keep(&s.room))
+            .map(|s| (s.created, s.id.clone()))
+            .collect();
+        viewers.sort_unstable();
+        viewers.truncate(max);
+        let moved: Vec<SessionId> = viewers.into_iter().map(|(_, id)| id).collect();
+        for id in &moved {
+            self.close(id, CloseReason::Moved);
+        }
+        moved
+    }
+
+    /// Viewers (WHEP sessions) of this SFU, connected or not.
+    pub fn viewer_count(&self) -> usize {
+        self.sessions
+            .values()
+            .filter(|s| s.role == Role::Subscriber)
+            .count()
+    }
+
     /// Adds trickled ICE candidates (a WHIP/WHEP `PATCH` body of type
     /// `application/trickle-ice-sdpfrag`). Returns how many were added.
     pub fn add_remote_candidates(
@@ -1247,6 +1283,9 @@ impl Sfu {
 
     fn close(&mut self, id: &SessionId, reason: CloseReason) {
         let (room, role) = if let Some(mut s) = self.sessions.remove(id) {
+            if reason == CloseReason::Moved {
+                self.say_goodbye(&mut s);
+            }
             s.rtc.disconnect();
             self.by_addr.retain(|_, v| v != id);
             for (_, label) in s.channels {
@@ -1279,6 +1318,36 @@ impl Sfu {
             role,
             reason,
         }));
+    }
+}
+
+impl Sfu {
+    /// Closes a session's WebRTC gracefully and queues what that sends (RTCP
+    /// BYE, DTLS close_notify): the peer learns at once that the session is
+    /// over instead of after its ICE consent runs out.
+    fn say_goodbye(&mut self, s: &mut Session) {
+        if !s.connected || s.rtc.close().is_err() {
+            return;
+        }
+        // Bounded: a close queues a handful of datagrams.
+        for _ in 0..64 {
+            if !s.rtc.is_alive() {
+                break;
+            }
+            match s.rtc.poll_output() {
+                Ok(str0m::Output::Transmit(t)) => {
+                    self.counters.datagrams_out += 1;
+                    self.counters.bytes_out += t.contents.len() as u64;
+                    self.out.push_back(Output::Transmit(Transmit {
+                        source: t.source,
+                        destination: t.destination,
+                        contents: t.contents.into(),
+                    }));
+                }
+                Ok(str0m::Output::Event(_)) => {}
+                Ok(str0m::Output::Timeout(_)) | Err(_) => break,
+            }
+        }
     }
 }
 

@@ -28,6 +28,8 @@ pub struct Peer {
     pub media: Vec<(MediaKind, bool, Instant)>,
     pub keyframe_requests: usize,
     pub connected: bool,
+    /// The SFU closed the session in-band (DTLS close_notify arrived).
+    pub closed: bool,
     pub audio: Option<Mid>,
     pub video: Option<Mid>,
     /// Whether this peer still takes part in the network.
@@ -161,6 +163,7 @@ impl Net {
             media: Vec::new(),
             keyframe_requests: 0,
             connected: false,
+            closed: false,
             audio: Some(audio),
             video: Some(video),
             online: true,
@@ -314,6 +317,7 @@ impl Net {
                     RtcEvent::KeyframeRequest(_) => p.keyframe_requests += 1,
                     RtcEvent::ChannelOpen(id, _) => p.channel = Some(id),
                     RtcEvent::ChannelData(d) => p.channel_messages.push((d.binary, d.data)),
+                    RtcEvent::Closed => p.closed = true,
                     _ => {}
                 },
                 Err(e) => panic!("peer {i} failed: {e}"),
