@@ -86,6 +86,10 @@ pub struct NodeConfig {
     pub room_bus: Option<Arc<dyn RoomBus>>,
     /// Settings of the node's room feeds.
     pub hub: bus::HubConfig,
+    /// The cluster's node secret: with it the node persists its rooms' like
+    /// totals through the control plane (`POST /v1/room-stats/likes`);
+    /// without it totals live on the bus only (up to its retention).
+    pub node_secret: Option<weir_protocol::stats::NodeSecret>,
 }
 
 /// A node whose sockets are bound, ready to serve.
@@ -103,6 +107,7 @@ pub struct Node {
     hub: Arc<bus::Hub>,
     /// The control plane (asked who follows a streamer that went live).
     control_url: String,
+    node_secret: Option<weir_protocol::stats::NodeSecret>,
     /// Tells WebSocket clients to leave (axum's graceful shutdown does not
     /// wait for upgraded connections).
     events_stop: watch::Sender<bool>,
@@ -238,6 +243,7 @@ impl Node {
             public_url,
             hub,
             control_url: config.control_url.clone(),
+            node_secret: config.node_secret.clone(),
             events_stop,
         })
     }
@@ -295,6 +301,7 @@ impl Node {
             events_stop,
             hub,
             control_url,
+            node_secret,
             ..
         } = self;
         let shutdown = async move {
@@ -312,6 +319,18 @@ impl Node {
         });
         hub.set_follow_checker(Arc::new(bus::HttpFollowChecker::new(&control_url)));
         let notices_task = tokio::spawn(bus::notices::run(Arc::clone(&hub)));
+        let likes_task = match node_secret {
+            Some(secret) => Some(tokio::spawn(Arc::clone(&hub).persist_likes(
+                Arc::new(bus::HttpLikeTotals::new(&control_url, secret)),
+                shutdown_tx.subscribe(),
+            ))),
+            None => {
+                tracing::warn!(
+                    "no --node-secret: like totals are not persisted (they live on the bus, up to its retention)"
+                );
+                None
+            }
+        };
         let config_task = tokio::spawn(
             Arc::clone(&agent).watch_config(Arc::clone(&hub), shutdown_tx.subscribe()),
         );
@@ -322,6 +341,10 @@ impl Node {
             .await
             .context("HTTP server failed");
         let _ = shutdown_tx.send(true);
+        if let Some(t) = likes_task {
+            // The last batch, for the rooms the leaving clients closed.
+            let _ = tokio::time::timeout(bus::likes::PERSIST_TIMEOUT * 2, t).await;
+        }
         let _ = agent_task.await;
         let _ = config_task.await;
         notices_task.abort();
