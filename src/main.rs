@@ -16,6 +16,7 @@ use weir_control_plane::{ControlConfig, ControlState, LocalCoordinator, TokenIss
 use weir_data_plane::{Node, NodeConfig};
 use weir_protocol::bus::{Retention, RoomBus};
 use weir_protocol::coordinator::Coordinator;
+use weir_protocol::stats::NodeSecret;
 use weir_protocol::{NodeId, TokenVerifier};
 
 use crate::observability::LogFormat;
@@ -42,7 +43,7 @@ enum Command {
     /// defaults (in-process coordinator, keys under --data-dir).
     Dev(DevArgs),
     /// Run a standalone media node (WHIP/WHEP over WebRTC).
-    Node(NodeArgs),
+    Node(Box<NodeArgs>),
     /// Run a standalone control plane (gRPC and its JSON gateway).
     Control(ControlArgs),
     /// Operator CLI: talk to a control plane over gRPC.
@@ -144,6 +145,13 @@ struct RoomBusArgs {
     #[arg(long, env = "WEIR_ROOM_HISTORY_AGE", default_value_t = 3600,
           value_parser = clap::value_parser!(u64).range(1..=31_536_000))]
     room_history_age: u64,
+    /// Seconds between the node's batches of like totals to the control
+    /// plane (one call for all its rooms; needs --node-secret on `weir node`).
+    /// Likes on the bus but not yet in a batch are what a room loses when
+    /// every node carrying it dies and nobody reopens it within retention.
+    #[arg(long, env = "WEIR_LIKES_PERSIST_EVERY", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    likes_persist_every: u64,
 }
 
 impl RoomBusArgs {
@@ -158,6 +166,7 @@ impl RoomBusArgs {
     fn hub(&self) -> weir_data_plane::bus::HubConfig {
         weir_data_plane::bus::HubConfig {
             history: usize::try_from(self.room_history).unwrap_or(usize::MAX),
+            likes_persist_every: Duration::from_secs(self.likes_persist_every),
             ..Default::default()
         }
     }
@@ -252,6 +261,17 @@ struct NodeArgs {
     /// (A key may start with '-'; it is still taken as the value.)
     #[arg(long, env = "WEIR_TOKEN_PUBLIC_KEY", allow_hyphen_values = true)]
     token_public_key: String,
+    /// The cluster's node secret (16 to 256 visible ASCII characters; the
+    /// same as `weir control --node-secret`): with it the node persists its
+    /// rooms' like totals through the control plane at --control-url every
+    /// --likes-persist-every seconds. Without it they live on the bus only.
+    #[arg(
+        long,
+        env = "WEIR_NODE_SECRET",
+        allow_hyphen_values = true,
+        hide_env_values = true
+    )]
+    node_secret: Option<String>,
     /// SRT listen address (MPEG-TS publishers: OBS, ffmpeg).
     #[arg(long, env = "WEIR_SRT", default_value = "0.0.0.0:9000")]
     srt: SocketAddr,
@@ -304,6 +324,16 @@ struct ControlArgs {
     /// and testing; anyone who reaches the gRPC port can call it).
     #[arg(long, env = "WEIR_ALLOW_GRANTS")]
     allow_grants: bool,
+    /// The cluster's node secret (16 to 256 visible ASCII characters): nodes
+    /// started with the same `--node-secret` persist rooms' like totals here
+    /// (`POST /v1/room-stats/likes`). Without it that call is refused.
+    #[arg(
+        long,
+        env = "WEIR_NODE_SECRET",
+        allow_hyphen_values = true,
+        hide_env_values = true
+    )]
+    node_secret: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -333,7 +363,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Dev(a) => dev(a).await.map(|()| 0),
-            Command::Node(a) => node(a).await.map(|()| 0),
+            Command::Node(a) => node(*a).await.map(|()| 0),
             Command::Control(a) => control(a).await.map(|()| 0),
             Command::Ctl(a) => weir_control_plane::ctl::run(a).await,
             Command::Loadtest(a) => weir_loadtest::run_command(a).await,
@@ -404,6 +434,8 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
     // plane (gift events from its outbox relay).
     let room_bus: Arc<dyn RoomBus> =
         Arc::new(weir_data_plane::bus::LocalBus::new(a.room_bus.retention()));
+    // The node persists like totals through the control plane beside it.
+    let node_secret = NodeSecret::generate();
     let control = ControlState::new(
         coordinator.clone(),
         issuer,
@@ -411,6 +443,7 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
             default_owner: "dev".into(),
             allow_token_minting: true,
             allow_grants: true,
+            node_secret: Some(node_secret.clone()),
             ..ControlConfig::default()
         },
     )
@@ -450,6 +483,7 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
             room_bus: Some(room_bus),
             hub: a.room_bus.hub(),
             drain: a.drain.pace(),
+            node_secret: Some(node_secret),
         },
         coordinator,
         verifier,
@@ -536,6 +570,12 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
     let node_id = NodeId::parse(&a.node_id).map_err(|e| config_error(format!("--node-id: {e}")))?;
     let verifier = TokenVerifier::from_base64(&a.token_public_key)
         .map_err(|e| config_error(format!("--token-public-key: {e}")))?;
+    let node_secret = a
+        .node_secret
+        .as_deref()
+        .map(NodeSecret::parse)
+        .transpose()
+        .map_err(|e| config_error(format!("--node-secret: {e}")))?;
     if let Some(v) = a.node_version.as_deref()
         && !weir_control_plane::rollout::valid_version(v)
     {
@@ -580,6 +620,7 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
             room_bus,
             hub: a.room_bus.hub(),
             drain: a.drain.pace(),
+            node_secret,
         },
         coordinator,
         verifier,
@@ -630,6 +671,12 @@ async fn control(a: ControlArgs) -> anyhow::Result<()> {
             default_owner: a.default_owner,
             allow_token_minting: a.allow_token_minting,
             allow_grants: a.allow_grants,
+            node_secret: a
+                .node_secret
+                .as_deref()
+                .map(NodeSecret::parse)
+                .transpose()
+                .map_err(|e| config_error(format!("--node-secret: {e}")))?,
             ..ControlConfig::default()
         },
     )

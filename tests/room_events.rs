@@ -415,6 +415,18 @@ struct BusNode {
 }
 
 fn start_node(dir: &std::path::Path, id: &str, nats: &str, key: &str, control: &str) -> BusNode {
+    start_node_with(dir, id, nats, key, control, &[])
+}
+
+/// [`start_node`] with extra arguments.
+fn start_node_with(
+    dir: &std::path::Path,
+    id: &str,
+    nats: &str,
+    key: &str,
+    control: &str,
+    extra: &[&str],
+) -> BusNode {
     // A free port for the SRT listener (the socket is closed right away).
     let srt = {
         let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -439,7 +451,10 @@ fn start_node(dir: &std::path::Path, id: &str, nats: &str, key: &str, control: &
             key,
             "--control-url",
             control,
-        ],
+        ]
+        .into_iter()
+        .chain(extra.iter().copied())
+        .collect::<Vec<_>>(),
     );
     let url = proc.wait_line("its metrics URL", |l| {
         l.strip_suffix("/metrics").map(str::to_owned)
@@ -752,4 +767,183 @@ async fn followers_connected_anywhere_hear_when_a_streamer_goes_live() {
     assert_eq!(friends["users"], json!(["other", "star"]), "{friends}");
     other.send(json!({"t": "friends"})).await;
     assert_eq!(other.next_of("friends").await["users"], json!([]));
+}
+
+const NODE_SECRET: &str = "test-node-secret-0123456789";
+
+/// The like total the control plane holds for `room` (`None`: no row yet),
+/// read through the nodes' own call.
+async fn stored_likes(control: &str, room: &str) -> Option<u64> {
+    let body = json!({"node": "test", "read": [room]}).to_string();
+    let r = common::request(
+        "POST",
+        &format!("{control}/v1/room-stats/likes"),
+        &[
+            ("content-type", "application/json"),
+            ("authorization", &format!("Bearer {NODE_SECRET}")),
+        ],
+        body.as_bytes(),
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v: Value = serde_json::from_slice(&r.body).unwrap();
+    v["rows"][0]["likes"].as_u64()
+}
+
+/// Reads `counters` frames until one shows `likes`; fails on more, or on
+/// none within 20 s.
+async fn wait_counters(client: &mut EventsClient, likes: u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let f = client.next_of("counters").await;
+        let shown = f["likes"].as_u64().unwrap();
+        assert!(shown <= likes, "more likes shown than sent: {f}");
+        if shown == likes {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "likes never reached {likes}: {f}"
+        );
+    }
+}
+
+/// Polls the control plane until it holds `likes` for `room`; fails on more.
+async fn wait_stored(control: &str, room: &str, likes: u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let stored = stored_likes(control, room).await;
+        assert!(
+            stored.unwrap_or(0) <= likes,
+            "counted twice: {stored:?} > {likes}"
+        );
+        if stored == Some(likes) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the control plane never held {likes} likes: {stored:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Likes on two nodes of one room are persisted once (both nodes claim the
+/// same ranges; the compare-and-set lets one win each), survive both nodes
+/// dying and the bus's retention passing, and a fresh node shows the total.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn like_totals_survive_node_deaths_and_bus_retention() {
+    let server = nats::Nats::start();
+    let dir = common::temp_dir("likes");
+    let control = Proc::spawn(
+        "control",
+        &dir,
+        &[
+            "control",
+            "--grpc",
+            "127.0.0.1:0",
+            "--data-dir",
+            dir.join("control").to_str().unwrap(),
+            "--allow-token-minting",
+            "--node-secret",
+            NODE_SECRET,
+        ],
+    );
+    let control_url = control.wait_line("its URL", |l| {
+        l.starts_with("http://").then(|| l.trim().to_owned())
+    });
+    let key = control.wait_line("the token public key", |l| {
+        l.starts_with("token public key")
+            .then(|| l.split_whitespace().last().unwrap_or_default().to_owned())
+    });
+    // Each room keeps 20 events on the bus; batches every second.
+    let args = [
+        "--node-secret",
+        NODE_SECRET,
+        "--likes-persist-every",
+        "1",
+        "--room-history",
+        "20",
+    ];
+    let node = |id: &str| start_node_with(&dir, id, &server.url(), &key, &control_url, &args);
+    let mut n1 = node("n1");
+    let mut n2 = node("n2");
+    let room = "tally";
+    let token = |user: &'static str| {
+        let control_url = control_url.clone();
+        async move {
+            let body = json!({"room": room, "mode": "play", "subject": user}).to_string();
+            let r = common::request(
+                "POST",
+                &format!("{control_url}/v1/tokens"),
+                &[("Content-Type", "application/json")],
+                body.as_bytes(),
+                Duration::from_secs(5),
+            )
+            .await
+            .unwrap();
+            let v: Value = serde_json::from_slice(&r.body).unwrap();
+            v["token"].as_str().unwrap().to_owned()
+        }
+    };
+    let mut a = EventsClient::connect(&n1.url, room, &format!("token={}", token("ann").await))
+        .await
+        .unwrap();
+    let mut b = EventsClient::connect(&n2.url, room, &format!("token={}", token("ben").await))
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        a.send(json!({"t": "like", "count": 10})).await;
+    }
+    for _ in 0..2 {
+        b.send(json!({"t": "like", "count": 5})).await;
+    }
+    wait_counters(&mut a, 40).await;
+    wait_counters(&mut b, 40).await;
+    wait_stored(&control_url, room, 40).await;
+    // Both nodes keep claiming every second: still 40, not 80.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(stored_likes(&control_url, room).await, Some(40));
+
+    // Both nodes die; then more than the bus keeps of the room goes by, so
+    // no likes event is left on the bus.
+    n1._proc.kill9();
+    n2._proc.kill9();
+    drop((a, b));
+    let bus = weir_data_plane::bus::NatsBus::connect(
+        &server.url(),
+        weir_protocol::bus::Retention {
+            max_per_room: 20,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let room_id = weir_protocol::RoomId::parse(room).unwrap();
+    for i in 0..30 {
+        let event = weir_protocol::bus::RoomEvent {
+            at_ms: 1,
+            body: weir_protocol::bus::EventBody::Danmaku {
+                user: "chatter".into(),
+                text: format!("line {i}"),
+            },
+        };
+        weir_protocol::bus::BusPublisher::publish(&bus, &room_id, &event, None)
+            .await
+            .unwrap();
+    }
+
+    // A fresh node shows the stored total, and counts on from it.
+    let n3 = node("n3");
+    let mut c = EventsClient::connect(&n3.url, room, &format!("token={}", token("cat").await))
+        .await
+        .unwrap();
+    wait_counters(&mut c, 40).await;
+    c.send(json!({"t": "like", "count": 7})).await;
+    wait_counters(&mut c, 47).await;
+    wait_stored(&control_url, room, 47).await;
+    drop(n3);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -90,6 +90,10 @@ pub struct NodeConfig {
     pub hub: bus::HubConfig,
     /// How fast a drained node sends its WebRTC viewers elsewhere.
     pub drain: DrainPace,
+    /// The cluster's node secret: with it the node persists its rooms' like
+    /// totals through the control plane (`POST /v1/room-stats/likes`);
+    /// without it totals live on the bus only (up to its retention).
+    pub node_secret: Option<weir_protocol::stats::NodeSecret>,
 }
 
 /// A node whose sockets are bound, ready to serve.
@@ -107,6 +111,7 @@ pub struct Node {
     hub: Arc<bus::Hub>,
     /// The control plane (asked who follows a streamer that went live).
     control_url: String,
+    node_secret: Option<weir_protocol::stats::NodeSecret>,
     /// Tells WebSocket clients to leave (axum's graceful shutdown does not
     /// wait for upgraded connections).
     events_stop: watch::Sender<bool>,
@@ -251,6 +256,7 @@ impl Node {
             public_url,
             hub,
             control_url: config.control_url.clone(),
+            node_secret: config.node_secret.clone(),
             events_stop,
             drain: config.drain,
         })
@@ -310,6 +316,7 @@ impl Node {
             hub,
             control_url,
             drain,
+            node_secret,
             ..
         } = self;
         let shutdown = async move {
@@ -327,6 +334,18 @@ impl Node {
         });
         hub.set_follow_checker(Arc::new(bus::HttpFollowChecker::new(&control_url)));
         let notices_task = tokio::spawn(bus::notices::run(Arc::clone(&hub)));
+        let likes_task = match node_secret {
+            Some(secret) => Some(tokio::spawn(Arc::clone(&hub).persist_likes(
+                Arc::new(bus::HttpLikeTotals::new(&control_url, secret)),
+                shutdown_tx.subscribe(),
+            ))),
+            None => {
+                tracing::warn!(
+                    "no --node-secret: like totals are not persisted (they live on the bus, up to its retention)"
+                );
+                None
+            }
+        };
         let config_task = tokio::spawn(
             Arc::clone(&agent).watch_config(Arc::clone(&hub), shutdown_tx.subscribe()),
         );
@@ -343,6 +362,10 @@ impl Node {
             .await
             .context("HTTP server failed");
         let _ = shutdown_tx.send(true);
+        if let Some(t) = likes_task {
+            // The last batch, for the rooms the leaving clients closed.
+            let _ = tokio::time::timeout(bus::likes::PERSIST_TIMEOUT * 2, t).await;
+        }
         let _ = agent_task.await;
         let _ = config_task.await;
         let _ = drain_task.await;

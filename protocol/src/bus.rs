@@ -4,8 +4,9 @@
 //! necessarily contiguous: on JetStream it is the stream sequence, shared by
 //! all rooms) within an **epoch** (the identity of the bus's store: a new
 //! in-process bus or a re-created JetStream stream gets a new one, and
-//! offsets of an older epoch mean nothing in it). Epochs and offsets stay
-//! below 2^53 so JavaScript clients hold them exactly.
+//! offsets of an older epoch mean nothing in it; epochs are the store's
+//! creation time in Unix ms, so a newer store has a larger one). Epochs and
+//! offsets stay below 2^53 so JavaScript clients hold them exactly.
 //!
 //! Two traits: [`BusPublisher`], all the control plane needs (its outbox
 //! relay publishes gift events), and [`RoomBus`], what a node needs to carry

@@ -7,6 +7,7 @@ pub mod chat;
 pub mod coordinator;
 pub mod events;
 pub mod ids;
+pub mod stats;
 pub mod streamid;
 pub mod token;
 

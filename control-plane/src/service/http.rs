@@ -5,7 +5,10 @@
 //! wallet a play page needs: `GET /v1/wallet/{user}[/ledger]` and
 //! `POST /v1/rooms/{id}/gifts` with the user's token in
 //! `authorization: Bearer …`, `GET /v1/gifts` (the catalogue) and
-//! `GET /v1/rooms/{id}/leaderboard`. Grants are gRPC only. Every
+//! `GET /v1/rooms/{id}/leaderboard`; and one call for nodes, with the
+//! cluster's node secret in `authorization: Bearer …`:
+//! `POST /v1/room-stats/likes`, a batch of like totals
+//! (`weir_protocol::stats`). Grants are gRPC only. Every
 //! error, including a body axum refuses (not JSON, wrong content type, too
 //! big), is answered with
 //! `{"error": "<message>", "code": "<kind>"}` and a 4xx/5xx status.
@@ -32,6 +35,9 @@ use crate::store::{
 
 /// Largest JSON body accepted.
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
+/// Largest body of a node's batch of like totals (up to
+/// [`crate::store::MAX_LIKES_BATCH`] rooms).
+pub const MAX_LIKES_BODY_BYTES: usize = 512 * 1024;
 
 /// Body of `POST /v1/assign-publisher`.
 #[derive(Debug, Deserialize)]
@@ -774,6 +780,31 @@ async fn gift_leaderboard(
     respond(&rid, result)
 }
 
+async fn likes_batch(
+    State(state): State<Arc<ControlState>>,
+    headers: HeaderMap,
+    body: Body<weir_protocol::stats::LikesBatchRequest>,
+) -> Response {
+    let bearer = bearer(&headers).map(str::to_owned);
+    let rid = request_id(&headers);
+    let result = match body {
+        Ok(Json(b)) => state
+            .likes_batch(&rid, bearer.as_deref(), b)
+            .await
+            .map_err(HttpError::from),
+        // A body of the wrong shape is as bad as any other bad field here:
+        // 400, like the checks after parsing (not axum's 422).
+        Err(rejection) => Err(match HttpError::from(rejection) {
+            e if e.status == StatusCode::UNPROCESSABLE_ENTITY => HttpError {
+                status: StatusCode::BAD_REQUEST,
+                ..e
+            },
+            e => e,
+        }),
+    };
+    respond(&rid, result)
+}
+
 async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> HttpError {
     HttpError {
         status: StatusCode::METHOD_NOT_ALLOWED,
@@ -812,6 +843,11 @@ pub fn routes(state: Arc<ControlState>) -> Router {
         .route("/v1/gifts", get(gift_catalogue))
         .route("/v1/rooms/{id}/gifts", post(send_gift))
         .route("/v1/rooms/{id}/leaderboard", get(gift_leaderboard))
+        // Nodes only (the node secret); bigger bodies: one batch a node.
+        .route(
+            weir_protocol::stats::LIKES_PATH,
+            post(likes_batch).layer(DefaultBodyLimit::max(MAX_LIKES_BODY_BYTES)),
+        )
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(cors)

@@ -13,6 +13,7 @@ pub mod grpc;
 pub mod http;
 mod nodes;
 mod rollout;
+mod room_stats;
 mod wallet;
 
 use std::future::Future;
@@ -65,6 +66,10 @@ pub struct ControlConfig {
     /// How old the last good view of the cluster may be to answer from when
     /// the coordinator does not respond (answers are then marked degraded).
     pub stale_view_max_age: Duration,
+    /// The secret nodes send (`authorization: Bearer …`) with their batches
+    /// of like totals (`POST /v1/room-stats/likes`); `None`: the call is
+    /// refused (nothing is persisted). `weir dev` makes one up for its node.
+    pub node_secret: Option<weir_protocol::stats::NodeSecret>,
 }
 
 impl Default for ControlConfig {
@@ -74,6 +79,7 @@ impl Default for ControlConfig {
             allow_token_minting: false,
             allow_grants: false,
             stale_view_max_age: Duration::from_secs(30),
+            node_secret: None,
         }
     }
 }

@@ -1,8 +1,8 @@
 //! The business store: users, rooms, follows, wallets and gifts (with the
-//! gift outbox), in SQL through sqlx's `AnyPool`, so the same code and the
-//! same migrations run on SQLite (a file under `--data-dir`, the embedded
-//! default) and on PostgreSQL (clusters, `weir control --database
-//! postgres://…`).
+//! gift outbox) and rooms' like totals (written in batches by the nodes), in
+//! SQL through sqlx's `AnyPool`, so the same code and the same migrations
+//! run on SQLite (a file under `--data-dir`, the embedded default) and on
+//! PostgreSQL (clusters, `weir control --database postgres://…`).
 //!
 //! Portability rules kept by every query here: `$N` placeholders (SQLite
 //! accepts them too), times as Unix milliseconds in `BIGINT`, ids as `TEXT`,
@@ -16,6 +16,7 @@
 //! API maps to gRPC codes in `service/error.rs`.
 
 mod follows;
+mod room_stats;
 mod rooms;
 mod users;
 mod wallet;
@@ -32,6 +33,9 @@ use sqlx::{AnyPool, SqlSafeStr};
 use weir_protocol::RoomId;
 
 pub use follows::Follow;
+pub use room_stats::{
+    LikesBatch, LikesClaim, LikesMark, LikesRow, MAX_COUNTER, MAX_LIKES_BATCH, validate_likes_batch,
+};
 pub use rooms::{NewRoom, Room, RoomFilter, RoomStatus};
 pub use users::User;
 pub use wallet::{
@@ -66,6 +70,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         2,
         "wallet gifts outbox",
         include_str!("migrations/0002_wallet_gifts.sql"),
+    ),
+    (
+        3,
+        "room stats",
+        include_str!("migrations/0003_room_stats.sql"),
     ),
 ];
 

@@ -35,6 +35,9 @@ use weir_protocol::bus::{
 pub use weir_protocol::chat::ChatLimits;
 
 use weir_protocol::events::{Format, ServerFrame};
+use weir_protocol::stats::{LikesBatchRequest, LikesClaim, LikesMark};
+
+use super::likes::{Ledger, LikeTotals, PERSIST_BATCH, Plan, Stored};
 
 /// Settings of the node's room feeds.
 #[derive(Debug, Clone)]
@@ -46,6 +49,11 @@ pub struct HubConfig {
     pub likes_every: Duration,
     /// How often the online count is published (when it changed).
     pub online_every: Duration,
+    /// How often the node sends its batch of like totals to the control
+    /// plane (when it has a node secret).
+    pub likes_persist_every: Duration,
+    /// How often each room's counters are worked out for its clients.
+    pub counters_every: Duration,
 }
 
 impl Default for HubConfig {
@@ -54,6 +62,8 @@ impl Default for HubConfig {
             history: 1000,
             likes_every: Duration::from_millis(250),
             online_every: Duration::from_secs(2),
+            likes_persist_every: Duration::from_secs(5),
+            counters_every: Duration::from_secs(1),
         }
     }
 }
@@ -279,7 +289,8 @@ struct FeedState {
     degraded: bool,
     /// Danmaku shown locally while the broker was away, to publish.
     queued: VecDeque<(String, RoomEvent)>,
-    likes_total: u64,
+    /// Likes events held and the stored total (see `likes.rs`).
+    likes: Ledger,
     likes_pending: u64,
     like_users: HashSet<String>,
     /// Other nodes' latest online reports: count, when, who.
@@ -311,6 +322,9 @@ pub struct RoomFeed {
     /// Whether the log was loaded from the bus (clients wait for it).
     ready: watch::Sender<bool>,
     clients: AtomicU64,
+    /// The room's counters `(likes, online)`, worked out once per room
+    /// every `counters_every` and read by every client of the room.
+    counters: watch::Sender<(u64, u64)>,
     node: String,
     config: HubConfig,
 }
@@ -369,8 +383,12 @@ impl RoomFeed {
                 st.gifts_seen.remove(&old);
             }
         }
+        let likes = match &d.event.body {
+            EventBody::Likes { delta, .. } => Some(*delta),
+            _ => None,
+        };
+        st.likes.take(d.offset, likes);
         match &d.event.body {
-            EventBody::Likes { delta, .. } => st.likes_total += delta,
             EventBody::Online { node, count, users } => {
                 st.online
                     .insert(node.clone(), (*count, d.event.at_ms, users.clone()));
@@ -404,6 +422,22 @@ impl RoomFeed {
         );
     }
 
+    /// The room's counters as last worked out (at most `counters_every`
+    /// old); clients wait on it rather than each taking the feed's lock.
+    pub fn counters_watch(&self) -> watch::Receiver<(u64, u64)> {
+        self.counters.subscribe()
+    }
+
+    /// Works the counters out and wakes the room's clients when they changed.
+    fn refresh_counters(&self) {
+        let now = self.counters();
+        self.counters.send_if_modified(|c| {
+            let changed = *c != now;
+            *c = now;
+            changed
+        });
+    }
+
     /// The room's counters now.
     pub fn counters(&self) -> (u64, u64) {
         let st = self.lock();
@@ -415,7 +449,7 @@ impl RoomFeed {
             .map(|(_, (n, _, _))| u64::from(*n))
             .sum();
         online += self.clients.load(Ordering::Relaxed);
-        (st.likes_total + st.likes_pending, online)
+        (st.likes.total(st.epoch) + st.likes_pending, online)
     }
 
     /// Users in the room now: this node's, and those other nodes named in
@@ -530,6 +564,39 @@ impl RoomFeed {
     }
 }
 
+/// Works out every room's counters every `every`, once per room however
+/// many clients it has, for as long as the hub lives.
+async fn run_counters(hub: std::sync::Weak<Hub>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(hub) = hub.upgrade() else { return };
+        for feed in hub.rooms() {
+            feed.refresh_counters();
+        }
+    }
+}
+
+fn log_rebase(room: &RoomId, claim: &LikesClaim, reason: &str) {
+    tracing::warn!(
+        %room,
+        reason,
+        from_epoch = claim.expect.map_or(0, |m| m.epoch),
+        from_offset = claim.expect.map_or(0, |m| m.through),
+        to_epoch = claim.to.epoch,
+        to_offset = claim.to.through,
+        "room's like total rebased, keeping its likes: likes events between the two offsets were held by no node and are not in it"
+    );
+}
+
+/// One room's part of a batch of like totals.
+struct Entry {
+    feed: Arc<RoomFeed>,
+    /// Its claim's index in the batch, and whether the claim is a rebase.
+    claim: Option<(usize, Option<&'static str>)>,
+}
+
 /// Where a new client starts reading.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Start {
@@ -555,6 +622,11 @@ pub struct Hub {
     /// Who follows whom (the control plane), for go-live notices and
     /// friends in a room.
     follows: RwLock<Option<Arc<dyn super::notices::FollowChecker>>>,
+    /// Rooms closed since the last batch of like totals: their last claims
+    /// go in the next one.
+    closing: Mutex<Vec<Arc<RoomFeed>>>,
+    /// Whether the task that works out every room's counters runs.
+    counters_task: std::sync::Once,
 }
 
 impl std::fmt::Debug for Hub {
@@ -601,6 +673,8 @@ impl Hub {
             next_id: AtomicU64::new(0),
             connected: Arc::default(),
             follows: RwLock::new(None),
+            closing: Mutex::default(),
+            counters_task: std::sync::Once::new(),
         })
     }
 
@@ -658,6 +732,7 @@ impl Hub {
                     head: watch::channel(0).0,
                     ready: watch::channel(false).0,
                     clients: AtomicU64::new(0),
+                    counters: watch::channel((0, 0)).0,
                     node: self.node.clone(),
                     config: self.config.clone(),
                 });
@@ -670,11 +745,142 @@ impl Hub {
         if let Some(user) = user {
             *feed.lock().local_users.entry(user.to_owned()).or_default() += 1;
         }
+        // The newcomer counts at once; later changes every counters_every.
+        feed.refresh_counters();
+        self.counters_task.call_once(|| {
+            tokio::spawn(run_counters(
+                Arc::downgrade(self),
+                self.config.counters_every,
+            ));
+        });
         metrics::gauge!("weir_room_clients").increment(1.0);
         Membership {
             feed,
             hub: Arc::clone(self),
             user: user.map(str::to_owned),
+        }
+    }
+
+    /// Persists like totals through `store` every `likes_persist_every`
+    /// (see `likes.rs`) until `stop`, then sends a last batch.
+    pub async fn persist_likes(
+        self: Arc<Self>,
+        store: Arc<dyn LikeTotals>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let mut tick = tokio::time::interval(self.config.likes_persist_every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = async { drop(stop.wait_for(|s| *s).await) } => {
+                    self.likes_round(store.as_ref()).await;
+                    return;
+                }
+            }
+            self.likes_round(store.as_ref()).await;
+        }
+    }
+
+    /// One round: a batch (or a few, past [`PERSIST_BATCH`] rooms) naming
+    /// every room carried here and the ones closed since the last round.
+    async fn likes_round(&self, store: &dyn LikeTotals) {
+        let closing = std::mem::take(&mut *self.closing.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut feeds: Vec<Arc<RoomFeed>> = self.rooms();
+        feeds.extend(closing);
+        feeds.retain(|f| !f.room.as_str().starts_with('_'));
+        feeds.sort_by(|a, b| a.room.cmp(&b.room));
+        // A room closed and reopened since the last round: its open feed
+        // speaks for it.
+        feeds.dedup_by(|later, first| later.room == first.room);
+        for chunk in feeds.chunks(PERSIST_BATCH) {
+            self.likes_batch(store, chunk).await;
+        }
+    }
+
+    async fn likes_batch(&self, store: &dyn LikeTotals, feeds: &[Arc<RoomFeed>]) {
+        let mut request = LikesBatchRequest {
+            node: self.node.clone(),
+            ..LikesBatchRequest::default()
+        };
+        let mut entries = Vec::with_capacity(feeds.len());
+        for feed in feeds {
+            let plan = {
+                let st = feed.lock();
+                st.likes.plan(feed.room.as_str(), st.epoch, st.last_offset)
+            };
+            let claim = match plan {
+                Plan::Read => None,
+                Plan::Claim { claim, rebase } => Some((claim, rebase)),
+                Plan::RebaseIfGone { after, claim } => {
+                    let stuck = claim
+                        .expect
+                        .is_some_and(|m| feed.lock().likes.stuck_since_last_round(m));
+                    // Only when nobody moved the row for a whole round and
+                    // the bus no longer holds its offset: then no node can
+                    // count what came between.
+                    let gone = stuck
+                        && matches!(
+                            self.bus.read_after(&feed.room, after, 1).await,
+                            Err(BusError::Gone { .. })
+                        );
+                    gone.then_some((claim, Some("retention")))
+                }
+            };
+            let claim = claim.map(|(c, rebase)| {
+                request.claims.push(c);
+                (request.claims.len() - 1, rebase)
+            });
+            if claim.is_none() {
+                request.read.push(feed.room.to_string());
+            }
+            entries.push(Entry {
+                feed: Arc::clone(feed),
+                claim,
+            });
+        }
+        let answer = match store.batch(&request).await {
+            Ok(a) => a,
+            Err(e) => {
+                metrics::counter!("weir_room_likes_persist_errors_total").increment(1);
+                tracing::warn!(error = %e, rooms = feeds.len(), "like totals not persisted this round; kept for the next");
+                return;
+            }
+        };
+        let rows: HashMap<&str, Stored> = answer
+            .rows
+            .iter()
+            .map(|r| {
+                (
+                    r.room.as_str(),
+                    Stored {
+                        likes: r.likes,
+                        mark: LikesMark {
+                            epoch: r.epoch,
+                            through: r.through,
+                        },
+                    },
+                )
+            })
+            .collect();
+        for e in entries {
+            if let Some((i, rebase)) = e.claim
+                && answer.applied.get(i) == Some(&true)
+                && let Some(c) = request.claims.get(i)
+            {
+                metrics::counter!("weir_room_likes_persisted_total").increment(c.add);
+                if let Some(reason) = rebase {
+                    metrics::counter!("weir_room_likes_rebased_total", "reason" => reason)
+                        .increment(1);
+                    log_rebase(&e.feed.room, c, reason);
+                }
+            }
+            let row = rows.get(e.feed.room.as_str()).copied();
+            // The feed may have moved to another epoch meanwhile: the row
+            // is taken for the epoch it has now.
+            let mut st = e.feed.lock();
+            let epoch = st.epoch;
+            st.likes.stored(row, epoch);
         }
     }
 
@@ -685,6 +891,10 @@ impl Hub {
         {
             feeds.remove(&feed.room);
             metrics::gauge!("weir_bus_rooms").decrement(1.0);
+            self.closing
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(Arc::clone(feed));
         }
     }
 
@@ -734,6 +944,7 @@ impl Hub {
                             let mut st = feed.lock();
                             feed.push(&mut st, ItemKind::Gap { after });
                             st.complete_after = st.last_offset;
+                            st.likes.reset();
                         }
                         self.bus.read_after(&feed.room, 0, usize::MAX).await?
                     }
@@ -767,6 +978,7 @@ impl Hub {
                     st.epoch = epoch;
                     st.last_offset = 0;
                     st.complete_after = 0;
+                    st.likes.reset();
                 }
                 if st.last_offset == 0
                     && let Some(first) = events.first()
@@ -796,10 +1008,12 @@ impl Hub {
                         }
                     },
                     _ = likes_tick.tick() => {
-                        if !self.is_open(&feed) {
+                        let open = self.is_open(&feed);
+                        // The last likes of a closing room go out too.
+                        self.flush_likes(&feed).await;
+                        if !open {
                             break 'outer;
                         }
-                        self.flush_likes(&feed).await;
                     }
                     _ = online_tick.tick() => {
                         let report = feed.online_report();
@@ -1173,6 +1387,7 @@ mod tests {
             head: watch::channel(0).0,
             ready: watch::channel(true).0,
             clients: AtomicU64::new(0),
+            counters: watch::channel((0, 0)).0,
             node: "n".into(),
             config: HubConfig {
                 history,

@@ -1,8 +1,9 @@
 //! The in-process room bus of `weir dev`: the same contract as JetStream
 //! (ordered offsets per room, retention by count and age, duplicate drop by
 //! message id within a window, an epoch) for one process. Offsets are
-//! contiguous per room; the epoch is drawn at random when the bus is made,
-//! so offsets from an earlier run are told apart.
+//! contiguous per room; the epoch is the time the bus was made (Unix ms,
+//! like a JetStream stream's creation time), so offsets from an earlier run
+//! are told apart and a newer bus has a larger epoch.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -51,7 +52,7 @@ impl LocalBus {
         Self {
             inner: Arc::default(),
             // Never 0, so a client's "no epoch yet" never matches.
-            epoch: rand_epoch(),
+            epoch: new_epoch(),
             retention,
         }
     }
@@ -81,9 +82,19 @@ impl LocalBus {
     }
 }
 
-/// A random epoch below 2^53, so JavaScript clients hold it exactly.
-fn rand_epoch() -> u64 {
-    (uuid::Uuid::new_v4().as_u64_pair().0 >> 11).max(1)
+/// The time now in Unix ms (below 2^53, so JavaScript clients hold it
+/// exactly), and larger than any epoch made before in this process.
+fn new_epoch() -> u64 {
+    static LAST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let now = now_ms().max(1);
+    let prev = LAST
+        .fetch_update(
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+            |last| Some(now.max(last + 1)),
+        )
+        .unwrap_or(0);
+    now.max(prev + 1)
 }
 
 #[async_trait]

@@ -31,8 +31,6 @@ use weir_protocol::events::{ClientFrame, Format, ServerFrame};
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bad frames a connection may send before it is closed.
 pub const MAX_BAD_FRAMES: u32 = 20;
-/// How often a client gets the room's counters (when they changed).
-pub const COUNTERS_EVERY: Duration = Duration::from_secs(1);
 /// Log items sent per wake-up before the connection looks at its input.
 const BATCH: usize = 256;
 
@@ -346,10 +344,12 @@ impl Client {
         let mut like_bucket = Bucket::new(20.0);
         let mut friends_bucket = Bucket::new(3.0);
         let mut bad_frames = 0u32;
-        let mut counters = tokio::time::interval(COUNTERS_EVERY);
+        // Worked out once per room (`HubConfig::counters_every`); the
+        // first value goes out at once.
+        let mut counters = feed.counters_watch();
+        counters.mark_changed();
         // Notices for this user (a streamer they follow went live).
         let mut slot = self.hub.users().register(&self.user);
-        let mut last_counters = (u64::MAX, u64::MAX);
         loop {
             // Send what the log has beyond our cursor.
             let newest = *head.borrow_and_update();
@@ -412,14 +412,11 @@ impl Client {
                         return end;
                     }
                 }
-                _ = counters.tick() => {
-                    let now = feed.counters();
-                    if now != last_counters {
-                        last_counters = now;
-                        let f = ServerFrame::Counters { likes: now.0, online: now.1 };
-                        if let Err(end) = self.send(socket, self.frame(&f)).await {
-                            return end;
-                        }
+                Ok(()) = counters.changed() => {
+                    let (likes, online) = *counters.borrow_and_update();
+                    let f = ServerFrame::Counters { likes, online };
+                    if let Err(end) = self.send(socket, self.frame(&f)).await {
+                        return end;
                     }
                 }
                 message = socket.recv() => {
