@@ -943,10 +943,16 @@ impl Hub {
                         {
                             let mut st = feed.lock();
                             feed.push(&mut st, ItemKind::Gap { after });
-                            st.complete_after = st.last_offset;
                             st.likes.reset();
                         }
-                        self.bus.read_after(&feed.room, 0, usize::MAX).await?
+                        let held = self.bus.read_after(&feed.room, 0, usize::MAX).await?;
+                        // Recovery from before the oldest held event would
+                        // skip what the broker dropped: such clients resync.
+                        let mut st = feed.lock();
+                        let before_held = held.first().map_or(0, |d| d.offset - 1);
+                        st.complete_after = st.last_offset.max(before_held);
+                        drop(st);
+                        held
                     }
                     other => other?,
                 };
