@@ -536,3 +536,58 @@ async fn a_stalled_transcoder_never_delays_webrtc_forwarding() {
     );
     assert_eq!(dev.metric("weir_source_frames_dropped_total").await, 0.0);
 }
+
+/// A room published over WebRTC (WHIP, `weir loadtest`'s str0m publisher
+/// sending a VP8 clip and Opus) is on HLS too: VP8 re-encoded to H.264,
+/// Opus to AAC, with its ladder and snapshots, like an SRT room.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_whip_room_is_on_hls_with_its_ladder() {
+    require_ffmpeg();
+    let _heavy = HEAVY.lock().await;
+    let dev = DevServer::start_with(&["--ladder", "source,180p", "--snapshot-interval", "1"]);
+    let room = "whip-hls";
+    let base = format!("{}/hls/{room}", dev.node);
+    let loadtest = Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(["loadtest", "--control", &dev.control, "--room", room])
+        .args(["--publishers", "1", "--viewers", "1", "--duration", "14"])
+        .args(["--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("weir loadtest runs");
+    for rendition in ["source", "180p"] {
+        wait_playlist(&format!("{base}/{rendition}/index.m3u8"), 3, "", &dev).await;
+    }
+    let master = get(&format!("{base}/master.m3u8")).await;
+    assert_eq!(master.status, 200);
+    let text = master.text();
+    assert!(text.contains("RESOLUTION=1280x720"), "{text}");
+    assert!(text.contains("RESOLUTION=320x180"), "{text}");
+    assert!(text.contains("mp4a.40.2"), "AAC audio: {text}");
+    let probe = ffprobe(&format!("{base}/master.m3u8"));
+    assert_eq!(
+        video_sizes(&probe),
+        vec![(320, 180), (1280, 720)],
+        "{probe}"
+    );
+    assert!(
+        probe["streams"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["codec_name"] == "aac"),
+        "{probe}"
+    );
+    let frames = play(&format!("{base}/source/index.m3u8"), 3);
+    assert!(frames >= 60, "ffmpeg decoded {frames} frames of the source");
+    let snap = get(&format!("{}/rooms/{room}/snapshot.jpg", dev.node)).await;
+    assert_eq!(snap.status, 200);
+    assert_eq!(header(&snap, "content-type"), "image/jpeg");
+    let out = loadtest.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(dev.metric("weir_whip_media_dropped_total").await, 0.0);
+}

@@ -311,6 +311,16 @@ async fn whip_post(
     if let Some(old) = &accepted.replaced {
         tracing::info!(%room, replaced = %old, "publisher reconnected and took over its session");
     }
+    if state.media.hls().is_some() || state.media.snapshots_on() {
+        // HLS, its ladder and snapshots of this publisher, like SRT's.
+        let media = state.media.open(&room, None);
+        match crate::transcode::whip::spawn(room.clone(), media) {
+            Ok(tap) => state
+                .shard
+                .media_tap(room.clone(), accepted.session.clone(), tap),
+            Err(e) => tracing::error!(%room, error = %e, "no HLS for this publisher: no thread"),
+        }
+    }
     Ok(created(
         "whip",
         &room,

@@ -72,6 +72,13 @@ enum Command {
     },
     /// Viewers on another shard need a keyframe of this room.
     RoomKeyframe { room: RoomId, rid: Option<String> },
+    /// Hand the room's frames (its WHIP publisher's) to HLS and snapshots
+    /// until the publisher leaves.
+    MediaTap {
+        room: RoomId,
+        publisher: SessionId,
+        tap: crate::transcode::whip::MediaTap,
+    },
     /// Cap the video layer a viewer gets (`None` lifts it).
     SetMaxLayer {
         session: SessionId,
@@ -673,6 +680,21 @@ impl ShardHandle {
             .await
     }
 
+    /// Hands `room`'s frames (those of its WHIP publisher `publisher`, from
+    /// now until it leaves) to `tap`.
+    pub fn media_tap(
+        &self,
+        room: RoomId,
+        publisher: SessionId,
+        tap: crate::transcode::whip::MediaTap,
+    ) {
+        self.for_room(&room).post(Command::MediaTap {
+            room,
+            publisher,
+            tap,
+        });
+    }
+
     /// Caps the video layer viewer `session` of `room` gets at `layer` (a
     /// simulcast rid or a rendition name, `360p`); `None` lifts the cap.
     pub async fn set_max_layer(
@@ -791,6 +813,7 @@ pub fn spawn(
                 taps: HashMap::new(),
                 generations: HashMap::new(),
                 channels,
+                media_taps: HashMap::new(),
             };
             if let Err(e) = run(&mut ctx, io, local_addr, sfu, rx, &stats, &stop) {
                 tracing::error!(shard = index, error = %e, "shard I/O failed; shard stopped");
@@ -810,6 +833,8 @@ struct Ctx {
     /// Last publisher generation seen per relay source here.
     generations: HashMap<SessionId, u64>,
     channels: ChannelSinkSlot,
+    /// Rooms whose frames go to HLS (WHIP publishers).
+    media_taps: HashMap<RoomId, (SessionId, crate::transcode::whip::MediaTap)>,
 }
 
 impl Ctx {
@@ -930,6 +955,18 @@ fn drain(sfu: &mut Sfu, io: &mut dyn Io, ctx: &mut Ctx) -> Instant {
                         .viewers
                         .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
                 }
+                if let Event::SessionClosed {
+                    role: Role::Publisher,
+                    room,
+                    session,
+                    ..
+                } = &e
+                    && ctx.media_taps.get(room).is_some_and(|(p, _)| p == session)
+                {
+                    // The publisher's HLS epoch ends with it (a publisher
+                    // that took over has a tap of its own).
+                    ctx.media_taps.remove(room);
+                }
                 record_event(e);
             }
             Output::Relay {
@@ -937,6 +974,11 @@ fn drain(sfu: &mut Sfu, io: &mut dyn Io, ctx: &mut Ctx) -> Instant {
                 generation,
                 frame,
             } => {
+                if let Some((_, tap)) = ctx.media_taps.get(&room)
+                    && !tap.offer(frame.clone())
+                {
+                    ctx.media_taps.remove(&room);
+                }
                 if let Some(taps) = ctx.taps.get(&room) {
                     for (edge, source) in taps {
                         if let Some(shard) = ctx.peer(*edge) {
@@ -1015,6 +1057,17 @@ fn handle_command(sfu: &mut Sfu, cmd: Command, ctx: &mut Ctx) {
         }
         Command::RoomKeyframe { room, rid } => {
             sfu.request_room_keyframe(now, &room, rid.as_deref());
+        }
+        Command::MediaTap {
+            room,
+            publisher,
+            tap,
+        } => {
+            // Only while that publisher is still the room's.
+            if sfu.session(&publisher).is_some() {
+                sfu.set_tap(&room, true);
+                ctx.media_taps.insert(room, (publisher, tap));
+            }
         }
         Command::SetMaxLayer {
             session,

@@ -313,6 +313,192 @@ impl AacToOpus {
     }
 }
 
+/// AAC bit rate for HLS audio transcoded from Opus.
+const AAC_BITRATE: usize = 128_000;
+/// Samples per AAC-LC frame.
+const AAC_FRAME: usize = 1024;
+
+/// An AAC frame with its ADTS header, and the media time (48 kHz) of its
+/// first sample.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdtsPacket {
+    pub time: i64,
+    pub adts: Vec<u8>,
+}
+
+/// Opus → AAC (for HLS of WebRTC-published rooms): decode, resample to
+/// 48 kHz stereo planar float, encode AAC-LC frames of 1024 samples with
+/// ffmpeg's own encoder, each wrapped in an ADTS header.
+pub struct OpusToAac {
+    decoder: ffmpeg::decoder::Audio,
+    resampler: Option<(ResamplerKey, ffmpeg::software::resampling::Context)>,
+    encoder: ffmpeg::encoder::Audio,
+    /// Left and right samples waiting for a full frame.
+    pending: [Vec<f32>; 2],
+    /// Media time (48 kHz) of `pending[_][0]`.
+    pending_time: i64,
+    sent: std::collections::VecDeque<i64>,
+    decoded: ffmpeg::frame::Audio,
+}
+
+impl std::fmt::Debug for OpusToAac {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpusToAac").finish_non_exhaustive()
+    }
+}
+
+const FLTP: ffmpeg::format::Sample =
+    ffmpeg::format::Sample::F32(ffmpeg::format::sample::Type::Planar);
+
+impl OpusToAac {
+    /// Opens the Opus decoder and the AAC encoder.
+    pub fn new() -> Result<Self, TranscodeError> {
+        init_ffmpeg()?;
+        let opus = ffmpeg::decoder::find(ffmpeg::codec::Id::OPUS)
+            .ok_or(TranscodeError::Missing("Opus decoder"))?;
+        // No extradata: ffmpeg's decoder then takes WebRTC's 48 kHz stereo.
+        let dec = ffmpeg::codec::context::Context::new_with_codec(opus);
+        let decoder = dec.decoder().audio()?;
+        let aac = ffmpeg::encoder::find(ffmpeg::codec::Id::AAC)
+            .ok_or(TranscodeError::Missing("AAC encoder"))?;
+        let mut enc = ffmpeg::codec::context::Context::new_with_codec(aac)
+            .encoder()
+            .audio()?;
+        enc.set_rate(OUT_RATE as i32);
+        enc.set_channel_layout(ffmpeg::ChannelLayout::STEREO);
+        enc.set_format(FLTP);
+        enc.set_bit_rate(AAC_BITRATE);
+        enc.set_time_base((1, OUT_RATE as i32));
+        let encoder = enc.open_as(aac)?;
+        Ok(Self {
+            decoder,
+            resampler: None,
+            encoder,
+            pending: [Vec::new(), Vec::new()],
+            pending_time: 0,
+            sent: Default::default(),
+            decoded: ffmpeg::frame::Audio::empty(),
+        })
+    }
+
+    /// Decodes one Opus packet whose first sample is at `time` (48 kHz)
+    /// and appends the AAC frames now complete. A jump of more than a
+    /// frame restarts the output timeline there.
+    pub fn push(
+        &mut self,
+        opus: &[u8],
+        time: i64,
+        out: &mut Vec<AdtsPacket>,
+    ) -> Result<(), TranscodeError> {
+        let mut packet = ffmpeg::Packet::copy(opus);
+        packet.set_pts(Some(time));
+        self.decoder.send_packet(&packet)?;
+        while self.decoder.receive_frame(&mut self.decoded).is_ok() {
+            let frame_time = self.decoded.pts().unwrap_or(time);
+            let expected = self.pending_time + self.pending[0].len() as i64;
+            if self.pending[0].is_empty() || (frame_time - expected).abs() > AAC_FRAME as i64 {
+                self.pending[0].clear();
+                self.pending[1].clear();
+                self.pending_time = frame_time;
+            }
+            self.resample()?;
+            self.encode(out)?;
+        }
+        Ok(())
+    }
+
+    fn resample(&mut self) -> Result<(), TranscodeError> {
+        let frame = &self.decoded;
+        let layout = if frame.channel_layout().bits() == 0 {
+            ffmpeg::ChannelLayout::default(i32::from(frame.channels()))
+        } else {
+            frame.channel_layout()
+        };
+        let key = (frame.format(), layout.bits(), frame.rate());
+        if self.resampler.as_ref().is_none_or(|(k, _)| *k != key) {
+            let ctx = ffmpeg::software::resampling::Context::get(
+                frame.format(),
+                layout,
+                frame.rate(),
+                FLTP,
+                ffmpeg::ChannelLayout::STEREO,
+                OUT_RATE,
+            )?;
+            self.resampler = Some((key, ctx));
+        }
+        let Some((_, ctx)) = self.resampler.as_mut() else {
+            return Ok(());
+        };
+        let mut input = self.decoded.clone();
+        input.set_channel_layout(layout);
+        let capacity = input.samples() * OUT_RATE as usize / input.rate().max(1) as usize + 512;
+        let mut resampled =
+            ffmpeg::frame::Audio::new(FLTP, capacity, ffmpeg::ChannelLayout::STEREO);
+        ctx.run(&input, &mut resampled)?;
+        let n = resampled.samples();
+        for (ch, pending) in self.pending.iter_mut().enumerate() {
+            pending.extend(
+                resampled
+                    .data(ch)
+                    .chunks_exact(4)
+                    .take(n)
+                    .map(|b| f32::from_ne_bytes([b[0], b[1], b[2], b[3]])),
+            );
+        }
+        Ok(())
+    }
+
+    fn encode(&mut self, out: &mut Vec<AdtsPacket>) -> Result<(), TranscodeError> {
+        while self.pending[0].len() >= AAC_FRAME && self.pending[1].len() >= AAC_FRAME {
+            let mut frame =
+                ffmpeg::frame::Audio::new(FLTP, AAC_FRAME, ffmpeg::ChannelLayout::STEREO);
+            frame.set_rate(OUT_RATE);
+            frame.set_pts(Some(self.pending_time));
+            for ch in 0..2 {
+                let dst = frame.data_mut(ch);
+                for (d, s) in dst
+                    .chunks_exact_mut(4)
+                    .zip(self.pending[ch].drain(..AAC_FRAME))
+                {
+                    d.copy_from_slice(&s.to_ne_bytes());
+                }
+            }
+            self.sent.push_back(self.pending_time);
+            self.pending_time += AAC_FRAME as i64;
+            self.encoder.send_frame(&frame)?;
+            let mut packet = ffmpeg::Packet::empty();
+            while self.encoder.receive_packet(&mut packet).is_ok() {
+                let time = self.sent.pop_front().unwrap_or(self.pending_time);
+                if let Some(data) = packet.data() {
+                    out.push(AdtsPacket {
+                        time,
+                        adts: adts_wrap(data),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An AAC-LC frame of 48 kHz stereo behind a 7-byte ADTS header.
+fn adts_wrap(raw: &[u8]) -> Vec<u8> {
+    let len = raw.len() + 7;
+    let (profile, rate_index, channels) = (1u8, 3u8, 2u8); // LC, 48 kHz, stereo
+    let mut f = Vec::with_capacity(len);
+    f.extend_from_slice(&[
+        0xff,
+        0xf1,
+        (profile << 6) | (rate_index << 2) | (channels >> 2),
+        ((channels & 3) << 6) | ((len >> 11) as u8 & 0x03),
+        (len >> 3) as u8,
+        ((len as u8 & 0x07) << 5) | 0x1f,
+        0xfc,
+    ]);
+    f.extend_from_slice(raw);
+    f
+}
+
 /// What the transcoder thread is handed.
 #[derive(Debug)]
 pub struct AacJob {
@@ -494,5 +680,87 @@ mod tests {
             &mut out,
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod opus_to_aac_tests {
+    use super::*;
+
+    /// 20 ms Opus packets of a 440 Hz stereo tone, from libopus.
+    fn opus_tone(packets: usize) -> Vec<Vec<u8>> {
+        init_ffmpeg().unwrap();
+        let codec = ffmpeg::encoder::find_by_name("libopus").unwrap();
+        let mut enc = ffmpeg::codec::context::Context::new_with_codec(codec)
+            .encoder()
+            .audio()
+            .unwrap();
+        let s16 = ffmpeg::format::Sample::I16(ffmpeg::format::sample::Type::Packed);
+        enc.set_rate(48_000);
+        enc.set_channel_layout(ffmpeg::ChannelLayout::STEREO);
+        enc.set_format(s16);
+        enc.set_bit_rate(64_000);
+        enc.set_time_base((1, 48_000));
+        let mut enc = enc.open_as(codec).unwrap();
+        let mut out = Vec::new();
+        for i in 0..packets {
+            let mut frame = ffmpeg::frame::Audio::new(s16, 960, ffmpeg::ChannelLayout::STEREO);
+            frame.set_rate(48_000);
+            frame.set_pts(Some((i * 960) as i64));
+            for (n, d) in frame.data_mut(0).chunks_exact_mut(4).enumerate() {
+                let t = (i * 960 + n) as f64 / 48_000.0;
+                let v = ((t * 440.0 * std::f64::consts::TAU).sin() * 8000.0) as i16;
+                d[..2].copy_from_slice(&v.to_ne_bytes());
+                d[2..].copy_from_slice(&v.to_ne_bytes());
+            }
+            enc.send_frame(&frame).unwrap();
+            let mut p = ffmpeg::Packet::empty();
+            while enc.receive_packet(&mut p).is_ok() {
+                out.push(p.data().unwrap().to_vec());
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn opus_becomes_adts_aac_on_the_same_timeline_that_aac_decoders_take() {
+        let packets = opus_tone(100); // 2 s
+        let mut conv = OpusToAac::new().unwrap();
+        let mut out = Vec::new();
+        for (i, p) in packets.iter().enumerate() {
+            conv.push(p, 10_000 + (i * 960) as i64, &mut out).unwrap();
+        }
+        assert!(out.len() >= 85, "{} AAC frames from 2 s", out.len());
+        // Times advance by one AAC frame from the first Opus packet's.
+        assert_eq!(out[0].time, 10_000);
+        assert!(out.windows(2).all(|w| w[1].time - w[0].time == 1024));
+        // Each is a well-formed ADTS frame that ffmpeg's AAC decoder takes.
+        let mut all = Vec::new();
+        for p in &out {
+            let frames = adts_frames(&p.adts);
+            assert_eq!(frames.len(), 1);
+            assert_eq!(frames[0].rate, 48_000);
+            all.extend_from_slice(&p.adts);
+        }
+        let mut back = AacToOpus::new().unwrap();
+        let mut opus = Vec::new();
+        for (i, f) in adts_frames(&all).iter().enumerate() {
+            back.push(f.data, (i * 1024) as i64, &mut opus).unwrap();
+        }
+        assert!(
+            opus.len() >= 80,
+            "round trip gave {} Opus packets",
+            opus.len()
+        );
+        // Garbage is refused or ignored, never a crash, and the converter
+        // goes on with the next good packets.
+        let _ = conv.push(&[0xff; 3], 200_000, &mut out);
+        let before = out.len();
+        for (i, p) in packets.iter().take(20).enumerate() {
+            conv.push(p, 300_000 + (i * 960) as i64, &mut out).unwrap();
+        }
+        assert!(out.len() > before + 10, "{} then {}", before, out.len());
+        assert!(out[before..].iter().any(|p| p.time >= 300_000));
     }
 }

@@ -55,9 +55,13 @@ impl H264Reencoder {
     /// Opens the H.264 decoder; the encoder opens at the first frame, when
     /// the size is known.
     pub fn new() -> Result<Self, TranscodeError> {
+        Self::from(ffmpeg::codec::Id::H264)
+    }
+
+    /// Decodes `codec` (H.264, VP8) instead: any of them in, H.264 out.
+    pub fn from(codec: ffmpeg::codec::Id) -> Result<Self, TranscodeError> {
         init_ffmpeg()?;
-        let h264 = ffmpeg::decoder::find(ffmpeg::codec::Id::H264)
-            .ok_or(TranscodeError::Missing("H.264 decoder"))?;
+        let h264 = ffmpeg::decoder::find(codec).ok_or(TranscodeError::Missing("video decoder"))?;
         ffmpeg::encoder::find_by_name("libx264")
             .ok_or(TranscodeError::Missing("libx264 encoder"))?;
         let decoder = ffmpeg::codec::context::Context::new_with_codec(h264)

@@ -13,6 +13,7 @@
 pub mod encoder;
 pub mod ladder;
 pub mod snapshot;
+pub mod whip;
 mod worker;
 
 use std::collections::HashMap;
@@ -213,6 +214,11 @@ impl MediaHub {
     /// The HLS store, when HLS is on.
     pub fn hls(&self) -> Option<&HlsStore> {
         self.hls.as_ref()
+    }
+
+    /// Whether snapshots are taken.
+    pub fn snapshots_on(&self) -> bool {
+        self.config.snapshot_interval.is_some()
     }
 
     /// The latest snapshots.
