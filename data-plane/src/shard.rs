@@ -974,7 +974,7 @@ fn drain(sfu: &mut Sfu, io: &mut dyn Io, ctx: &mut Ctx) -> Instant {
                 generation,
                 frame,
             } => {
-                if let Some((_, tap)) = ctx.media_taps.get(&room)
+                if let Some((_, tap)) = ctx.media_taps.get_mut(&room)
                     && !tap.offer(frame.clone())
                 {
                     ctx.media_taps.remove(&room);

@@ -16,6 +16,11 @@ pub(crate) type LayerKey = Option<Rid>;
 /// estimate noise fit beside it.
 const HEADROOM: f64 = 0.85;
 
+/// A layer whose newest frame is this much older (on the frames' wall
+/// clock) than the freshest layer's is behind: a transcoder that cannot
+/// keep up. It is not chosen, and its viewers move off it.
+const BEHIND: Duration = Duration::from_millis(500);
+
 pub(crate) struct Layer {
     pub(crate) key: LayerKey,
     pub(crate) gop: GopCache,
@@ -23,6 +28,8 @@ pub(crate) struct Layer {
     pub(crate) bps: u64,
     window_bytes: u64,
     window_start: Option<Instant>,
+    /// Wall-clock time (`network_time`) of its newest frame.
+    last_at: Option<Instant>,
 }
 
 #[derive(Default)]
@@ -50,11 +57,16 @@ impl Layers {
                     bps: 0,
                     window_bytes: 0,
                     window_start: None,
+                    last_at: None,
                 });
                 self.list.len() - 1
             }
         };
         let l = &mut self.list[i];
+        l.last_at = Some(
+            l.last_at
+                .map_or(frame.network_time, |t| t.max(frame.network_time)),
+        );
         let start = *l.window_start.get_or_insert(now);
         l.window_bytes += frame.data.len() as u64;
         let elapsed = now.saturating_duration_since(start);
@@ -67,6 +79,18 @@ impl Layers {
             l.gop.push(frame, gop);
         }
         (i, new)
+    }
+
+    /// Whether the layer lags the freshest layer by more than [`BEHIND`].
+    pub(crate) fn is_behind(&self, key: LayerKey) -> bool {
+        let Some(at) = self.get(key).and_then(|l| l.last_at) else {
+            return false;
+        };
+        self.list
+            .iter()
+            .filter_map(|l| l.last_at)
+            .max()
+            .is_some_and(|fresh| fresh.saturating_duration_since(at) > BEHIND)
     }
 
     pub(crate) fn index(&self, key: LayerKey) -> Option<usize> {
@@ -98,11 +122,22 @@ impl Layers {
         current: Option<LayerKey>,
         cap: Option<LayerKey>,
     ) -> Option<LayerKey> {
-        let mut by_rate: Vec<&Layer> = self.list.iter().collect();
+        let mut by_rate: Vec<&Layer> = self
+            .list
+            .iter()
+            .filter(|l| !self.is_behind(l.key))
+            .collect();
         if let Some(c) = cap.and_then(|k| self.get(k)) {
             // The capping layer itself always stays (its rate may not be
             // measured yet).
-            by_rate.retain(|l| l.key == c.key || l.bps < c.bps);
+            let capped: Vec<&Layer> = by_rate
+                .iter()
+                .copied()
+                .filter(|l| l.key == c.key || l.bps < c.bps)
+                .collect();
+            if !capped.is_empty() {
+                by_rate = capped;
+            }
         }
         by_rate.sort_by_key(|l| l.bps);
         let lowest = by_rate.first()?;

@@ -1164,6 +1164,17 @@ impl Sfu {
             if frame.kind == MediaKind::Video {
                 if s.layer.is_none() && s.pending_layer.is_none() {
                     s.pending_layer = r.layers.choose(s.estimate_bps, None, s.max_layer);
+                } else if s.pending_layer.is_none()
+                    && let Some(current) = s.layer
+                    && r.layers.is_behind(current)
+                {
+                    // Its layer fell behind (a transcoder that cannot keep
+                    // up): move to the best layer that keeps pace.
+                    let best = r.layers.choose(s.estimate_bps, None, s.max_layer);
+                    if let Some(b) = best.filter(|b| *b != current) {
+                        s.pending_layer = Some(b);
+                        wanted.push(b);
+                    }
                 }
                 if s.pending_layer == Some(frame.rid) && frame.keyframe {
                     // Switch (or start) at this layer's keyframe: no freeze,

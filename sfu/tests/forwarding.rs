@@ -624,6 +624,9 @@ fn a_sources_renditions_are_layers_a_viewer_can_cap() {
         .unwrap();
     let (source, _) = net.sfu.accept_source(room("show"), "streamer").unwrap();
     let mut frame_no = 0u64;
+    // How late the 360p rendition's frames are (a transcoder falling behind).
+    let lag = std::rc::Rc::new(std::cell::Cell::new(Duration::ZERO));
+    let rendition_lag = lag.clone();
     let mut push = move |net: &mut Net| {
         if !net.peers[free].connected || !net.peers[capped].connected {
             return;
@@ -648,7 +651,11 @@ fn a_sources_renditions_are_layers_a_viewer_can_cap() {
                 codec: Codec::H264,
                 params: None,
                 time: MediaTime::from_90khz(frame_no * 3000),
-                network_time: net.now,
+                network_time: if rid.is_some() {
+                    net.now - rendition_lag.get()
+                } else {
+                    net.now
+                },
                 keyframe,
                 rid: rid.map(str0m::media::Rid::from),
                 capture_time: None,
@@ -677,6 +684,27 @@ fn a_sources_renditions_are_layers_a_viewer_can_cap() {
     assert_eq!(net.sfu.subscriber_layer(&capped_id), Some(None));
     assert!(net.video_received(capped).len() > before + 40);
     assert!(net.sfu.counters().layer_switches >= 1);
+
+    // Capped again, then the rendition falls a second behind the source:
+    // the viewer is moved to the layer that keeps pace.
+    let now = net.now;
+    net.sfu
+        .set_max_layer(now, &capped_id, Some("360p"))
+        .unwrap();
+    let end = net.now + Duration::from_secs(2);
+    net.run_until(end, &mut push);
+    assert_eq!(
+        net.sfu.subscriber_layer(&capped_id),
+        Some(Some("360p".to_owned()))
+    );
+    lag.set(Duration::from_secs(1));
+    let end = net.now + Duration::from_secs(2);
+    net.run_until(end, &mut push);
+    assert_eq!(
+        net.sfu.subscriber_layer(&capped_id),
+        Some(None),
+        "off the layer that fell behind"
+    );
 
     // Bad names and unknown sessions are refused and change nothing.
     let now = net.now;

@@ -754,6 +754,7 @@ impl Bridge {
                 continue;
             };
             metrics::counter!("weir_srt_frames_total", "kind" => "audio").increment(1);
+            self.media.opus(packet, time);
             (self.sink)(opus_frame(time, wall, packet.into()));
             time += i64::from(duration);
             wall += Duration::from_micros(u64::from(duration) * 1_000_000 / 48_000);

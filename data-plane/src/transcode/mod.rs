@@ -309,6 +309,7 @@ impl MediaHub {
             hls,
             transcoder,
             audio_track: None,
+            opus: None,
         }
     }
 }
@@ -319,6 +320,9 @@ pub struct RoomMedia {
     hls: Option<HlsFeed>,
     transcoder: Option<worker::Transcoder>,
     audio_track: Option<(u8, u8, u8, AudioTrack)>,
+    /// Opus audio (SRT's Opus in TS) made AAC for HLS; `Err` once it
+    /// could not start.
+    opus: Option<Result<crate::ingest::audio::OpusToAac, ()>>,
 }
 
 impl std::fmt::Debug for RoomMedia {
@@ -334,6 +338,7 @@ impl RoomMedia {
             hls: None,
             transcoder: None,
             audio_track: None,
+            opus: None,
         }
     }
 
@@ -371,6 +376,30 @@ impl RoomMedia {
                 keyframe,
                 wall: SystemTime::now(),
             });
+        }
+    }
+
+    /// An Opus packet whose first sample plays at `time48` (48 kHz, the
+    /// room's timeline): transcoded to AAC for HLS (cheap enough to run
+    /// inline: one decode and at most one AAC frame per 20 ms packet).
+    pub(crate) fn opus(&mut self, packet: &[u8], time48: i64) {
+        if self.hls.is_none() {
+            return;
+        }
+        let conv = self.opus.get_or_insert_with(|| {
+            crate::ingest::audio::OpusToAac::new().map_err(|e| {
+                tracing::error!(error = %e, "cannot transcode Opus to AAC: HLS without audio");
+            })
+        });
+        let Ok(conv) = conv else {
+            return;
+        };
+        let mut out = Vec::new();
+        if conv.push(packet, time48, &mut out).is_err() {
+            metrics::counter!("weir_transcode_errors_total", "kind" => "opus_aac").increment(1);
+        }
+        for p in out {
+            self.aac(&p.adts, p.time * 90_000 / 48_000);
         }
     }
 

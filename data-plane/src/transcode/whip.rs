@@ -19,7 +19,6 @@ use weir_protocol::RoomId;
 use weir_sfu::MediaFrame;
 
 use super::RoomMedia;
-use crate::ingest::audio::OpusToAac;
 use crate::ingest::video::H264Reencoder;
 
 /// Frames queued for the bridge before the shard drops new ones (about a
@@ -32,18 +31,32 @@ const HEADROOM: i64 = 90_000;
 const LAYER_CHOICE: Duration = Duration::from_secs(3);
 
 /// The shard's side: hands frames over without ever waiting.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct MediaTap {
     tx: SyncSender<MediaFrame>,
+    /// A video frame was dropped: video waits for the next keyframe (the
+    /// decoder could not use what follows).
+    skipping: bool,
 }
 
 impl MediaTap {
     /// Queues a frame; false once the bridge has stopped.
-    pub fn offer(&self, frame: MediaFrame) -> bool {
+    pub fn offer(&mut self, frame: MediaFrame) -> bool {
+        let video = frame.kind == MediaKind::Video;
+        if video && self.skipping && !frame.keyframe {
+            metrics::counter!("weir_whip_media_dropped_total").increment(1);
+            return true;
+        }
         match self.tx.try_send(frame) {
-            Ok(()) => true,
+            Ok(()) => {
+                if video {
+                    self.skipping = false;
+                }
+                true
+            }
             Err(TrySendError::Full(_)) => {
                 metrics::counter!("weir_whip_media_dropped_total").increment(1);
+                self.skipping |= video;
                 true
             }
             Err(TrySendError::Disconnected(_)) => false,
@@ -58,7 +71,10 @@ pub fn spawn(room: RoomId, media: RoomMedia) -> std::io::Result<MediaTap> {
     std::thread::Builder::new()
         .name(format!("weir-whip-{room}"))
         .spawn(move || Bridge::new(room, media).run(rx))?;
-    Ok(MediaTap { tx })
+    Ok(MediaTap {
+        tx,
+        skipping: false,
+    })
 }
 
 /// One track's anchor: its first media time (in its clock) and the wall
@@ -103,8 +119,6 @@ struct Bridge {
     started: Instant,
     vp8: Option<H264Reencoder>,
     vp8_failed: bool,
-    aac: Option<OpusToAac>,
-    aac_failed: bool,
     errors: u64,
 }
 
@@ -118,8 +132,6 @@ impl Bridge {
             started: Instant::now(),
             vp8: None,
             vp8_failed: false,
-            aac: None,
-            aac_failed: false,
             errors: 0,
         }
     }
@@ -211,31 +223,13 @@ impl Bridge {
         if frame.codec != Codec::Opus {
             return;
         }
-        if self.aac.is_none() && !self.aac_failed {
-            match OpusToAac::new() {
-                Ok(c) => self.aac = Some(c),
-                Err(e) => {
-                    self.aac_failed = true;
-                    tracing::error!(room = %self.room, error = %e, "cannot transcode Opus to AAC; the room's HLS has no audio");
-                }
-            }
-        }
         let pts = self.timeline.pts90(
             1,
             frame.time.numer(),
             frame.time.denom(),
             frame.network_time,
         );
-        let Some(aac) = self.aac.as_mut() else {
-            return;
-        };
-        let mut out = Vec::new();
-        if let Err(e) = aac.push(&frame.data, pts * 48_000 / 90_000, &mut out) {
-            self.error("Opus frame could not be transcoded", &e);
-        }
-        for p in out {
-            self.media.aac(&p.adts, p.time * 90_000 / 48_000);
-        }
+        self.media.opus(&frame.data, pts * 48_000 / 90_000);
     }
 
     fn error(&mut self, what: &str, e: &dyn std::fmt::Display) {
