@@ -98,6 +98,12 @@ pub struct LoadtestArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Light viewers: once connected, read only the clear RTP headers
+    /// (sequence numbers, marker bits, capture times) and leave SRTP
+    /// unopened, so that one core plays many more viewers; loss is counted
+    /// from sequence numbers (no NACKs sent), frames from marker bits.
+    #[arg(long)]
+    pub light: bool,
 }
 
 /// Percentiles of one measure.
@@ -255,10 +261,10 @@ pub async fn run_viewers(targets: &[Target], args: &LoadtestArgs) -> Vec<ViewerR
     let duration = Duration::from_secs(args.duration);
     for i in 0..args.viewers as usize {
         let target = targets[i % targets.len()].clone();
-        let bind = args.bind;
+        let (bind, light) = (args.bind, args.light);
         let deadline = Instant::now() + duration;
         tasks.push(tokio::spawn(async move {
-            viewer::run(&target, bind, deadline).await
+            viewer::run_with(&target, bind, deadline, light).await
         }));
         tokio::time::sleep(Duration::from_millis(args.ramp_ms)).await;
     }
@@ -409,6 +415,7 @@ mod tests {
             ramp_ms: 0,
             bind: "127.0.0.1".parse().unwrap_or(IpAddr::from([127, 0, 0, 1])),
             json: true,
+            light: false,
         }
     }
 

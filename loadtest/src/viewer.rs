@@ -50,8 +50,22 @@ pub struct ViewerReport {
 
 /// Plays `target` until `deadline`, then leaves with `DELETE`.
 pub async fn run(target: &Target, bind: IpAddr, deadline: Instant) -> ViewerReport {
+    run_with(target, bind, deadline, false).await
+}
+
+/// Like [`run`]; a `light` viewer reads only the clear RTP headers of the
+/// media once connected (sequence numbers, marker bits, capture times) and
+/// leaves SRTP unopened, so one core plays many more viewers. Loss is then
+/// counted from sequence numbers (no NACKs are sent), frames from marker
+/// bits, and keyframes are not told apart.
+pub async fn run_with(
+    target: &Target,
+    bind: IpAddr,
+    deadline: Instant,
+    light: bool,
+) -> ViewerReport {
     let mut report = ViewerReport::default();
-    if let Err(e) = play(target, bind, deadline, &mut report).await {
+    if let Err(e) = play(target, bind, deadline, light, &mut report).await {
         report.error = Some(format!("{e:#}"));
     }
     report
@@ -61,6 +75,7 @@ async fn play(
     target: &Target,
     bind: IpAddr,
     deadline: Instant,
+    light: bool,
     report: &mut ViewerReport,
 ) -> anyhow::Result<()> {
     let socket = UdpSocket::bind(SocketAddr::new(bind, 0)).await?;
@@ -85,6 +100,7 @@ async fn play(
     .await?;
     report.join = Some(start.elapsed());
     let joined_at = SystemTime::now();
+    let mut headers = light.then(|| HeaderCounter::new(&answer, joined_at));
     let answer = SdpAnswer::from_sdp_string(&answer).context("bad SDP answer")?;
     rtc.sdp_api().accept_answer(pending, answer)?;
 
@@ -128,6 +144,11 @@ async fn play(
                             report.audio_frames += 1;
                         }
                     }
+                    Output::Event(Event::Connected) => {
+                        if let Some(h) = headers.as_mut() {
+                            h.connected = true;
+                        }
+                    }
                     Output::Event(Event::IceConnectionStateChange(
                         str0m::IceConnectionState::Disconnected,
                     )) => {
@@ -152,6 +173,12 @@ async fn play(
             tokio::select! {
                 r = socket.recv_from(&mut buf) => {
                     let (n, source) = r?;
+                    if let Some(h) = headers.as_mut()
+                        && h.connected
+                        && h.take(&buf[..n], Instant::now())
+                    {
+                        continue;
+                    }
                     let Ok(contents) = buf[..n].try_into() else { continue };
                     let input = Input::Receive(Instant::now(), Receive { proto: Protocol::Udp, source, destination: local, contents });
                     if rtc.accepts(&input) {
@@ -165,6 +192,11 @@ async fn play(
         }
     }
     .await;
+    if let Some(h) = headers {
+        h.report(start, report);
+        session.close().await;
+        return result;
+    }
     if loss_n > 0 {
         report.loss_pct = Some(100.0 * loss_sum / f64::from(loss_n));
     }
@@ -173,4 +205,236 @@ async fn play(
     }
     session.close().await;
     result
+}
+
+/// What a light viewer counts from clear RTP headers.
+struct HeaderCounter {
+    connected: bool,
+    /// Payload types of audio (from the answer's `a=rtpmap:PT opus/...`).
+    audio_pts: Vec<u8>,
+    joined_at: SystemTime,
+    /// Video: first and highest extended sequence number, packets.
+    video_seq: Option<(u64, u64)>,
+    video_packets: u64,
+    frames: u64,
+    audio_packets: u64,
+    bytes: u64,
+    first: Option<Instant>,
+    last_frame: Option<Instant>,
+    freezes: u64,
+    delays_us: Vec<u64>,
+}
+
+impl HeaderCounter {
+    fn new(answer_sdp: &str, joined_at: SystemTime) -> Self {
+        let audio_pts = answer_sdp
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("a=rtpmap:"))
+            .filter(|l| l.to_ascii_lowercase().contains(" opus/"))
+            .filter_map(|l| l.split(' ').next()?.parse().ok())
+            .collect();
+        Self {
+            connected: false,
+            audio_pts,
+            joined_at,
+            video_seq: None,
+            video_packets: 0,
+            frames: 0,
+            audio_packets: 0,
+            bytes: 0,
+            first: None,
+            last_frame: None,
+            freezes: 0,
+            delays_us: Vec::new(),
+        }
+    }
+
+    /// Counts an RTP datagram; false when it is not RTP (STUN, DTLS, RTCP
+    /// go to str0m as usual).
+    fn take(&mut self, d: &[u8], now: Instant) -> bool {
+        let Some(h) = RtpHeader::parse(d) else {
+            return false;
+        };
+        self.bytes += d.len() as u64;
+        if self.audio_pts.contains(&h.pt) {
+            self.audio_packets += 1;
+            return true;
+        }
+        self.video_packets += 1;
+        let seq = match self.video_seq {
+            None => u64::from(h.seq) + (1 << 16),
+            Some((_, high)) => extend_seq(high, h.seq),
+        };
+        self.video_seq = Some(match self.video_seq {
+            None => (seq, seq),
+            Some((first, high)) => (first.min(seq), high.max(seq)),
+        });
+        if h.marker {
+            self.first.get_or_insert(now);
+            if self.last_frame.is_some_and(|l| now - l > FREEZE_GAP) {
+                self.freezes += 1;
+            }
+            self.last_frame = Some(now);
+            self.frames += 1;
+            if let Some(capture) = h.capture_time
+                && capture >= self.joined_at
+                && let Ok(delay) = SystemTime::now().duration_since(capture)
+            {
+                self.delays_us.push(delay.as_micros() as u64);
+            }
+        }
+        true
+    }
+
+    fn report(self, start: Instant, r: &mut ViewerReport) {
+        r.first_frame = self.first.map(|f| f - start);
+        r.video_frames = self.frames;
+        r.audio_frames = self.audio_packets;
+        r.media_bytes = self.bytes;
+        r.freezes = self.freezes;
+        r.delays_us = self.delays_us;
+        r.video_packets = self.video_packets;
+        r.played = self.first.map_or(Duration::ZERO, |f| {
+            Instant::now().saturating_duration_since(f)
+        });
+        if let Some((first, high)) = self.video_seq {
+            let expected = high - first + 1;
+            let lost = expected.saturating_sub(self.video_packets);
+            r.loss_pct = Some(100.0 * lost as f64 / expected as f64);
+        }
+    }
+}
+
+/// The sequence number `seq` extended to 64 bits near `high`.
+fn extend_seq(high: u64, seq: u16) -> u64 {
+    let cycle = high & !0xffff;
+    let candidates = [cycle.wrapping_sub(1 << 16), cycle, cycle + (1 << 16)];
+    candidates
+        .iter()
+        .map(|c| c + u64::from(seq))
+        .min_by_key(|v| v.abs_diff(high))
+        .unwrap_or(high)
+}
+
+/// The clear part of an SRTP packet's header (RFC 3550; abs-capture-time
+/// as header extension 7, one-byte form, RFC 8285).
+#[derive(Debug, PartialEq)]
+struct RtpHeader {
+    pt: u8,
+    marker: bool,
+    seq: u16,
+    capture_time: Option<SystemTime>,
+}
+
+impl RtpHeader {
+    fn parse(d: &[u8]) -> Option<Self> {
+        if d.len() < 12 || d[0] >> 6 != 2 {
+            return None;
+        }
+        let pt = d[1] & 0x7f;
+        if (64..=95).contains(&pt) {
+            return None; // RTCP (RFC 5761)
+        }
+        let marker = d[1] & 0x80 != 0;
+        let seq = u16::from_be_bytes([d[2], d[3]]);
+        let csrcs = usize::from(d[0] & 0x0f);
+        let mut at = 12 + 4 * csrcs;
+        let mut capture_time = None;
+        if d[0] & 0x10 != 0 {
+            let profile = u16::from_be_bytes([*d.get(at)?, *d.get(at + 1)?]);
+            let words = usize::from(u16::from_be_bytes([*d.get(at + 2)?, *d.get(at + 3)?]));
+            at += 4;
+            let ext = d.get(at..at + 4 * words)?;
+            if profile == 0xbede {
+                let mut i = 0;
+                while i < ext.len() {
+                    let b = ext[i];
+                    if b == 0 {
+                        i += 1;
+                        continue;
+                    }
+                    let (id, len) = (b >> 4, usize::from(b & 0x0f) + 1);
+                    if id == 15 {
+                        break;
+                    }
+                    let value = ext.get(i + 1..i + 1 + len)?;
+                    if id == 7 && len >= 8 {
+                        let ntp = u64::from_be_bytes(value[..8].try_into().ok()?);
+                        capture_time = ntp_to_system(ntp);
+                    }
+                    i += 1 + len;
+                }
+            }
+        }
+        Some(Self {
+            pt,
+            marker,
+            seq,
+            capture_time,
+        })
+    }
+}
+
+/// A 64-bit NTP timestamp (seconds since 1900, UQ32.32) as wall-clock time.
+fn ntp_to_system(ntp: u64) -> Option<SystemTime> {
+    const NTP_UNIX: u64 = 2_208_988_800;
+    let secs = (ntp >> 32).checked_sub(NTP_UNIX)?;
+    let nanos = ((ntp & 0xffff_ffff) * 1_000_000_000) >> 32;
+    SystemTime::UNIX_EPOCH.checked_add(Duration::new(secs, nanos as u32))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clear_rtp_headers_give_sequence_marker_and_capture_time() {
+        let capture = SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
+        let since = capture.duration_since(SystemTime::UNIX_EPOCH).unwrap();
+        let ntp = ((since.as_secs() + 2_208_988_800) << 32)
+            | ((u64::from(since.subsec_nanos()) << 32) / 1_000_000_000);
+        let mut p = vec![0x90, 0x80 | 96, 0x12, 0x34, 0, 0, 0, 1, 0, 0, 0, 2];
+        p.extend_from_slice(&[0xbe, 0xde, 0, 3]);
+        p.push(0x77); // id 7, 8 bytes
+        p.extend_from_slice(&ntp.to_be_bytes());
+        p.extend_from_slice(&[0, 0, 0]); // padding to 3 words
+        p.extend_from_slice(&[0xaa; 100]); // encrypted payload
+        let h = RtpHeader::parse(&p).unwrap();
+        assert_eq!((h.pt, h.marker, h.seq), (96, true, 0x1234));
+        let got = h.capture_time.unwrap();
+        let diff = got.duration_since(capture).unwrap_or_else(|e| e.duration());
+        assert!(diff < Duration::from_micros(1), "{diff:?}");
+        // RTCP, STUN, DTLS and short junk are not RTP.
+        assert!(RtpHeader::parse(&[0x80, 200, 0, 6, 0, 0, 0, 0, 0, 0, 0, 0]).is_none());
+        assert!(RtpHeader::parse(&[0, 1, 0, 0]).is_none());
+        assert!(RtpHeader::parse(&[22, 254, 253, 0, 0, 0, 0, 0, 0, 0, 0, 0]).is_none());
+        // A truncated extension is refused, not read past the end.
+        assert!(RtpHeader::parse(&p[..18]).is_none());
+    }
+
+    #[test]
+    fn sequence_numbers_extend_across_wraps_and_loss_is_counted() {
+        assert_eq!(extend_seq(70_000, 4_465), 70_001);
+        assert_eq!(extend_seq((1 << 16) + 65_535, 0), 2 << 16);
+        assert_eq!(extend_seq(2 << 16, 65_535), (1 << 16) + 65_535);
+        let mut c = HeaderCounter::new("a=rtpmap:111 opus/48000/2\r\n", SystemTime::now());
+        c.connected = true;
+        let now = Instant::now();
+        let packet = |seq: u16, pt: u8| {
+            let mut p = vec![0x80, 0x80 | pt];
+            p.extend_from_slice(&seq.to_be_bytes());
+            p.extend_from_slice(&[0; 8]);
+            p
+        };
+        for seq in [65_534u16, 65_535, 1, 2] {
+            assert!(c.take(&packet(seq, 96), now));
+        }
+        assert!(c.take(&packet(7, 111), now));
+        let mut r = ViewerReport::default();
+        c.report(now, &mut r);
+        assert_eq!((r.video_packets, r.video_frames, r.audio_frames), (4, 4, 1));
+        // 65534..=2 is 5 numbers, 4 arrived: 0 is lost.
+        assert!((r.loss_pct.unwrap() - 20.0).abs() < 1e-9, "{r:?}");
+    }
 }
