@@ -44,6 +44,7 @@ fn node(id: &str, region: &str, sessions: u32) -> NodeInfo {
         region: region.into(),
         zone: "a".into(),
         http_url: format!("http://{id}.test:8080/"),
+        relay_addr: None,
         version: "test".into(),
         capacity: 100,
         draining: false,

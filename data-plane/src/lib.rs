@@ -195,6 +195,7 @@ impl Node {
             region: config.region.clone(),
             zone: config.zone.clone(),
             http_url: public_url.clone(),
+            relay_addr: None,
             version: config
                 .version
                 .clone()
