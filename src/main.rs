@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use weir_control_plane::{ControlConfig, ControlState, LocalCoordinator, TokenIssuer};
-use weir_data_plane::{Node, NodeConfig};
+use weir_data_plane::{Node, NodeConfig, RelayConfig};
 use weir_protocol::bus::{Retention, RoomBus};
 use weir_protocol::coordinator::Coordinator;
 use weir_protocol::{NodeId, TokenVerifier};
@@ -42,7 +42,7 @@ enum Command {
     /// defaults (in-process coordinator, keys under --data-dir).
     Dev(DevArgs),
     /// Run a standalone media node (WHIP/WHEP over WebRTC).
-    Node(NodeArgs),
+    Node(Box<NodeArgs>),
     /// Run a standalone control plane (gRPC and its JSON gateway).
     Control(ControlArgs),
     /// Operator CLI: talk to a control plane over gRPC.
@@ -224,6 +224,17 @@ struct NodeArgs {
     /// Address peers reach this node's UDP port at (required when --udp binds a wildcard).
     #[arg(long, env = "WEIR_PUBLIC_IP")]
     public_ip: Option<IpAddr>,
+    /// QUIC media relay listen address (UDP). Other nodes pull the rooms
+    /// published here from it, and this node pulls from theirs when its
+    /// viewers watch a room published elsewhere. Advertised to the cluster
+    /// as --public-ip (or the bound address) with this port. Keep it on a
+    /// private network: certificates are self-signed and not verified.
+    #[arg(long, env = "WEIR_RELAY", default_value = "0.0.0.0:7400")]
+    relay: SocketAddr,
+    /// How long this node keeps pulling a room from its origin after the
+    /// room's last viewer here left (milliseconds).
+    #[arg(long, env = "WEIR_RELAY_IDLE_GRACE_MS", default_value_t = 5000)]
+    relay_idle_grace_ms: u64,
     /// Base URL of this node's HTTP surface as clients see it.
     #[arg(long, env = "WEIR_PUBLIC_URL")]
     public_url: Option<String>,
@@ -333,7 +344,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Dev(a) => dev(a).await.map(|()| 0),
-            Command::Node(a) => node(a).await.map(|()| 0),
+            Command::Node(a) => node(*a).await.map(|()| 0),
             Command::Control(a) => control(a).await.map(|()| 0),
             Command::Ctl(a) => weir_control_plane::ctl::run(a).await,
             Command::Loadtest(a) => weir_loadtest::run_command(a).await,
@@ -450,6 +461,8 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
             room_bus: Some(room_bus),
             hub: a.room_bus.hub(),
             drain: a.drain.pace(),
+            // One node: nobody to relay to or from.
+            relay: None,
         },
         coordinator,
         verifier,
@@ -580,6 +593,11 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
             room_bus,
             hub: a.room_bus.hub(),
             drain: a.drain.pace(),
+            relay: Some(RelayConfig {
+                listen: a.relay,
+                advertise: None,
+                idle_grace: Duration::from_millis(a.relay_idle_grace_ms),
+            }),
         },
         coordinator,
         verifier,
@@ -596,6 +614,10 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
     println!("{}/metrics", node.public_url());
     if let Some(srt) = node.srt_addr() {
         println!("srt://{srt}?streamid=#!::r={{room}},m=publish,t={{token}}");
+    }
+    if let Some(relay) = node.relay_addr() {
+        // The media relay between nodes (QUIC).
+        println!("quic://{relay}");
     }
     node.serve(shutdown_signal()).await
 }

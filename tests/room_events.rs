@@ -431,6 +431,8 @@ fn start_node(dir: &std::path::Path, id: &str, nats: &str, key: &str, control: &
             id,
             "--udp",
             "127.0.0.1:0",
+            "--relay",
+            "127.0.0.1:0",
             "--http",
             "127.0.0.1:0",
             "--srt",
