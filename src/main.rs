@@ -76,7 +76,8 @@ struct ShardArgs {
 struct DrainArgs {
     /// Viewers a drained node ends per --drain-interval-ms; each asks the
     /// control plane again and moves to another node. Viewers of rooms
-    /// published on the node move once their publisher has left it.
+    /// published on the node move too: their new node pulls the room from
+    /// this one over the relay (--relay); publishers stay.
     #[arg(long, env = "WEIR_DRAIN_BATCH", default_value_t = 50,
           value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     drain_batch: u64,

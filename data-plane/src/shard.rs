@@ -481,26 +481,11 @@ impl ShardHandle {
 
     /// Ends up to `max` WebRTC viewers of the node so that they play
     /// elsewhere (the node is being drained), shard by shard, oldest first
-    /// on each. Viewers of rooms published on this node stay: there is no
-    /// relay between nodes, so elsewhere they would have nothing to play;
-    /// they move once their publisher has left. A room counts as published
-    /// by its home shard's latest stats (at most a second old).
+    /// on each. Viewers of rooms published on this node move too: the
+    /// scheduler sends them to other nodes, which pull the room from this
+    /// one over the relay while its publisher stays here.
     pub async fn move_viewers(&self, max: usize) -> Result<MovedBatch, ShardGone> {
-        let n = self.shards.len();
-        let keep: HashSet<RoomId> = self
-            .shards
-            .iter()
-            .enumerate()
-            .flat_map(|(i, shard)| {
-                shard
-                    .stats()
-                    .rooms
-                    .into_iter()
-                    .filter(move |r| r.live && home_index(&r.room, n) == i)
-                    .map(|r| r.room)
-            })
-            .collect();
-        let keep = Arc::new(keep);
+        let keep = Arc::new(HashSet::new());
         let mut batch = MovedBatch::default();
         for shard in self.shards.iter() {
             if shard.live_viewers() == 0 {
