@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use weir_control_plane::{ControlConfig, ControlState, LocalCoordinator, TokenIssuer};
-use weir_data_plane::{Node, NodeConfig};
+use weir_data_plane::{Node, NodeConfig, RelayConfig};
 use weir_protocol::bus::{Retention, RoomBus};
 use weir_protocol::coordinator::Coordinator;
 use weir_protocol::stats::NodeSecret;
@@ -77,7 +77,8 @@ struct ShardArgs {
 struct DrainArgs {
     /// Viewers a drained node ends per --drain-interval-ms; each asks the
     /// control plane again and moves to another node. Viewers of rooms
-    /// published on the node move once their publisher has left it.
+    /// published on the node move too: their new node pulls the room from
+    /// this one over the relay (--relay); publishers stay.
     #[arg(long, env = "WEIR_DRAIN_BATCH", default_value_t = 50,
           value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     drain_batch: u64,
@@ -233,6 +234,17 @@ struct NodeArgs {
     /// Address peers reach this node's UDP port at (required when --udp binds a wildcard).
     #[arg(long, env = "WEIR_PUBLIC_IP")]
     public_ip: Option<IpAddr>,
+    /// QUIC media relay listen address (UDP). Other nodes pull the rooms
+    /// published here from it, and this node pulls from theirs when its
+    /// viewers watch a room published elsewhere. Advertised to the cluster
+    /// as --public-ip (or the bound address) with this port. Keep it on a
+    /// private network: certificates are self-signed and not verified.
+    #[arg(long, env = "WEIR_RELAY", default_value = "0.0.0.0:7400")]
+    relay: SocketAddr,
+    /// How long this node keeps pulling a room from its origin after the
+    /// room's last viewer here left (milliseconds).
+    #[arg(long, env = "WEIR_RELAY_IDLE_GRACE_MS", default_value_t = 5000)]
+    relay_idle_grace_ms: u64,
     /// Base URL of this node's HTTP surface as clients see it.
     #[arg(long, env = "WEIR_PUBLIC_URL")]
     public_url: Option<String>,
@@ -484,6 +496,8 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
             hub: a.room_bus.hub(),
             drain: a.drain.pace(),
             node_secret: Some(node_secret),
+            // One node: nobody to relay to or from.
+            relay: None,
         },
         coordinator,
         verifier,
@@ -621,6 +635,11 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
             hub: a.room_bus.hub(),
             drain: a.drain.pace(),
             node_secret,
+            relay: Some(RelayConfig {
+                listen: a.relay,
+                advertise: None,
+                idle_grace: Duration::from_millis(a.relay_idle_grace_ms),
+            }),
         },
         coordinator,
         verifier,
@@ -637,6 +656,10 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
     println!("{}/metrics", node.public_url());
     if let Some(srt) = node.srt_addr() {
         println!("srt://{srt}?streamid=#!::r={{room}},m=publish,t={{token}}");
+    }
+    if let Some(relay) = node.relay_addr() {
+        // The media relay between nodes (QUIC).
+        println!("quic://{relay}");
     }
     node.serve(shutdown_signal()).await
 }

@@ -93,6 +93,8 @@ fn start_node(dir: &Path, id: &str, etcd: &str, control: &Control) -> (Proc, Str
             id,
             "--udp",
             "127.0.0.1:0",
+            "--relay",
+            "127.0.0.1:0",
             "--http",
             "127.0.0.1:0",
             "--srt",

@@ -99,6 +99,8 @@ fn start_node(dir: &Path, id: &str, nats: &str, key: &str) -> (Proc, String) {
             id,
             "--udp",
             "127.0.0.1:0",
+            "--relay",
+            "127.0.0.1:0",
             "--http",
             "127.0.0.1:0",
             "--srt",

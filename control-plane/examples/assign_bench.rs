@@ -76,6 +76,7 @@ fn node_info(i: usize, rooms: &[RoomId]) -> NodeInfo {
         region: ["eu", "us", "ap"][i % 3].into(),
         zone: "a".into(),
         http_url: format!("http://10.0.{}.{}:8080", i / 250, i % 250),
+        relay_addr: None,
         version: "bench".into(),
         capacity: 100_000,
         draining: false,

@@ -190,8 +190,9 @@ pub enum NodesCommand {
     },
     /// Cordon the node and move its viewers away: room-event clients at
     /// once, WebRTC viewers in paced batches (see `weir node
-    /// --drain-batch`), those of rooms published there once their
-    /// publisher has left it. Publishers are not ended.
+    /// --drain-batch`), those of rooms published there too (the nodes they
+    /// move to pull the room from it over the relay). Publishers are not
+    /// ended.
     Drain {
         /// The node id.
         node: String,

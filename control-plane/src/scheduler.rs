@@ -92,9 +92,16 @@ impl<'a> Snapshot<'a> {
     /// only versions of weight 0 have a node left, those take the client
     /// (a viewer served by an unwanted version beats one turned away).
     fn ranked(&self, region: Option<&str>) -> Vec<&'a NodeInfo> {
+        self.ranked_groups(region).0
+    }
+
+    /// [`Snapshot::ranked`], and how many of its nodes belong to the version
+    /// the draw chose (all of them when versions play no part).
+    fn ranked_groups(&self, region: Option<&str>) -> (Vec<&'a NodeInfo>, usize) {
         let nodes = self.ranked_nodes(region);
         if self.rollout.is_empty() {
-            return nodes;
+            let n = nodes.len();
+            return (nodes, n);
         }
         let mut versions: BTreeMap<&str, u32> = BTreeMap::new();
         for n in &nodes {
@@ -104,15 +111,17 @@ impl<'a> Snapshot<'a> {
         }
         let wheel: Vec<(&str, u32)> = versions.iter().map(|(v, w)| (*v, *w)).collect();
         let Some(chosen) = RolloutWeights::pick(&wheel, self.draw) else {
-            return nodes;
+            let n = nodes.len();
+            return (nodes, n);
         };
         let (mut first, rest): (Vec<&NodeInfo>, Vec<&NodeInfo>) =
             nodes.into_iter().partition(|n| n.version == chosen);
+        let chosen_len = first.len();
         first.extend(
             rest.into_iter()
                 .filter(|n| versions[n.version.as_str()] > 0),
         );
-        first
+        (first, chosen_len)
     }
 
     /// Healthy nodes with room for one more session, best first: those in
@@ -155,24 +164,48 @@ fn compare_load(a: &NodeInfo, b: &NodeInfo) -> Ordering {
 }
 
 /// Nodes where a viewer of `room` can play, best first; empty when none can.
+///
+/// Any healthy node with room can serve a live room: a node other than the
+/// origin pulls it over the relay when its first viewer arrives. So the
+/// ranking is the usual one (rollout version, then region, then load), except
+/// that within each version and region the nodes already carrying the room
+/// come first — the origin, then the edges relaying it (nodes reporting
+/// viewers of it) — while they have room: they add no relay link, and the
+/// room's audience grows onto new nodes only as these fill up.
 pub fn rank_for_viewer<'a>(
     snapshot: &Snapshot<'a>,
     room: &RoomId,
     region: Option<&str>,
 ) -> Vec<&'a NodeInfo> {
-    if let Some(origin) = snapshot.live_origin(room) {
-        // There is no relay between nodes yet, so only the origin carries the
-        // media of a live room: it is the one answer. When it is full the
-        // viewer is turned away rather than sent to a node without the room.
-        // With the relay, edges already carrying the room and then other
-        // healthy nodes will follow the origin in this list.
-        return if snapshot.has_room(origin) {
-            vec![origin]
+    let (mut nodes, chosen) = snapshot.ranked_groups(region);
+    let origin = snapshot
+        .origins
+        .binary_search_by(|(r, _)| r.cmp(room))
+        .ok()
+        .map(|at| &snapshot.origins[at].1);
+    let region = region.filter(|r| !r.is_empty());
+    let carries = |n: &NodeInfo| -> u8 {
+        if origin == Some(&n.id) {
+            0
+        } else if n
+            .load
+            .rooms
+            .iter()
+            .any(|r| &r.room == room && r.subscribers > 0)
+        {
+            1
         } else {
-            Vec::new()
-        };
-    }
-    snapshot.ranked(region)
+            2
+        }
+    };
+    // A stable sort keeps the load and drawn order within each class.
+    let mut keyed: Vec<(usize, &NodeInfo)> = nodes.drain(..).enumerate().collect();
+    keyed.sort_by_key(|(i, n)| {
+        let group = usize::from(*i >= chosen);
+        let away = region.is_none_or(|r| n.region != r);
+        (group, away, carries(n))
+    });
+    keyed.into_iter().map(|(_, n)| n).collect()
 }
 
 /// Whether `room` has a live origin on a healthy node (full or not).
@@ -247,6 +280,7 @@ mod tests {
             region: region.into(),
             zone: "z".into(),
             http_url: format!("http://{id}"),
+            relay_addr: None,
             version: "1".into(),
             capacity,
             draining: false,
@@ -382,30 +416,89 @@ mod tests {
         assert!(firsts.values().all(|n| *n >= 50), "{firsts:?}");
     }
 
+    fn carrying(mut n: NodeInfo, r: &str, subscribers: u32) -> NodeInfo {
+        n.load.rooms.push(RoomLoad {
+            room: room(r),
+            live: false,
+            subscribers,
+        });
+        n
+    }
+
     #[test]
-    fn a_live_room_is_served_by_its_origin_only() {
-        let nodes = [node("idle", "eu", 0, 100), node("origin", "us", 80, 100)];
+    fn a_live_room_prefers_its_origin_then_its_edges_then_the_rest() {
+        let nodes = [
+            node("idle", "eu", 0, 100),
+            node("origin", "us", 80, 100),
+            carrying(node("edge", "us", 50, 100), "r", 3),
+            // Carries another room only: no preference.
+            carrying(node("other", "us", 10, 100), "q", 9),
+        ];
         let origins = [(room("r"), NodeId::parse("origin").unwrap())];
         let s = snap(&nodes, &origins);
         assert_eq!(
+            ids(&rank_for_viewer(&s, &room("r"), None)),
+            ["origin", "edge", "idle", "other"]
+        );
+        // The viewer's region still comes first; within it and outside it
+        // the nodes carrying the room lead.
+        assert_eq!(
+            ids(&rank_for_viewer(&s, &room("r"), Some("us"))),
+            ["origin", "edge", "other", "idle"]
+        );
+        assert_eq!(
             ids(&rank_for_viewer(&s, &room("r"), Some("eu"))),
-            ["origin"]
+            ["idle", "origin", "edge", "other"]
         );
         assert_eq!(ids(&rank_for_publisher(&s, &room("r"))), ["origin"]);
-        // Other rooms are placed as usual.
+        // Other rooms are placed by load as usual.
         assert_eq!(
-            ids(&rank_for_viewer(&s, &room("q"), None)),
-            ["idle", "origin"]
+            ids(&rank_for_viewer(&s, &room("z"), None)),
+            ["idle", "other", "edge", "origin"]
         );
     }
 
     #[test]
-    fn a_full_origin_turns_viewers_away_but_keeps_its_publisher() {
-        let nodes = [node("idle", "eu", 0, 100), node("origin", "us", 100, 100)];
+    fn a_full_origin_sends_viewers_to_edges_but_keeps_its_publisher() {
+        let nodes = [
+            node("idle", "eu", 0, 100),
+            node("origin", "us", 100, 100),
+            carrying(node("edge", "eu", 60, 100), "r", 60),
+        ];
         let origins = [(room("r"), NodeId::parse("origin").unwrap())];
         let s = snap(&nodes, &origins);
-        assert!(rank_for_viewer(&s, &room("r"), None).is_empty());
+        assert_eq!(
+            ids(&rank_for_viewer(&s, &room("r"), None)),
+            ["edge", "idle"]
+        );
         assert_eq!(ids(&rank_for_publisher(&s, &room("r"))), ["origin"]);
+        assert!(has_live_origin(&s, &room("r")));
+        // A full edge gives way to the rest as well.
+        let nodes = [
+            node("idle", "eu", 0, 100),
+            node("origin", "us", 100, 100),
+            carrying(node("edge", "eu", 100, 100), "r", 100),
+        ];
+        let s = snap(&nodes, &origins);
+        assert_eq!(ids(&rank_for_viewer(&s, &room("r"), None)), ["idle"]);
+    }
+
+    #[test]
+    fn rollout_weights_come_before_carrying_the_room() {
+        let nodes = [
+            versioned("origin", "v1", 50),
+            versioned("b1", "v2", 10),
+            carrying(versioned("b2", "v2", 20), "r", 5),
+        ];
+        let origins = [(room("r"), NodeId::parse("origin").unwrap())];
+        let weights = RolloutWeights::parse("v1=0,v2=100").unwrap();
+        let mut s = snap(&nodes, &origins);
+        s.rollout = &weights;
+        // v1 has weight 0: its origin is left out; within v2 the edge leads.
+        assert_eq!(ids(&rank_for_viewer(&s, &room("r"), None)), ["b2", "b1"]);
+        let weights = RolloutWeights::parse("v1=100,v2=0").unwrap();
+        s.rollout = &weights;
+        assert_eq!(ids(&rank_for_viewer(&s, &room("r"), None)), ["origin"]);
     }
 
     #[test]

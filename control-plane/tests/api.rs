@@ -44,6 +44,7 @@ fn node(id: &str, region: &str, sessions: u32) -> NodeInfo {
         region: region.into(),
         zone: "a".into(),
         http_url: format!("http://{id}.test:8080/"),
+        relay_addr: None,
         version: "test".into(),
         capacity: 100,
         draining: false,
@@ -341,7 +342,8 @@ async fn grpc_publisher_goes_to_the_origin_with_an_owner_token() {
         .unwrap();
     assert_eq!(claims.sub, "owner-1");
 
-    // Viewers of the live room: only its origin.
+    // Viewers of the live room: its origin first, then the other nodes
+    // (they pull the room over the relay).
     let v = client
         .assign_viewer(pb::AssignViewerRequest {
             room: "show".into(),
@@ -352,7 +354,7 @@ async fn grpc_publisher_goes_to_the_origin_with_an_owner_token() {
         .unwrap()
         .into_inner();
     let nodes: Vec<&str> = v.endpoints.iter().map(|e| e.node_id.as_str()).collect();
-    assert_eq!(nodes, ["b"]);
+    assert_eq!(nodes, ["b", "a"]);
 
     // A room nobody holds goes to the least loaded node.
     let a = client

@@ -41,6 +41,7 @@ fn node(id: &str, sessions: u32) -> NodeInfo {
         region: "eu".into(),
         zone: "a".into(),
         http_url: format!("http://{id}.test:8080"),
+        relay_addr: None,
         version: "test".into(),
         capacity: 10,
         draining: false,

@@ -37,6 +37,7 @@ fn node(id: &str, version: &str) -> NodeInfo {
         region: "eu".into(),
         zone: "a".into(),
         http_url: format!("http://{id}.test:8080"),
+        relay_addr: None,
         version: version.into(),
         capacity: 1000,
         draining: false,

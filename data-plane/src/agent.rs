@@ -21,6 +21,8 @@ pub struct Agent {
     lease: Mutex<Option<LeaseId>>,
     /// Whether an operator drains this node (`weir ctl nodes drain`).
     draining: watch::Sender<bool>,
+    /// The node's relay: a room claimed here is no longer pulled from elsewhere.
+    relay: std::sync::OnceLock<Arc<crate::relay::Relay>>,
 }
 
 /// Why a node may not take a room.
@@ -44,7 +46,13 @@ impl Agent {
             info: Mutex::new(info),
             lease: Mutex::new(None),
             draining: watch::channel(false).0,
+            relay: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Hands the agent the node's relay (set once, at start).
+    pub(crate) fn set_relay(&self, relay: Arc<crate::relay::Relay>) {
+        let _ = self.relay.set(relay);
     }
 
     /// Whether the node is being drained: it takes no new sessions and its
@@ -83,7 +91,21 @@ impl Agent {
 
     /// Makes this node the origin of `room`. Allowed when the coordinator
     /// cannot be reached (a node keeps admitting valid tokens on its own).
+    /// A room this node pulled from another node stops being pulled: its
+    /// publisher is here now.
     pub async fn claim_room(&self, room: &RoomId) -> Result<(), ClaimError> {
+        let claimed = self.claim(room).await;
+        if claimed.is_ok()
+            && let Some(relay) = self.relay.get()
+        {
+            relay
+                .stop_pull(room, "a publisher of the room arrived here")
+                .await;
+        }
+        claimed
+    }
+
+    async fn claim(&self, room: &RoomId) -> Result<(), ClaimError> {
         let (Some(node), Some(lease)) = (self.node_id(), self.lease()) else {
             tracing::warn!(%room, "not registered with the coordinator; admitting publisher anyway");
             return Ok(());

@@ -3,12 +3,11 @@
 //! control plane again and move to another node, without all of them
 //! hitting the scheduler in the same instant. Undraining stops it.
 //!
-//! Viewers of rooms published on this node stay while their publisher is
-//! here (there is no relay between nodes yet: elsewhere they would have
-//! nothing to play) and move in the batches after it leaves. Publishers are
-//! never ended by a drain: an encoder has one URL and reconnects to it, and
-//! a streamer who moves (the publish page asks the control plane again)
-//! takes the room's viewers along.
+//! Viewers of rooms published on this node move too: the nodes they land on
+//! pull the room from this one over the relay (`crate::relay`). Publishers
+//! are never ended by a drain: an encoder has one URL and reconnects to it,
+//! and a streamer who moves (the publish page asks the control plane again)
+//! becomes the origin elsewhere; the edges follow.
 
 use std::time::Duration;
 
@@ -115,7 +114,7 @@ async fn move_while_draining(
             // Said once per lull, not every interval.
             tracing::info!(
                 left,
-                "drain: the viewers left watch rooms published here; they move when their publisher leaves"
+                "drain: viewers are left but none moved this time (they arrived while the batch ran); next interval"
             );
             said_staying = true;
         }

@@ -43,6 +43,8 @@ pub(crate) struct AppState {
     pub media: crate::transcode::MediaHub,
     /// The room events WebSocket.
     pub events: crate::bus::ws::EventsState,
+    /// The media relay between nodes, when the node runs one.
+    pub relay: Option<Arc<crate::relay::Relay>>,
 }
 
 /// A refusal: status and a message for the client.
@@ -376,6 +378,13 @@ async fn whep_post(
         .play(room.clone(), viewer, offer)
         .await
         .map_err(|_| unavailable())??;
+    // A room published on another node is pulled from it; the answer does
+    // not wait for that (the viewer gets media once it flows).
+    if let Some(relay) = &state.relay {
+        let relay = relay.clone();
+        let room = room.clone();
+        tokio::spawn(async move { relay.ensure_pull(&room).await });
+    }
     if query.layer.is_some() {
         state
             .shard

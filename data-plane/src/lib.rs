@@ -12,6 +12,7 @@ mod http;
 pub mod ingest;
 mod pages;
 mod profile;
+mod relay;
 mod shard;
 pub mod transcode;
 pub mod udp;
@@ -47,6 +48,7 @@ use weir_protocol::coordinator::{Coordinator, NodeInfo, NodeLoad};
 pub use drain::DrainPace;
 pub use http::{MAX_SDP_BYTES, RenderMetrics};
 pub use ingest::SrtConfig;
+pub use relay::RelayConfig;
 pub use shard::{MovedBatch, Shard, ShardGone, ShardHandle, ShardStats};
 pub use transcode::{EncoderChoice, Ladder, MediaConfig};
 pub use udp::{Backend as IoBackend, IoChoice};
@@ -94,6 +96,10 @@ pub struct NodeConfig {
     /// totals through the control plane (`POST /v1/room-stats/likes`);
     /// without it totals live on the bus only (up to its retention).
     pub node_secret: Option<weir_protocol::stats::NodeSecret>,
+    /// The QUIC media relay between nodes; `None`: the node neither pulls
+    /// rooms published elsewhere nor serves its own to other nodes (a
+    /// single-node setup).
+    pub relay: Option<RelayConfig>,
 }
 
 /// A node whose sockets are bound, ready to serve.
@@ -116,6 +122,7 @@ pub struct Node {
     /// wait for upgraded connections).
     events_stop: watch::Sender<bool>,
     drain: DrainPace,
+    relay: Option<Arc<relay::Relay>>,
 }
 
 impl Node {
@@ -150,6 +157,7 @@ impl Node {
         let shard_stop = shard::ShardStop::default();
         let peers = shard::Peers::default();
         let channels = shard::ChannelSinkSlot::default();
+        let upstream = shard::Upstream::default();
         let mut shards = Vec::with_capacity(count);
         let mut shard_threads = Vec::with_capacity(count);
         for i in 0..count {
@@ -180,12 +188,13 @@ impl Node {
                 &shard_stop,
                 &peers,
                 &channels,
+                &upstream,
             )
             .with_context(|| format!("cannot start media shard {i} ({:?} I/O)", config.io))?;
             shards.push(handle);
             shard_threads.push(thread);
         }
-        let shard = shard::ShardHandle::new(shards, config.shard_spill, &peers);
+        let shard = shard::ShardHandle::new(shards, config.shard_spill, &peers, &upstream);
         tracing::info!(
             shards = count,
             io = shard.backend().as_str(),
@@ -195,11 +204,27 @@ impl Node {
             .public_url
             .clone()
             .unwrap_or_else(|| format!("http://{http_addr}"));
+        let relay = match &config.relay {
+            Some(c) => {
+                let mut c = c.clone();
+                c.advertise = c.advertise.or(config.public_ip);
+                let relay = relay::Relay::bind(
+                    &c,
+                    shard.clone(),
+                    coordinator.clone(),
+                    config.node_id.clone(),
+                )?;
+                tracing::info!(relay = %relay.advertised(), "media relay listening");
+                Some(relay)
+            }
+            None => None,
+        };
         let info = NodeInfo {
             id: config.node_id.clone(),
             region: config.region.clone(),
             zone: config.zone.clone(),
             http_url: public_url.clone(),
+            relay_addr: relay.as_ref().map(|r| r.advertised().to_string()),
             version: config
                 .version
                 .clone()
@@ -209,6 +234,9 @@ impl Node {
             load: NodeLoad::default(),
         };
         let agent = Arc::new(agent::Agent::new(coordinator, info));
+        if let Some(r) = &relay {
+            agent.set_relay(r.clone());
+        }
         let page_config = format!(
             "window.WEIR_CONFIG = {};\n",
             serde_json::json!({ "control_url": config.control_url })
@@ -242,6 +270,7 @@ impl Node {
             render_metrics,
             page_config: page_config.into(),
             media,
+            relay: relay.clone(),
         };
         Ok(Self {
             http_listener,
@@ -259,6 +288,7 @@ impl Node {
             node_secret: config.node_secret.clone(),
             events_stop,
             drain: config.drain,
+            relay,
         })
     }
 
@@ -292,6 +322,11 @@ impl Node {
         self.shard.backend()
     }
 
+    /// Where other nodes reach the media relay, when the node runs one.
+    pub fn relay_addr(&self) -> Option<SocketAddr> {
+        self.relay.as_ref().map(|r| r.advertised())
+    }
+
     /// Where SRT publishers connect, when the node listens for them.
     pub fn srt_addr(&self) -> Option<SocketAddr> {
         self.srt.as_ref().map(ingest::SrtIngest::local_addr)
@@ -317,6 +352,7 @@ impl Node {
             control_url,
             drain,
             node_secret,
+            relay,
             ..
         } = self;
         let shutdown = async move {
@@ -355,6 +391,7 @@ impl Node {
             drain,
             shutdown_tx.subscribe(),
         ));
+        let relay_task = relay.map(|r| tokio::spawn(r.run(shutdown_tx.subscribe())));
         let agent_task = tokio::spawn(agent.run(shard, shutdown_tx.subscribe()));
         let app = http::router(state);
         let result = axum::serve(http_listener, app)
@@ -369,6 +406,9 @@ impl Node {
         let _ = agent_task.await;
         let _ = config_task.await;
         let _ = drain_task.await;
+        if let Some(t) = relay_task {
+            let _ = t.await;
+        }
         notices_task.abort();
         if let Some(t) = srt_task {
             let _ = t.await;

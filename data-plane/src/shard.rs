@@ -79,6 +79,8 @@ enum Command {
         publisher: SessionId,
         tap: crate::transcode::whip::MediaTap,
     },
+    /// Relay a room's frames to an edge node (a QUIC relay connection).
+    TapRemote { room: RoomId, tap: RemoteTap },
     /// Cap the video layer a viewer gets (`None` lifts it).
     SetMaxLayer {
         session: SessionId,
@@ -130,6 +132,35 @@ pub(crate) type ChannelSinkSlot = Arc<std::sync::OnceLock<Arc<dyn ChannelSink>>>
 
 /// Owner of the relay sources a room's home shard feeds on other shards.
 const RELAY_OWNER: &str = "weir:shard-relay";
+
+/// Owner of the relay source through which an edge node plays a room
+/// published on another node.
+const NODE_RELAY_OWNER: &str = "weir:node-relay";
+
+/// A frame of a tapped room on its way to an edge node, with the room's
+/// publisher generation.
+pub(crate) type TappedFrame = (u64, MediaFrame);
+
+/// Where a home shard hands a room's frames for one edge node. The shard
+/// never waits on it: a full queue drops the frame and counts it in
+/// `dropped` (the relay connection then asks for a keyframe).
+#[derive(Clone)]
+pub(crate) struct RemoteTap {
+    pub frames: tokio::sync::mpsc::Sender<TappedFrame>,
+    pub dropped: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// A receiver of a room's frames on behalf of viewers elsewhere.
+enum TapTarget {
+    /// A relay source on another shard of this node.
+    Shard(usize, SessionId),
+    /// An edge node.
+    Remote(RemoteTap),
+}
+
+/// Where a shard sends keyframe requests for rooms this node pulls from
+/// another node (the relay connection of each room).
+pub(crate) type Upstream = Arc<Mutex<HashMap<RoomId, tokio::sync::mpsc::Sender<Option<String>>>>>;
 
 /// What a shard knows about the node's other shards, set once they all run.
 pub(crate) type Peers = Arc<std::sync::OnceLock<Arc<[Shard]>>>;
@@ -391,6 +422,11 @@ pub struct ShardHandle {
     /// Viewers recently moved away (drain), so that their session URL says
     /// so rather than "no such session".
     moved: Arc<Mutex<MovedViewers>>,
+    /// Rooms this node plays through a relay from another node: their relay
+    /// source is not a publisher of this node.
+    pulled: Arc<Mutex<HashSet<RoomId>>>,
+    /// Keyframe requests of pulled rooms, by room.
+    upstream: Upstream,
 }
 
 /// What one [`ShardHandle::move_viewers`] did.
@@ -429,10 +465,17 @@ impl MovedViewers {
 impl ShardHandle {
     /// Routes over `shards` (at least one); see [`ShardHandle::spill`] for
     /// `spill`. `peers` is what [`spawn`] handed out, filled here.
-    pub fn new(shards: Vec<Shard>, spill: usize, peers: &Peers) -> Self {
+    pub(crate) fn new(
+        shards: Vec<Shard>,
+        spill: usize,
+        peers: &Peers,
+        upstream: &Upstream,
+    ) -> Self {
         let shards: Arc<[Shard]> = shards.into();
         let _ = peers.set(shards.clone());
         Self {
+            pulled: Arc::default(),
+            upstream: upstream.clone(),
             shards,
             sources: Arc::default(),
             viewers: Arc::default(),
@@ -445,26 +488,11 @@ impl ShardHandle {
 
     /// Ends up to `max` WebRTC viewers of the node so that they play
     /// elsewhere (the node is being drained), shard by shard, oldest first
-    /// on each. Viewers of rooms published on this node stay: there is no
-    /// relay between nodes, so elsewhere they would have nothing to play;
-    /// they move once their publisher has left. A room counts as published
-    /// by its home shard's latest stats (at most a second old).
+    /// on each. Viewers of rooms published on this node move too: the
+    /// scheduler sends them to other nodes, which pull the room from this
+    /// one over the relay while its publisher stays here.
     pub async fn move_viewers(&self, max: usize) -> Result<MovedBatch, ShardGone> {
-        let n = self.shards.len();
-        let keep: HashSet<RoomId> = self
-            .shards
-            .iter()
-            .enumerate()
-            .flat_map(|(i, shard)| {
-                shard
-                    .stats()
-                    .rooms
-                    .into_iter()
-                    .filter(move |r| r.live && home_index(&r.room, n) == i)
-                    .map(|r| r.room)
-            })
-            .collect();
-        let keep = Arc::new(keep);
+        let keep = Arc::new(HashSet::new());
         let mut batch = MovedBatch::default();
         for shard in self.shards.iter() {
             if shard.live_viewers() == 0 {
@@ -562,6 +590,104 @@ impl ShardHandle {
         Ok(())
     }
 
+    /// Whether a publisher of `room` is live on this node (by the shards'
+    /// latest stats, at most a second old; rooms pulled from other nodes do
+    /// not count).
+    pub(crate) fn publishes(&self, room: &RoomId) -> bool {
+        if self.pulled.lock().is_ok_and(|p| p.contains(room)) {
+            return false;
+        }
+        self.for_room(room)
+            .stats()
+            .rooms
+            .iter()
+            .any(|r| &r.room == room && r.live)
+    }
+
+    /// Viewers of each room on this node, by the shards' latest stats.
+    pub(crate) fn viewers_by_room(&self) -> HashMap<RoomId, u32> {
+        let mut out: HashMap<RoomId, u32> = HashMap::new();
+        for shard in self.shards.iter() {
+            for r in shard.stats().rooms {
+                *out.entry(r.room).or_default() += r.subscribers;
+            }
+        }
+        out
+    }
+
+    /// Sends `room`'s frames from its home shard to an edge node.
+    pub(crate) fn tap_remote(&self, room: RoomId, tap: RemoteTap) {
+        self.for_room(&room).post(Command::TapRemote { room, tap });
+    }
+
+    /// Asks `room`'s publisher for a keyframe (an edge's viewers need one).
+    pub(crate) fn room_keyframe(&self, room: RoomId, rid: Option<String>) {
+        self.for_room(&room)
+            .post(Command::RoomKeyframe { room, rid });
+    }
+
+    /// Opens the relay source through which this node plays `room` from
+    /// another node, on the room's home shard; keyframe requests of its
+    /// viewers go to `keyframes`. Fails when the room has a publisher here.
+    pub(crate) async fn open_pull(
+        &self,
+        room: &RoomId,
+        keyframes: tokio::sync::mpsc::Sender<Option<String>>,
+    ) -> Result<Result<SessionId, SfuError>, ShardGone> {
+        let shard = self.for_room(room).clone();
+        // Marked first, so the source never counts as a publisher here.
+        if let Ok(mut p) = self.pulled.lock() {
+            p.insert(room.clone());
+        }
+        let opened = shard
+            .open_source(room.clone(), NODE_RELAY_OWNER.to_owned())
+            .await;
+        match &opened {
+            Ok(Ok(_)) => {
+                if let Ok(mut u) = self.upstream.lock() {
+                    u.insert(room.clone(), keyframes);
+                }
+            }
+            _ => {
+                if let Ok(mut p) = self.pulled.lock() {
+                    p.remove(room);
+                }
+            }
+        }
+        Ok(opened?.map(|(id, _)| id))
+    }
+
+    /// Closes a relay source opened with [`ShardHandle::open_pull`].
+    pub(crate) async fn close_pull(&self, room: &RoomId, source: SessionId) {
+        if let Ok(mut u) = self.upstream.lock() {
+            u.remove(room);
+        }
+        let _ = self
+            .for_room(room)
+            .clone()
+            .close(room.clone(), source)
+            .await;
+        if let Ok(mut p) = self.pulled.lock() {
+            p.remove(room);
+        }
+    }
+
+    /// Hands a frame relayed from another node to `room`'s relay source
+    /// without waiting (a full queue drops it and counts it).
+    pub(crate) fn relayed(
+        &self,
+        room: &RoomId,
+        source: SessionId,
+        generation: u64,
+        frame: MediaFrame,
+    ) {
+        self.for_room(room).post(Command::Relayed {
+            source,
+            generation,
+            frame,
+        });
+    }
+
     /// The first shard's UDP address.
     pub fn local_addr(&self) -> SocketAddr {
         self.shards[0].local_addr()
@@ -575,11 +701,19 @@ impl ShardHandle {
     /// Stats of all shards together; `updated` is the stalest shard's.
     pub fn stats(&self) -> ShardStats {
         let mut total = ShardStats::default();
+        let pulled = self.pulled.lock().map(|p| p.clone()).unwrap_or_default();
+        let n = self.shards.len();
         for (i, shard) in self.shards.iter().enumerate() {
             let s = shard.stats();
             total.publishers += s.publishers;
             total.subscribers += s.subscribers;
-            total.rooms.extend(s.rooms);
+            // A room is published here only by its home shard's publisher:
+            // relay sources (from the home shard, or from another node)
+            // make other rooms look live.
+            total.rooms.extend(s.rooms.into_iter().map(|mut r| {
+                r.live &= home_index(&r.room, n) == i && !pulled.contains(&r.room);
+                r
+            }));
             total.egress_bps += s.egress_bps;
             total.counters.datagrams_in += s.counters.datagrams_in;
             total.counters.datagrams_out += s.counters.datagrams_out;
@@ -766,7 +900,9 @@ impl ShardStop {
 
 /// Starts shard number `index` on `socket` with the I/O backend `io`.
 /// `candidate` is the address offered to peers (the bound one unless the
-/// node is behind a public IP).
+/// node is behind a public IP). `peers`, `channels` and `upstream` are the
+/// node-wide slots every shard shares.
+#[allow(clippy::too_many_arguments)]
 pub fn spawn(
     index: usize,
     socket: std::net::UdpSocket,
@@ -775,6 +911,7 @@ pub fn spawn(
     stop: &ShardStop,
     peers: &Peers,
     channels: &ChannelSinkSlot,
+    upstream: &Upstream,
 ) -> std::io::Result<(Shard, std::thread::JoinHandle<()>)> {
     let local_addr = socket.local_addr()?;
     let (io, waker) = udp::open(socket, io)?;
@@ -797,6 +934,7 @@ pub fn spawn(
     let stop = stop.stop.clone();
     let peers = peers.clone();
     let channels = channels.clone();
+    let upstream = upstream.clone();
     let thread = std::thread::Builder::new()
         .name(format!("weir-shard-{index}"))
         .spawn(move || {
@@ -811,6 +949,7 @@ pub fn spawn(
                 peers,
                 viewers,
                 taps: HashMap::new(),
+                upstream,
                 generations: HashMap::new(),
                 channels,
                 media_taps: HashMap::new(),
@@ -828,8 +967,11 @@ struct Ctx {
     index: usize,
     peers: Peers,
     viewers: Arc<std::sync::atomic::AtomicUsize>,
-    /// Rooms whose frames go to relay sources on other shards.
-    taps: HashMap<RoomId, Vec<(usize, SessionId)>>,
+    /// Rooms whose frames go to relay sources on other shards or to edge
+    /// nodes.
+    taps: HashMap<RoomId, Vec<TapTarget>>,
+    /// Keyframe requests of rooms pulled from other nodes.
+    upstream: Upstream,
     /// Last publisher generation seen per relay source here.
     generations: HashMap<SessionId, u64>,
     channels: ChannelSinkSlot,
@@ -908,6 +1050,12 @@ fn drain(sfu: &mut Sfu, io: &mut dyn Io, ctx: &mut Ctx) -> Instant {
                     && home.index() != ctx.index
                 {
                     home.post(Command::RoomKeyframe { room, rid });
+                } else if let Some(up) =
+                    ctx.upstream.lock().ok().and_then(|u| u.get(&room).cloned())
+                {
+                    // A room pulled from another node: its relay connection
+                    // asks the origin (the SFU already coalesced requests).
+                    let _ = up.try_send(rid);
                 }
             }
             Output::Event(Event::ChannelOpened {
@@ -966,6 +1114,9 @@ fn drain(sfu: &mut Sfu, io: &mut dyn Io, ctx: &mut Ctx) -> Instant {
                     // The publisher's HLS epoch ends with it (a publisher
                     // that took over has a tap of its own).
                     ctx.media_taps.remove(room);
+                    if !ctx.taps.contains_key(room) {
+                        sfu.set_tap(room, false);
+                    }
                 }
                 record_event(e);
             }
@@ -979,14 +1130,37 @@ fn drain(sfu: &mut Sfu, io: &mut dyn Io, ctx: &mut Ctx) -> Instant {
                 {
                     ctx.media_taps.remove(&room);
                 }
-                if let Some(taps) = ctx.taps.get(&room) {
-                    for (edge, source) in taps {
-                        if let Some(shard) = ctx.peer(*edge) {
-                            shard.post(Command::Relayed {
-                                source: source.clone(),
-                                generation,
-                                frame: frame.clone(),
-                            });
+                if let Some(taps) = ctx.taps.get_mut(&room) {
+                    let peers = ctx.peers.get();
+                    taps.retain(|tap| match tap {
+                        TapTarget::Shard(edge, source) => {
+                            if let Some(shard) = peers.and_then(|p| p.get(*edge)) {
+                                shard.post(Command::Relayed {
+                                    source: source.clone(),
+                                    generation,
+                                    frame: frame.clone(),
+                                });
+                            }
+                            true
+                        }
+                        TapTarget::Remote(tap) => {
+                            match tap.frames.try_send((generation, frame.clone())) {
+                                Ok(()) => true,
+                                Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
+                                    tap.dropped.fetch_add(1, Ordering::Relaxed);
+                                    metrics::counter!("weir_relay_frames_dropped_total", "side" => "origin")
+                                        .increment(1);
+                                    true
+                                }
+                                // The edge's connection is gone.
+                                Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => false,
+                            }
+                        }
+                    });
+                    if taps.is_empty() {
+                        ctx.taps.remove(&room);
+                        if !ctx.media_taps.contains_key(&room) {
+                            sfu.set_tap(&room, false);
                         }
                     }
                 }
@@ -1040,7 +1214,17 @@ fn handle_command(sfu: &mut Sfu, cmd: Command, ctx: &mut Ctx) {
         }
         Command::Tap { room, edge, source } => {
             sfu.set_tap(&room, true);
-            ctx.taps.entry(room).or_default().push((edge, source));
+            ctx.taps
+                .entry(room)
+                .or_default()
+                .push(TapTarget::Shard(edge, source));
+        }
+        Command::TapRemote { room, tap } => {
+            sfu.set_tap(&room, true);
+            ctx.taps
+                .entry(room)
+                .or_default()
+                .push(TapTarget::Remote(tap));
         }
         Command::Relayed {
             source,

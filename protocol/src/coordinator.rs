@@ -38,6 +38,10 @@ pub struct NodeInfo {
     pub zone: String,
     /// Base URL of the node's HTTP surface (WHIP, WHEP, HLS, events).
     pub http_url: String,
+    /// Where the node's QUIC relay listens (`host:port`), for edges pulling
+    /// rooms published here; `None`: the node relays nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay_addr: Option<String>,
     pub version: String,
     /// Most subscribers the node should carry.
     pub capacity: u32,
@@ -308,6 +312,11 @@ pub fn node_key(node: &NodeId) -> String {
 /// etcd key of a room's origin.
 pub fn room_origin_key(room: &RoomId) -> String {
     format!("{KEY_PREFIX}rooms/{room}/origin")
+}
+
+/// etcd key of an edge that relays `room` from its origin.
+pub fn room_edge_key(room: &RoomId, node: &NodeId) -> String {
+    format!("{KEY_PREFIX}rooms/{room}/edges/{node}")
 }
 
 /// etcd key of a node's operator flags (not bound to any lease).

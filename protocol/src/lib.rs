@@ -1,5 +1,5 @@
 //! Weir's wire contracts, shared by every plane: the gRPC API (generated from
-//! `proto/`), validated ids, the signed token format, the SRT streamid grammar, and the `Coordinator`
+//! `proto/`), validated ids, the signed token format, the SRT streamid grammar, the relay frame format between nodes, and the `Coordinator`
 //! and room bus traits that both planes talk to (implementations live in the planes).
 
 pub mod bus;
@@ -7,6 +7,7 @@ pub mod chat;
 pub mod coordinator;
 pub mod events;
 pub mod ids;
+pub mod relay;
 pub mod stats;
 pub mod streamid;
 pub mod token;

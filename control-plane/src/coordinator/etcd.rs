@@ -1594,6 +1594,7 @@ mod tests {
             region: "r".into(),
             zone: "z".into(),
             http_url: "http://a".into(),
+            relay_addr: None,
             version: "v".into(),
             capacity: 1,
             draining: false,

@@ -434,6 +434,7 @@ mod tests {
             region: "local".into(),
             zone: "a".into(),
             http_url: format!("http://{id}:8080"),
+            relay_addr: None,
             version: "test".into(),
             capacity: 100,
             draining: false,

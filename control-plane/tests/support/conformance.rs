@@ -35,6 +35,7 @@ pub fn node(s: &str) -> NodeInfo {
         region: "eu-west".into(),
         zone: "eu-west-1a".into(),
         http_url: format!("http://{s}.example:8080"),
+        relay_addr: None,
         version: "0.1.0-test".into(),
         capacity: 500,
         draining: false,
