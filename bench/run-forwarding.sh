@@ -8,6 +8,11 @@
 #
 #   cargo build --release -p weir -p weir-bench --bins
 #   VIEWERS="100 250 500" IO=auto bench/run-forwarding.sh
+#
+# LIGHT=1 runs `weir loadtest --light` viewers (clear RTP headers only, no
+# SRTP decryption): the load generator then costs a fraction of a core, so
+# the node, not the viewers, is what runs out. SHARDS=N gives the node N
+# shards (the CPU column then sums every shard thread).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${WEIR_BIN:-target/release/weir}
@@ -16,6 +21,9 @@ VIEWERS=${VIEWERS:-"100 250 500"}
 IO=${IO:-auto}
 DURATION=${DURATION:-20}      # seconds each viewer plays
 WINDOW=${WINDOW:-8}           # seconds of steady state sampled
+SHARDS=${SHARDS:-1}
+LIGHT_FLAG=""
+[ "${LIGHT:-0}" = 1 ] && LIGHT_FLAG="--light"
 [ -x "$BIN" ] && [ -x "$FANOUT" ] || { echo "build first: cargo build --release -p weir -p weir-bench --bins" >&2; exit 2; }
 work=$(mktemp -d)
 trap 'kill $(cat "$work"/pid 2>/dev/null) 2>/dev/null || true; rm -rf "$work"' EXIT
@@ -24,27 +32,27 @@ tck=$(getconf CLK_TCK)
 metric() { # sum of a metric's series
   curl -s "http://127.0.0.1:28080/metrics" | awk -v m="$1" '$1 ~ "^"m"({|$)" {s+=$NF} END {printf "%.0f\n", s}'
 }
-shard_ticks() { # utime+stime of the shard thread
-  local pid=$1 t
+shard_ticks() { # utime+stime of the shard threads
+  local pid=$1 t sum=0
   for t in /proc/"$pid"/task/*; do
-    if [ "$(cat "$t/comm")" = "weir-shard-0" ]; then
-      awk '{print $14+$15}' "$t/stat"; return
-    fi
+    case "$(cat "$t/comm")" in
+      weir-shard-*) sum=$((sum + $(awk '{print $14+$15}' "$t/stat"))) ;;
+    esac
   done
-  echo 0
+  echo "$sum"
 }
 
 echo "| viewers | io | forwarded pps | shard CPU | pps per core | raw pps per core | ratio | viewer loss p50/p99 % | delay p50/p99 ms | fps p50 | failed |"
 echo "|---|---|---|---|---|---|---|---|---|---|---|"
 for m in $VIEWERS; do
-  "$BIN" --log-format json dev --shards 1 --io "$IO" --http 127.0.0.1:28080 --grpc 127.0.0.1:27000 \
+  "$BIN" --log-format json dev --shards "$SHARDS" --io "$IO" --http 127.0.0.1:28080 --grpc 127.0.0.1:27000 \
     --udp 127.0.0.1:27100 --srt 127.0.0.1:29000 --data-dir "$work/data" >"$work/out" 2>"$work/log" &
   echo $! >"$work/pid"
   pid=$(cat "$work/pid")
   for _ in $(seq 50); do curl -sf http://127.0.0.1:28080/readyz >/dev/null && break; sleep 0.2; done
   backend=$(awk '/^media shards/ {print $5}' "$work/out")
   "$BIN" loadtest --control http://127.0.0.1:27000 --room bench --publishers 1 --viewers "$m" \
-    --duration "$DURATION" --ramp-ms 5 --json >"$work/lt.json" 2>"$work/lt.err" &
+    --duration "$DURATION" --ramp-ms 5 $LIGHT_FLAG --json >"$work/lt.json" 2>"$work/lt.err" &
   lt=$!
   # Wait for every viewer to have joined, then sample a steady window.
   sleep $(( 3 + m * 5 / 1000 + 3 ))

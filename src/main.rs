@@ -634,11 +634,12 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
             room_bus,
             hub: a.room_bus.hub(),
             drain: a.drain.pace(),
-            node_secret,
+            node_secret: node_secret.clone(),
             relay: Some(RelayConfig {
                 listen: a.relay,
                 advertise: None,
                 idle_grace: Duration::from_millis(a.relay_idle_grace_ms),
+                secret: node_secret,
             }),
         },
         coordinator,

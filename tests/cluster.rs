@@ -949,6 +949,7 @@ fn last_frames(v: &std::sync::Mutex<Vec<Visit>>) -> (u64, u64) {
 
 #[tokio::test]
 async fn a_room_plays_on_other_nodes_through_the_relay_and_a_drained_origin_moves_its_viewers() {
+    const RELAY_SECRET: &str = "cluster-relay-test-secret-0123456789";
     use std::sync::{Arc, Mutex};
     weir_data_plane::install_crypto_provider();
     let etcd = Etcd::start();
@@ -966,9 +967,18 @@ async fn a_room_plays_on_other_nodes_through_the_relay_and_a_drained_origin_move
             "700",
             "--drain-grace-ms",
             "300",
+            "--node-secret",
+            RELAY_SECRET,
         ],
     );
-    let b = start_node(&dir, "b", &etcd.endpoint(), &control);
+    // B proves the same node secret when it subscribes to A's room.
+    let b = start_node_with(
+        &dir,
+        "b",
+        &etcd.endpoint(),
+        &control,
+        &["--node-secret", RELAY_SECRET],
+    );
     let a_relay = a.proc.wait_line("its relay address", |l| {
         l.strip_prefix("quic://").map(str::to_owned)
     });

@@ -85,6 +85,11 @@ pub struct RelayConfig {
     pub advertise: Option<std::net::IpAddr>,
     /// How long an edge keeps pulling a room after its last viewer left.
     pub idle_grace: Duration,
+    /// The cluster's node secret: edges prove it when they subscribe, and
+    /// an origin that has it refuses subscriptions that do not. Without it
+    /// any host that reaches the relay port may pull any live room (keep
+    /// the port on a private network).
+    pub secret: Option<weir_protocol::stats::NodeSecret>,
 }
 
 impl RelayConfig {
@@ -109,6 +114,7 @@ pub(crate) struct Relay {
     coordinator: Arc<dyn Coordinator>,
     node: NodeId,
     idle_grace: Duration,
+    secret: Option<weir_protocol::stats::NodeSecret>,
     pulls: Mutex<HashMap<RoomId, Pull>>,
     /// Serializes starting pulls (two viewers arriving together start one).
     starting: tokio::sync::Mutex<()>,
@@ -154,6 +160,11 @@ impl Relay {
             quinn::crypto::rustls::QuicClientConfig::try_from(client)?,
         ));
         client_config.transport_config(transport);
+        if config.secret.is_none() {
+            tracing::warn!(
+                "the relay serves any node that reaches it: give --node-secret (the same on every node) so that only nodes of this cluster may pull rooms"
+            );
+        }
         let mut endpoint = quinn::Endpoint::server(server_config, config.listen)
             .with_context(|| format!("cannot listen for the relay on {}", config.listen))?;
         endpoint.set_default_client_config(client_config);
@@ -172,6 +183,7 @@ impl Relay {
             coordinator,
             node,
             idle_grace: config.idle_grace,
+            secret: config.secret.clone(),
             pulls: Mutex::default(),
             starting: tokio::sync::Mutex::default(),
             edges: AtomicU64::new(0),
@@ -235,7 +247,16 @@ impl Relay {
         let first =
             tokio::time::timeout(HANDSHAKE_TIMEOUT, next_control(&mut recv, &mut reader)).await;
         let room = match first {
-            Ok(Ok(Some(RelayMessage::Subscribe { room }))) => room,
+            Ok(Ok(Some(RelayMessage::Subscribe { room, proof }))) => {
+                if let Some(secret) = &self.secret
+                    && !proof.is_some_and(|p| weir_protocol::relay::check_proof(secret, &room, &p))
+                {
+                    tracing::warn!(%room, edge = %conn.remote_address(), "relay: refused a subscription without the node secret's proof");
+                    refuse(&conn, &mut send, RefuseReason::Unauthorized).await;
+                    return;
+                }
+                room
+            }
             Ok(Err(ControlError::Bad(e))) => {
                 tracing::debug!(error = %e, "relay: bad first control message");
                 bad_input("control");
@@ -498,7 +519,18 @@ impl Relay {
             Err(e) => return failed(false, e.to_string()),
         };
         let mut buf = Vec::new();
-        if write_control(&RelayMessage::Subscribe { room: room.clone() }, &mut buf).is_err()
+        let proof = self
+            .secret
+            .as_ref()
+            .map(|s| weir_protocol::relay::subscribe_proof(s, room));
+        if write_control(
+            &RelayMessage::Subscribe {
+                room: room.clone(),
+                proof,
+            },
+            &mut buf,
+        )
+        .is_err()
             || send.write_all(&buf).await.is_err()
         {
             return failed(false, "cannot subscribe".into());

@@ -136,6 +136,8 @@ pub enum RefuseReason {
     Overloaded,
     /// The first control message was not a subscription.
     Protocol,
+    /// The subscription did not prove the cluster's node secret.
+    Unauthorized,
 }
 
 impl RefuseReason {
@@ -145,6 +147,7 @@ impl RefuseReason {
             Self::UnknownRoom => "unknown_room",
             Self::Overloaded => "overloaded",
             Self::Protocol => "protocol",
+            Self::Unauthorized => "unauthorized",
         }
     }
 
@@ -153,6 +156,7 @@ impl RefuseReason {
             Self::UnknownRoom => 1,
             Self::Overloaded => 2,
             Self::Protocol => 3,
+            Self::Unauthorized => 4,
         }
     }
 
@@ -161,6 +165,7 @@ impl RefuseReason {
             1 => Self::UnknownRoom,
             2 => Self::Overloaded,
             3 => Self::Protocol,
+            4 => Self::Unauthorized,
             _ => return None,
         })
     }
@@ -190,11 +195,43 @@ pub struct FrameHeader {
     pub seq: u32,
 }
 
+/// Length of a subscription's proof.
+pub const PROOF_LEN: usize = 32;
+
+fn proof_mac(secret: &crate::stats::NodeSecret, room: &RoomId) -> hmac::Hmac<sha2::Sha256> {
+    use hmac::Mac;
+    // An HMAC takes a key of any length.
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.expose().as_bytes())
+        .unwrap_or_else(|_| unreachable!("HMAC keys may have any length"));
+    mac.update(b"weir relay subscribe v1\0");
+    mac.update(room.as_str().as_bytes());
+    mac
+}
+
+/// What an edge sends to subscribe to `room`: HMAC-SHA256 of the room under
+/// the cluster's node secret (the secret itself never crosses the wire).
+pub fn subscribe_proof(secret: &crate::stats::NodeSecret, room: &RoomId) -> [u8; PROOF_LEN] {
+    use hmac::Mac;
+    proof_mac(secret, room).finalize().into_bytes().into()
+}
+
+/// Whether `proof` is [`subscribe_proof`] of `room` under `secret`
+/// (compared in constant time).
+pub fn check_proof(secret: &crate::stats::NodeSecret, room: &RoomId, proof: &[u8]) -> bool {
+    use hmac::Mac;
+    proof_mac(secret, room).verify_slice(proof).is_ok()
+}
+
 /// One relay message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RelayMessage {
     /// Edge → origin, first on the control stream: send me this room.
-    Subscribe { room: RoomId },
+    /// `proof` ([`subscribe_proof`]) shows the edge holds the cluster's
+    /// node secret; an origin with a secret refuses subscriptions without.
+    Subscribe {
+        room: RoomId,
+        proof: Option<[u8; PROOF_LEN]>,
+    },
     /// Edge → origin: viewers need a keyframe (of layer `rid`).
     KeyframeRequest { rid: Option<String> },
     /// Origin → edge: the room is no longer published here.
@@ -275,11 +312,18 @@ impl RelayMessage {
     pub fn encode(&self) -> Result<Vec<u8>, RelayError> {
         let mut out = vec![VERSION];
         match self {
-            Self::Subscribe { room } => {
+            Self::Subscribe { room, proof } => {
                 let room = room.as_str().as_bytes();
                 let len = u8::try_from(room.len()).map_err(|_| RelayError::TooLarge(room.len()))?;
                 out.extend_from_slice(&[T_SUBSCRIBE, len]);
                 out.extend_from_slice(room);
+                match proof {
+                    Some(p) => {
+                        out.push(PROOF_LEN as u8);
+                        out.extend_from_slice(p);
+                    }
+                    None => out.push(0),
+                }
             }
             Self::KeyframeRequest { rid } => {
                 out.push(T_KEYFRAME);
@@ -315,9 +359,22 @@ impl RelayMessage {
                     field: "room",
                     value: 0,
                 })?;
-                Self::Subscribe {
-                    room: RoomId::parse(room)?,
-                }
+                let room = RoomId::parse(room)?;
+                let proof = match r.u8("proof length")? {
+                    0 => None,
+                    n if usize::from(n) == PROOF_LEN => {
+                        let mut p = [0u8; PROOF_LEN];
+                        p.copy_from_slice(r.take(PROOF_LEN, "proof")?);
+                        Some(p)
+                    }
+                    n => {
+                        return Err(RelayError::BadValue {
+                            field: "proof length",
+                            value: u64::from(n),
+                        });
+                    }
+                };
+                Self::Subscribe { room, proof }
             }
             T_KEYFRAME => {
                 let len = r.u8("rid length")?;
@@ -552,6 +609,11 @@ mod tests {
         let msgs = [
             RelayMessage::Subscribe {
                 room: RoomId::parse("room-1").unwrap(),
+                proof: None,
+            },
+            RelayMessage::Subscribe {
+                room: RoomId::parse("room-2").unwrap(),
+                proof: Some([7; PROOF_LEN]),
             },
             RelayMessage::KeyframeRequest { rid: None },
             RelayMessage::KeyframeRequest {
@@ -559,6 +621,7 @@ mod tests {
             },
             RelayMessage::RoomEnded,
             RelayMessage::Refused(RefuseReason::UnknownRoom),
+            RelayMessage::Refused(RefuseReason::Unauthorized),
         ];
         let mut stream = Vec::new();
         for m in &msgs {
@@ -574,6 +637,35 @@ mod tests {
             }
         }
         assert_eq!(got, msgs);
+    }
+
+    #[test]
+    fn subscription_proofs_bind_the_secret_and_the_room() {
+        use crate::stats::NodeSecret;
+        let secret = NodeSecret::generate();
+        let other = NodeSecret::generate();
+        let room = RoomId::parse("show").unwrap();
+        let proof = subscribe_proof(&secret, &room);
+        assert!(check_proof(&secret, &room, &proof));
+        assert!(!check_proof(&other, &room, &proof));
+        assert!(!check_proof(
+            &secret,
+            &RoomId::parse("show2").unwrap(),
+            &proof
+        ));
+        assert!(!check_proof(&secret, &room, &proof[..31]));
+        assert!(!check_proof(&secret, &room, &[]));
+        // A proof of another length does not decode.
+        let mut bytes = RelayMessage::Subscribe {
+            room: room.clone(),
+            proof: Some(proof),
+        }
+        .encode()
+        .unwrap();
+        let at = bytes.len() - PROOF_LEN - 1;
+        bytes[at] = 5;
+        bytes.truncate(at + 6);
+        assert!(RelayMessage::decode(&bytes).is_err());
     }
 
     #[test]
