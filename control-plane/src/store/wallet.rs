@@ -885,6 +885,29 @@ impl Store {
         Ok(done.rows_affected() > 0)
     }
 
+    /// Marks the outbox rows `ids` published in one statement (the relay's
+    /// batch: one commit for many events, instead of one each); returns how
+    /// many were still pending (the others another relay had marked).
+    pub async fn mark_outbox_published_all(&self, ids: &[String]) -> Result<u64, StoreError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        // Only placeholders are formatted into the text; the ids are bound.
+        let list = (0..ids.len())
+            .map(|i| format!("${}", i + 2))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "UPDATE outbox SET published_ms = $1, attempts = attempts + 1, last_error = NULL \
+             WHERE published_ms IS NULL AND id IN ({list})"
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(to_db_ms(unix_ms()));
+        for id in ids {
+            query = query.bind(id.as_str());
+        }
+        Ok(query.execute(&self.pool).await?.rows_affected())
+    }
+
     /// Records a failed publish of an outbox row (it stays pending).
     pub async fn record_outbox_failure(&self, id: &str, error: &str) -> Result<(), StoreError> {
         let error: String = error.chars().take(500).collect();
