@@ -50,7 +50,8 @@ enum Command {
     Ctl(weir_control_plane::ctl::CtlArgs),
     /// Generate load against a node: WHEP viewers measuring join time,
     /// time to first frame and received media; `weir loadtest events`:
-    /// room events WebSocket subscribers and chatters.
+    /// room events WebSocket subscribers and chatters; `weir loadtest
+    /// gifts`: concurrent gift senders against a control plane.
     Loadtest(weir_loadtest::LoadtestCommand),
 }
 

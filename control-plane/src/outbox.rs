@@ -4,7 +4,8 @@
 //! It runs on one replica at a time, the leader of the control plane's
 //! election (see [`crate::workers`]). It reads pending rows oldest first and
 //! publishes them in that order, stopping at the first failure so a room's
-//! gifts are never reordered; while the bus is down it retries with a
+//! gifts are never reordered, and marks the acknowledged ones of a pass in
+//! one statement; while the bus is down it retries with a
 //! backoff (from [`BACKOFF_MIN`] doubling to [`BACKOFF_MAX`]). It polls every
 //! [`POLL_EVERY`] and is woken at once when this replica commits a gift.
 //!
@@ -70,6 +71,11 @@ pub async fn relay_pass(store: &Store, bus: &dyn BusPublisher) -> Result<RelayPa
         full_batch: rows.len() >= BATCH as usize,
         ..RelayPass::default()
     };
+    // Marked together once the pass ends (or stops at a failure): one
+    // commit per batch instead of one per event, which under a stream of
+    // gifts is what lets the relay keep up. A crash before the mark
+    // re-publishes the batch, and the broker drops the copies by gift id.
+    let mut acked = Vec::with_capacity(rows.len());
     for row in rows {
         let published = tokio::time::timeout(
             PUBLISH_TIMEOUT,
@@ -83,7 +89,7 @@ pub async fn relay_pass(store: &Store, bus: &dyn BusPublisher) -> Result<RelayPa
         });
         match published {
             Ok(ack) => {
-                store.mark_outbox_published(&row.id).await?;
+                acked.push(row.id);
                 metrics::counter!("weir_outbox_published_total").increment(1);
                 pass.published += 1;
                 if ack.duplicate {
@@ -99,6 +105,7 @@ pub async fn relay_pass(store: &Store, bus: &dyn BusPublisher) -> Result<RelayPa
             }
             Err(error) => {
                 metrics::counter!("weir_outbox_publish_errors_total").increment(1);
+                store.mark_outbox_published_all(&acked).await?;
                 if let Err(e) = store
                     .record_outbox_failure(&row.id, &error.to_string())
                     .await
@@ -112,6 +119,7 @@ pub async fn relay_pass(store: &Store, bus: &dyn BusPublisher) -> Result<RelayPa
             }
         }
     }
+    store.mark_outbox_published_all(&acked).await?;
     Ok(pass)
 }
 

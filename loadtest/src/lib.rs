@@ -7,9 +7,14 @@
 //! `weir loadtest events` loads a node's room events WebSocket instead
 //! (module [`events`]), or nats-server's own WebSocket as the peer to
 //! compare with ([`nats_ws`]).
+//!
+//! `weir loadtest gifts` loads the control plane's wallet instead (module
+//! [`gifts`]): concurrent senders paying gifts over gRPC, committed gifts
+//! per second and latency, then a check of the server's balances and ledgers.
 
 pub mod clip;
 pub mod events;
+pub mod gifts;
 pub mod http;
 pub mod nats_ws;
 pub mod publisher;
@@ -52,15 +57,23 @@ pub enum LoadtestMode {
     /// disconnects, mass reconnect with recovery. Or the same load on
     /// nats-server's own WebSocket (--target nats-ws).
     Events(events::EventsArgs),
+    /// Gifts: concurrent senders (each a funded user of the run) paying
+    /// gifts over gRPC to a control plane; committed gifts/s, latency
+    /// percentiles, errors by gRPC code, an idempotent-retry share, and a
+    /// check of balances, ledgers and leaderboards afterwards.
+    Gifts(gifts::GiftsArgs),
 }
 
-/// Entry point of `weir loadtest [events]`; returns the exit code.
+/// Entry point of `weir loadtest [events|gifts]`; returns the exit code.
 pub async fn run_command(command: LoadtestCommand) -> anyhow::Result<i32> {
     match (command.mode, command.viewers) {
         (Some(LoadtestMode::Events(args)), _) => events::run(args).await,
+        (Some(LoadtestMode::Gifts(args)), _) => gifts::run(args).await,
         (None, Some(args)) => run(args).await,
         (None, None) => {
-            bail!("give --room ROOM for WebRTC viewers, or a mode (`weir loadtest events --help`)")
+            bail!(
+                "give --room ROOM for WebRTC viewers, or a mode (`weir loadtest events --help`, `weir loadtest gifts --help`)"
+            )
         }
     }
 }

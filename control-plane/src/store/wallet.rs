@@ -10,12 +10,13 @@
 //! only account that may go negative.
 //!
 //! A gift is one transaction: the gift row (whose `(sender, key)` is unique),
-//! the conditional debit `balance = balance - amount WHERE balance >= amount`
-//! (a row lock on PostgreSQL, the database lock on SQLite: concurrent gifts
-//! can never take a balance below zero, and a `CHECK` backs it up), the
-//! credit to the room's owner, the two ledger rows and the outbox row. The
-//! two balance updates run in account-id order so two opposite gifts cannot
-//! deadlock on PostgreSQL. A retry with the same key answers the first gift
+//! the outbox row, the conditional debit `balance = balance - amount WHERE
+//! balance >= amount` (a row lock on PostgreSQL, the database lock on
+//! SQLite: concurrent gifts can never take a balance below zero, and a
+//! `CHECK` backs it up), the credit to the room's owner and the two ledger
+//! rows. The two balance updates run in account-id order so two opposite
+//! gifts cannot deadlock on PostgreSQL; as little as possible follows them,
+//! since every gift in a room waits for its owner's row. A retry with the same key answers the first gift
 //! and charges nothing; when two retries race, the one whose insert loses on
 //! the unique key reads and answers the winner's gift.
 
@@ -576,21 +577,20 @@ impl Store {
         if let Some(first) = self.gift_by_key(&new.from, &new.idempotency_key).await? {
             return replayed_gift(first, new);
         }
-        // Clear errors before any write; the insert below checks again.
-        if let Some(err) = self.gift_refusal(new).await? {
-            return Err(err);
-        }
         let id = new_transfer_id("g");
         let now = to_db_ms(unix_ms());
         let mut tx = self.pool.begin().await?;
-        // The gift row first: it claims the key, and it is a write, so on
-        // SQLite the transaction holds the write lock before it reads.
-        let inserted = sqlx::query(
+        // The gift row first: it claims the key and checks the room and the
+        // gift (a refusal is explained after the rollback, off the path of
+        // paid gifts), and it is a write, so on SQLite the transaction holds
+        // the write lock before it reads.
+        let inserted: Result<Option<(String, i64)>, sqlx::Error> = sqlx::query_as(
             "INSERT INTO gifts (id, room, from_user, to_user, gift, quantity, amount, \
              idempotency_key, balance_after, created_ms) \
              SELECT $1, r.id, $3, r.owner, c.id, $5, c.price * $5, $6, 0, $7 \
              FROM rooms r, gift_catalogue c \
-             WHERE r.id = $2 AND r.status <> 'ended' AND r.owner <> $3 AND c.id = $4",
+             WHERE r.id = $2 AND r.status <> 'ended' AND r.owner <> $3 AND c.id = $4 \
+             RETURNING to_user, amount",
         )
         .bind(id.as_str())
         .bind(new.room.as_str())
@@ -599,12 +599,12 @@ impl Store {
         .bind(i64::from(new.count))
         .bind(new.idempotency_key.as_str())
         .bind(now)
-        .execute(&mut *tx)
+        .fetch_optional(&mut *tx)
         .await;
-        match inserted {
-            Ok(done) if done.rows_affected() == 1 => {}
-            Ok(_) => {
-                // The room ended or the gift went away since the check.
+        let (to, amount) = match inserted {
+            Ok(Some(row)) => row,
+            Ok(None) => {
+                // Unknown or ended room, the sender's own room, or no such gift.
                 drop(tx);
                 return Err(self.gift_refusal(new).await?.unwrap_or_else(|| {
                     StoreError::Internal("the gift could not be written".into())
@@ -621,12 +621,36 @@ impl Store {
                 }
                 return Err(e.into());
             }
-        }
-        let (to, amount): (String, i64) =
-            sqlx::query_as("SELECT to_user, amount FROM gifts WHERE id = $1")
-                .bind(id.as_str())
-                .fetch_one(&mut *tx)
-                .await?;
+        };
+        let mut gift = Gift {
+            id,
+            room: new.room.clone(),
+            from: new.from.clone(),
+            to: UserId::parse(&to)
+                .map_err(|e| StoreError::Internal(format!("stored room owner {to:?}: {e}")))?,
+            gift: new.gift.clone(),
+            count: new.count,
+            amount,
+            idempotency_key: new.idempotency_key.clone(),
+            balance_after: 0,
+            created_ms: from_db_ms(now),
+        };
+        // The outbox row before the balances: it needs neither, and every
+        // statement after the first balance update is time the room owner's
+        // row stays locked, which every gift in the room waits for.
+        let payload = String::from_utf8(gift.event().encode())
+            .map_err(|e| StoreError::Internal(format!("gift event is not UTF-8: {e}")))?;
+        sqlx::query(
+            "INSERT INTO outbox (id, gift_id, room, payload, created_ms, published_ms, attempts) \
+             VALUES ($1, $2, $3, $4, $5, NULL, 0)",
+        )
+        .bind(new_transfer_id("o"))
+        .bind(gift.id.as_str())
+        .bind(gift.room.as_str())
+        .bind(payload)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
         let from = new.from.as_str();
         // Both balances in account-id order: two opposite gifts take the row
         // locks in the same order and cannot deadlock.
@@ -653,39 +677,25 @@ impl Store {
                 needed: amount,
             });
         };
-        insert_legs(&mut tx, &id, TransferKind::Gift, from, &to, amount, now).await?;
+        // The ledger rows after the credit: they reference both accounts,
+        // and the credit opens the owner's when it is their first gift.
+        insert_legs(
+            &mut tx,
+            &gift.id,
+            TransferKind::Gift,
+            from,
+            &to,
+            amount,
+            now,
+        )
+        .await?;
         sqlx::query("UPDATE gifts SET balance_after = $1 WHERE id = $2")
             .bind(balance_after)
-            .bind(id.as_str())
+            .bind(gift.id.as_str())
             .execute(&mut *tx)
             .await?;
-        let gift = Gift {
-            id,
-            room: new.room.clone(),
-            from: new.from.clone(),
-            to: UserId::parse(&to)
-                .map_err(|e| StoreError::Internal(format!("stored room owner {to:?}: {e}")))?,
-            gift: new.gift.clone(),
-            count: new.count,
-            amount,
-            idempotency_key: new.idempotency_key.clone(),
-            balance_after,
-            created_ms: from_db_ms(now),
-        };
-        let payload = String::from_utf8(gift.event().encode())
-            .map_err(|e| StoreError::Internal(format!("gift event is not UTF-8: {e}")))?;
-        sqlx::query(
-            "INSERT INTO outbox (id, gift_id, room, payload, created_ms, published_ms, attempts) \
-             VALUES ($1, $2, $3, $4, $5, NULL, 0)",
-        )
-        .bind(new_transfer_id("o"))
-        .bind(gift.id.as_str())
-        .bind(gift.room.as_str())
-        .bind(payload)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
         tx.commit().await?;
+        gift.balance_after = balance_after;
         Ok(SentGift {
             gift,
             replayed: false,
@@ -873,6 +883,29 @@ impl Store {
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() > 0)
+    }
+
+    /// Marks the outbox rows `ids` published in one statement (the relay's
+    /// batch: one commit for many events, instead of one each); returns how
+    /// many were still pending (the others another relay had marked).
+    pub async fn mark_outbox_published_all(&self, ids: &[String]) -> Result<u64, StoreError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        // Only placeholders are formatted into the text; the ids are bound.
+        let list = (0..ids.len())
+            .map(|i| format!("${}", i + 2))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "UPDATE outbox SET published_ms = $1, attempts = attempts + 1, last_error = NULL \
+             WHERE published_ms IS NULL AND id IN ({list})"
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(to_db_ms(unix_ms()));
+        for id in ids {
+            query = query.bind(id.as_str());
+        }
+        Ok(query.execute(&self.pool).await?.rows_affected())
     }
 
     /// Records a failed publish of an outbox row (it stays pending).

@@ -308,6 +308,12 @@ pub async fn send_and_retry(url: &str) {
     let left = s.pending_outbox(10).await.unwrap();
     assert_eq!(left.len(), 1);
     assert_eq!(left[0].gift_id, theirs.gift.id);
+    // The relay's batch mark: only rows still pending count.
+    assert_eq!(s.mark_outbox_published_all(&[]).await.unwrap(), 0);
+    let batch = [first.id.clone(), left[0].id.clone()];
+    assert_eq!(s.mark_outbox_published_all(&batch).await.unwrap(), 1);
+    assert_eq!(s.outbox_pending_count().await.unwrap(), 0);
+    assert_eq!(s.mark_outbox_published_all(&batch).await.unwrap(), 0);
 
     // The leaderboard: by amount, then user id.
     let board = s.gift_leaderboard(&rid("stage"), 0).await.unwrap();
