@@ -239,9 +239,11 @@ struct NodeArgs {
     /// published here from it, and this node pulls from theirs when its
     /// viewers watch a room published elsewhere. Advertised to the cluster
     /// as --public-ip (or the bound address) with this port. Keep it on a
-    /// private network: certificates are self-signed and not verified.
-    #[arg(long, env = "WEIR_RELAY", default_value = "0.0.0.0:7400")]
-    relay: SocketAddr,
+    /// private network: certificates are self-signed and not verified
+    /// (with --node-secret only nodes of the cluster may pull). Default:
+    /// the address --udp binds, port 7400.
+    #[arg(long, env = "WEIR_RELAY")]
+    relay: Option<SocketAddr>,
     /// How long this node keeps pulling a room from its origin after the
     /// room's last viewer here left (milliseconds).
     #[arg(long, env = "WEIR_RELAY_IDLE_GRACE_MS", default_value_t = 5000)]
@@ -637,7 +639,7 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
             drain: a.drain.pace(),
             node_secret: node_secret.clone(),
             relay: Some(RelayConfig {
-                listen: a.relay,
+                listen: a.relay.unwrap_or(SocketAddr::new(a.udp.ip(), 7400)),
                 advertise: None,
                 idle_grace: Duration::from_millis(a.relay_idle_grace_ms),
                 secret: node_secret,

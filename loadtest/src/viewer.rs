@@ -223,6 +223,8 @@ struct HeaderCounter {
     last_frame: Option<Instant>,
     freezes: u64,
     delays_us: Vec<u64>,
+    /// RTP timestamp of the last frame whose delay was counted.
+    delay_ts: Option<u32>,
 }
 
 impl HeaderCounter {
@@ -246,6 +248,7 @@ impl HeaderCounter {
             last_frame: None,
             freezes: 0,
             delays_us: Vec::new(),
+            delay_ts: None,
         }
     }
 
@@ -276,8 +279,14 @@ impl HeaderCounter {
             }
             self.last_frame = Some(now);
             self.frames += 1;
-            if let Some(capture) = h.capture_time
-                && capture >= self.joined_at
+        }
+        // A frame's capture time rides on one of its packets (str0m puts it
+        // on the first): its delay is counted once per RTP timestamp.
+        if let Some(capture) = h.capture_time
+            && self.delay_ts != Some(h.ts)
+        {
+            self.delay_ts = Some(h.ts);
+            if capture >= self.joined_at
                 && let Ok(delay) = SystemTime::now().duration_since(capture)
             {
                 self.delays_us.push(delay.as_micros() as u64);
@@ -323,6 +332,7 @@ struct RtpHeader {
     pt: u8,
     marker: bool,
     seq: u16,
+    ts: u32,
     capture_time: Option<SystemTime>,
 }
 
@@ -337,6 +347,7 @@ impl RtpHeader {
         }
         let marker = d[1] & 0x80 != 0;
         let seq = u16::from_be_bytes([d[2], d[3]]);
+        let ts = u32::from_be_bytes([d[4], d[5], d[6], d[7]]);
         let csrcs = usize::from(d[0] & 0x0f);
         let mut at = 12 + 4 * csrcs;
         let mut capture_time = None;
@@ -370,6 +381,7 @@ impl RtpHeader {
             pt,
             marker,
             seq,
+            ts,
             capture_time,
         })
     }
