@@ -45,6 +45,9 @@ fn run_browsers(base: &str, room: &str, codec: &str) -> serde_json::Value {
             codec,
             "--timeout-ms",
             "90000",
+            // Long enough for the pages' first QoE report (every 5 s).
+            "--watch-ms",
+            "2500",
         ])
         .output()
         .expect("node runs");
@@ -147,4 +150,12 @@ async fn chromium_publishes_and_two_chromium_viewers_play(io: &str) {
         "server-side time to first frame is recorded per viewer"
     );
     assert!(dev.metric("weir_sessions_connected_total").await >= 6.0);
+    // The play pages reported what their viewers experienced.
+    assert!(
+        dev.metric_with("weir_viewer_reports_total", "protocol=\"webrtc\"")
+            .await
+            >= 2.0
+    );
+    assert!(dev.metric("weir_viewer_played_ms_total").await > 1000.0);
+    assert!(dev.metric("weir_viewer_ttff_seconds_count").await >= 2.0);
 }

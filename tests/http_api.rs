@@ -303,3 +303,64 @@ async fn whip_and_whep_refuse_bad_input_clearly_and_keep_serving() {
     // Request ids come back on every answer.
     assert!(r.header("x-request-id").is_some_and(|v| !v.is_empty()));
 }
+
+/// `POST /rooms/{room}/qoe`: viewers' reports become the `weir_viewer_*`
+/// series; bad reports, tokens and rooms are refused with a reason and
+/// count for nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn qoe_reports_become_metrics_and_bad_ones_change_nothing() {
+    let dev = DevServer::start();
+    let url = format!("{}/rooms/show/qoe", dev.node);
+    let play = format!("Bearer {}", dev.token("show", "play", "v1").await);
+    let other = format!("Bearer {}", dev.token("other", "play", "v1").await);
+    let json = ("Content-Type", "application/json");
+    let good = br#"{"protocol":"webrtc","played_ms":5000,"stalls":2,"stall_ms":700,"ttff_ms":350,"av_sync_ms":-40}"#;
+
+    let r = call("POST", &url, &[json], good).await;
+    assert_refused(&r, 401, "missing Authorization");
+    let r = call("POST", &url, &[json, ("Authorization", &other)], good).await;
+    assert_refused(&r, 403, "other");
+    let bad: [(&[u8], &str); 8] = [
+        (br#"{"protocol":"rtmp","played_ms":1}"#, "protocol must be"),
+        (br#"{"protocol":"hls","played_ms":999999}"#, "played_ms"),
+        (
+            br#"{"protocol":"hls","played_ms":10,"stall_ms":5}"#,
+            "without stalls",
+        ),
+        (
+            br#"{"protocol":"hls","played_ms":10,"stalls":5000,"stall_ms":5}"#,
+            "stalls",
+        ),
+        (
+            br#"{"protocol":"hls","played_ms":10,"av_sync_ms":99999}"#,
+            "av_sync_ms",
+        ),
+        (
+            br#"{"protocol":"hls","played_ms":10,"extra":1}"#,
+            "unknown field",
+        ),
+        (br#"{"protocol":"hls","played_ms":-1}"#, "bad QoE report"),
+        (b"not json", "bad QoE report"),
+    ];
+    for (body, needle) in bad {
+        let r = call("POST", &url, &[json, ("Authorization", &play)], body).await;
+        assert_refused(&r, 400, needle);
+    }
+    assert_eq!(dev.metric("weir_viewer_reports_total").await, 0.0);
+
+    let r = call("POST", &url, &[json, ("Authorization", &play)], good).await;
+    assert_eq!(r.status, 204, "{}", r.text());
+    let hls = br#"{"protocol":"hls","played_ms":3000}"#;
+    let r = call("POST", &url, &[json, ("Authorization", &play)], hls).await;
+    assert_eq!(r.status, 204, "{}", r.text());
+    assert_eq!(dev.metric("weir_viewer_reports_total").await, 2.0);
+    assert_eq!(dev.metric("weir_viewer_played_ms_total").await, 8000.0);
+    assert_eq!(
+        dev.metric_with("weir_viewer_stalls_total", "protocol=\"webrtc\"")
+            .await,
+        2.0
+    );
+    assert_eq!(dev.metric("weir_viewer_stall_ms_total").await, 700.0);
+    assert_eq!(dev.metric("weir_viewer_ttff_seconds_count").await, 1.0);
+    assert_eq!(dev.metric("weir_viewer_av_offset_seconds_count").await, 1.0);
+}

@@ -636,7 +636,78 @@
     }
     const pair = W.selectedPair(report);
     weir.rttMs = pair && pair.currentRoundTripTime != null ? pair.currentRoundTripTime * 1000 : null;
+    qoe.raw = {
+      freezes: v ? v.freezeCount || 0 : 0,
+      freezeS: v ? v.totalFreezesDuration || 0 : 0,
+      vDelay: v ? v.jitterBufferDelay || 0 : 0,
+      vCount: v ? v.jitterBufferEmittedCount || 0 : 0,
+      aDelay: a ? a.jitterBufferDelay || 0 : 0,
+      aCount: a ? a.jitterBufferEmittedCount || 0 : 0,
+    };
     renderStats();
+  }
+
+  // ---- QoE reports --------------------------------------------------------
+  // Every QOE_REPORT_MS the page tells the node that served it what the
+  // viewer experienced since its last report (POST /rooms/ROOM/qoe, with the
+  // play token): time played, stalls (Chromium's freezes over WebRTC, the
+  // video element's 'waiting' spells over HLS) and their length, time to
+  // first frame once per playback, and how far video plays behind audio
+  // (from the two jitter buffers' delays). The node keeps Prometheus
+  // series of them (weir_viewer_*); failures to report are ignored.
+  const QOE_REPORT_MS = 5000;
+  const qoe = { raw: null, last: null, lastAt: null, ttffSent: null, hlsStalls: 0, hlsStallMs: 0, stallFrom: null };
+  ui.video.addEventListener('waiting', () => {
+    if (weir.protocol === 'hls' && weir.ttffMs != null && qoe.stallFrom == null) qoe.stallFrom = performance.now();
+  });
+  ui.video.addEventListener('playing', () => {
+    if (qoe.stallFrom != null) {
+      qoe.hlsStalls += 1;
+      qoe.hlsStallMs += performance.now() - qoe.stallFrom;
+      qoe.stallFrom = null;
+    }
+  });
+
+  function sendQoe(final) {
+    const now = performance.now();
+    if (!room || !token || weir.ttffMs == null) {
+      qoe.lastAt = null;
+      return;
+    }
+    if (qoe.lastAt == null) {
+      // Playback (re)started: this report covers from its first frame (the
+      // stall and sync counters from now: the first interval has none).
+      qoe.lastAt = Math.min(now, t0 + weir.ttffMs);
+      qoe.last = qoe.raw;
+    }
+    const body = { protocol: weir.protocol === 'hls' ? 'hls' : 'webrtc', played_ms: Math.min(Math.round(now - qoe.lastAt), 120000) };
+    if (body.protocol === 'webrtc' && qoe.raw && qoe.last) {
+      const r = qoe.raw, l = qoe.last;
+      body.stalls = Math.max(0, r.freezes - l.freezes);
+      body.stall_ms = body.stalls > 0 ? Math.min(Math.round(Math.max(0, r.freezeS - l.freezeS) * 1000), 120000) : 0;
+      const vn = r.vCount - l.vCount, an = r.aCount - l.aCount;
+      if (vn > 0 && an > 0) {
+        const sync = ((r.vDelay - l.vDelay) / vn - (r.aDelay - l.aDelay) / an) * 1000;
+        if (Number.isFinite(sync) && Math.abs(sync) <= 10000) body.av_sync_ms = Math.round(sync);
+      }
+    } else if (body.protocol === 'hls') {
+      body.stalls = Math.min(qoe.hlsStalls, 1000);
+      body.stall_ms = body.stalls > 0 ? Math.min(Math.round(qoe.hlsStallMs), 120000) : 0;
+      qoe.hlsStalls = 0;
+      qoe.hlsStallMs = 0;
+    }
+    if (qoe.ttffSent !== weir.ttffMs) {
+      qoe.ttffSent = weir.ttffMs;
+      body.ttff_ms = Math.min(weir.ttffMs, 120000);
+    }
+    qoe.lastAt = now;
+    qoe.last = qoe.raw;
+    fetch(`/rooms/${encodeURIComponent(room)}/qoe`, {
+      method: 'POST',
+      headers: { 'Content-Type': 'application/json', Authorization: `Bearer ${token}` },
+      body: JSON.stringify(body),
+      keepalive: !!final,
+    }).catch(() => {});
   }
 
   function renderStats() {
@@ -704,10 +775,12 @@
     connect(false);
   });
   window.addEventListener('pagehide', () => {
+    sendQoe(true);
     gen++;
     teardown();
   });
   setInterval(pollStats, 1000);
+  setInterval(() => sendQoe(false), QOE_REPORT_MS);
   updateMuteButton();
   renderStats();
 

@@ -55,7 +55,7 @@ pub(crate) struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, message: impl Into<String>) -> Self {
         Self {
             status,
             message: message.into(),
@@ -164,6 +164,7 @@ pub(crate) fn router(state: AppState) -> Router {
         )
         .route("/publish/{room}", get(crate::pages::publish))
         .route("/play/{room}", get(crate::pages::play))
+        .route("/rooms/{room}/qoe", post(crate::qoe::report))
         .route("/assets/{file}", get(crate::pages::asset))
         .route("/", get(crate::pages::index))
         .route("/metrics", get(metrics))
@@ -217,13 +218,13 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-fn parse_room(room: &str) -> Result<RoomId, ApiError> {
+pub(crate) fn parse_room(room: &str) -> Result<RoomId, ApiError> {
     RoomId::parse(room)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("bad room in URL: {e}")))
 }
 
 /// Checks the Bearer token for `mode` in `room`; returns its subject.
-fn authorize(
+pub(crate) fn authorize(
     state: &AppState,
     headers: &HeaderMap,
     room: &RoomId,

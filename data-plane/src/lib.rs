@@ -12,6 +12,7 @@ mod http;
 pub mod ingest;
 mod pages;
 mod profile;
+mod qoe;
 mod relay;
 mod shard;
 pub mod transcode;
