@@ -21,7 +21,10 @@ pub struct Proc {
 impl Proc {
     pub fn spawn(name: &str, dir: &Path, args: &[&str]) -> Self {
         let log = dir.join(format!("{name}.log"));
+        // Run inside the test's directory: whatever the process writes by
+        // default (a data dir, HLS segments) stays out of the source tree.
         let mut child = Command::new(env!("CARGO_BIN_EXE_weir"))
+            .current_dir(dir)
             .args(["--log-format", "json"])
             .args(args)
             .stdin(Stdio::null())
