@@ -67,14 +67,19 @@ async fn start(secret: Option<&str>) -> Server {
     }
 }
 
-/// A raw HTTP/1.1 POST on a fresh connection: status and JSON body.
+/// A raw HTTP/1.1 POST of a likes batch on a fresh connection: status and
+/// JSON body.
 async fn post(addr: SocketAddr, auth: Option<&str>, body: &str) -> (u16, Value) {
+    post_to(addr, LIKES_PATH, auth, body).await
+}
+
+async fn post_to(addr: SocketAddr, path: &str, auth: Option<&str>, body: &str) -> (u16, Value) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let auth = auth
         .map(|t| format!("Authorization: {t}\r\n"))
         .unwrap_or_default();
     let raw = format!(
-        "POST {LIKES_PATH} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n{auth}\
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n{auth}\
          Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
@@ -224,4 +229,25 @@ async fn bad_batches_are_refused_with_reasons_and_write_nothing() {
     let (status, v) = post(s.addr, bearer(), &too_big).await;
     assert_eq!(status, 413, "{v}");
     assert_eq!(likes(&s, "fine").await, None, "nothing half written");
+}
+
+/// With a node secret the follow graph is for nodes only: who follows whom
+/// among a room's viewers is answered to the secret's holders.
+#[tokio::test]
+async fn follows_questions_need_the_node_secret_when_there_is_one() {
+    let s = start(Some(SECRET)).await;
+    let body = json!({"user": "alice", "candidates": ["bob"]}).to_string();
+    for path in ["/v1/follows/among", "/v1/follows/followed"] {
+        let (status, v) = post_to(s.addr, path, None, &body).await;
+        assert_eq!(status, 401, "{path}: {v}");
+        let (status, v) = post_to(s.addr, path, Some("Bearer not-the-node-secret"), &body).await;
+        assert_eq!(status, 401, "{path}: {v}");
+        let (status, v) = post_to(s.addr, path, bearer(), &body).await;
+        assert_eq!(status, 200, "{path}: {v}");
+        assert_eq!(v["users"], json!([]), "{path}: {v}");
+    }
+    // Without a secret (a single machine) they stay open.
+    let open = start(None).await;
+    let (status, v) = post_to(open.addr, "/v1/follows/among", None, &body).await;
+    assert_eq!(status, 200, "{v}");
 }

@@ -369,7 +369,10 @@ impl Node {
             };
             tokio::spawn(srt.serve(ctx, shutdown_tx.subscribe()))
         });
-        hub.set_follow_checker(Arc::new(bus::HttpFollowChecker::new(&control_url)));
+        hub.set_follow_checker(Arc::new(bus::HttpFollowChecker::new(
+            &control_url,
+            node_secret.clone(),
+        )));
         let notices_task = tokio::spawn(bus::notices::run(Arc::clone(&hub)));
         let likes_task = match node_secret {
             Some(secret) => Some(tokio::spawn(Arc::clone(&hub).persist_likes(

@@ -180,11 +180,17 @@ impl ControlState {
     pub async fn follows_among(
         &self,
         rid: &RequestId,
+        bearer: Option<&str>,
         user: &str,
         candidates: &[String],
         followed: bool,
     ) -> Result<Vec<UserId>, ApiError> {
         observe("FollowsAmong", rid, async {
+            // A node's question about anyone's follows: with a node secret
+            // only nodes may ask (the follow graph is not public).
+            if self.config.node_secret.is_some() {
+                self.authenticate_node(bearer)?;
+            }
             let user = user_id("user", user)?;
             let candidates = candidates
                 .iter()

@@ -479,9 +479,10 @@ async fn among(
     body: Body<FollowersAmongBody>,
     followed: bool,
 ) -> Response {
+    let bearer = bearer(&headers).map(str::to_owned);
     with_body(&headers, body, |rid, b| async move {
         state
-            .follows_among(&rid, &b.user, &b.candidates, followed)
+            .follows_among(&rid, bearer.as_deref(), &b.user, &b.candidates, followed)
             .await
             .map(|users| FollowersAmongJson {
                 users: users.into_iter().map(String::from).collect(),

@@ -11,7 +11,7 @@ use crate::store::{LikesClaim, LikesMark, MAX_LIKES_BATCH};
 
 impl ControlState {
     /// Checks the node secret of a node's call.
-    fn authenticate_node(&self, bearer: Option<&str>) -> Result<(), ApiError> {
+    pub(crate) fn authenticate_node(&self, bearer: Option<&str>) -> Result<(), ApiError> {
         let Some(secret) = &self.config.node_secret else {
             return Err(ApiError::PermissionDenied(
                 "this control plane takes no node reports: start it with --node-secret \

@@ -50,16 +50,21 @@ pub trait FollowChecker: Send + Sync {
 pub struct HttpFollowChecker {
     /// The control plane's base URL.
     url: String,
+    /// The cluster's node secret, sent as a Bearer token when set.
+    secret: Option<weir_protocol::stats::NodeSecret>,
     client: Client<HttpConnector, Full<Bytes>>,
 }
 
 impl HttpFollowChecker {
-    /// Checks through the control plane at `control_url` (`http://…`).
-    pub fn new(control_url: &str) -> Self {
+    /// Checks through the control plane at `control_url` (`http://…`),
+    /// proving `secret` (a control plane with a node secret answers only
+    /// nodes that send it).
+    pub fn new(control_url: &str, secret: Option<weir_protocol::stats::NodeSecret>) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(CHECK_TIMEOUT));
         Self {
             url: control_url.trim_end_matches('/').to_owned(),
+            secret,
             client: Client::builder(TokioExecutor::new()).build(connector),
         }
     }
@@ -73,8 +78,15 @@ impl HttpFollowChecker {
         candidates: &[String],
     ) -> Result<Vec<String>, String> {
         let body = serde_json::json!({ "user": user, "candidates": candidates }).to_string();
-        let request = http::Request::post(format!("{}{path}", self.url))
-            .header(http::header::CONTENT_TYPE, "application/json")
+        let mut request = http::Request::post(format!("{}{path}", self.url))
+            .header(http::header::CONTENT_TYPE, "application/json");
+        if let Some(secret) = &self.secret {
+            request = request.header(
+                http::header::AUTHORIZATION,
+                format!("Bearer {}", secret.expose()),
+            );
+        }
+        let request = request
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| e.to_string())?;
         let call = async {
