@@ -1095,6 +1095,26 @@ async fn a_room_plays_on_other_nodes_through_the_relay_and_a_drained_origin_move
     .await;
     assert_eq!(node_metric(&a, "weir_relay_edges").await, 1.0);
     assert_eq!(node_metric(&b, "weir_relay_pulls").await, 1.0);
+    // And etcd says so: `rooms/{room}/edges/b`, bound to B's lease.
+    {
+        use weir_protocol::coordinator::Coordinator;
+        let etcd_view = weir_control_plane::EtcdCoordinator::new(
+            weir_control_plane::EtcdConfig::new(vec![etcd.endpoint()]),
+        )
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let edges = etcd_view.room_edges().await.unwrap();
+            if edges
+                .iter()
+                .any(|(r, n)| r.as_str() == room && n.as_str() == "b")
+            {
+                break;
+            }
+            assert!(Instant::now() < deadline, "no edge record: {edges:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
     assert!(node_metric(&a, "weir_relay_frames_out_total").await > 10.0);
     assert!(node_metric(&b, "weir_relay_frames_in_total").await > 10.0);
     // B now carries the room: the scheduler counts it among the room's nodes.

@@ -43,6 +43,7 @@ macro_rules! all_cases {
                 config_is_versioned_and_atomic,
                 cluster_view_follows_the_cluster,
                 cdn_health_is_stored_per_name,
+                edges_follow_their_leases,
             ]
         );
     };

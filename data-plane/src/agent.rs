@@ -18,7 +18,9 @@ use crate::shard::ShardHandle;
 pub struct Agent {
     coordinator: Arc<dyn Coordinator>,
     info: Mutex<NodeInfo>,
-    lease: Mutex<Option<LeaseId>>,
+    /// The node's lease (shared with the relay, which binds its edge
+    /// records to it).
+    lease: Arc<Mutex<Option<LeaseId>>>,
     /// Whether an operator drains this node (`weir ctl nodes drain`).
     draining: watch::Sender<bool>,
     /// The node's relay: a room claimed here is no longer pulled from elsewhere.
@@ -44,7 +46,7 @@ impl Agent {
         Self {
             coordinator,
             info: Mutex::new(info),
-            lease: Mutex::new(None),
+            lease: Arc::new(Mutex::new(None)),
             draining: watch::channel(false).0,
             relay: std::sync::OnceLock::new(),
         }
@@ -52,6 +54,7 @@ impl Agent {
 
     /// Hands the agent the node's relay (set once, at start).
     pub(crate) fn set_relay(&self, relay: Arc<crate::relay::Relay>) {
+        relay.set_lease(Arc::clone(&self.lease));
         let _ = self.relay.set(relay);
     }
 

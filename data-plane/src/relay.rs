@@ -46,7 +46,7 @@ use str0m::format::Codec;
 use str0m::media::{Frequency, MediaKind, MediaTime, Rid};
 use str0m::rtp::AbsCaptureTime;
 use tokio::sync::{mpsc, watch};
-use weir_protocol::coordinator::Coordinator;
+use weir_protocol::coordinator::{Coordinator, LeaseId};
 use weir_protocol::relay::{
     ControlReader, FrameCodec, FrameHeader, FrameKind, MAX_FRAME_HEADER, MAX_PAYLOAD, RefuseReason,
     RelayError, RelayMessage, write_control,
@@ -104,6 +104,9 @@ struct Pull {
     stop: watch::Sender<bool>,
     /// When the room last had viewers here (or the pull began).
     last_viewers: Instant,
+    /// The lease this node's `rooms/{room}/edges/{node}` record is bound to
+    /// (`None`: not written yet).
+    edge_lease: Option<LeaseId>,
 }
 
 /// The node's relay: origin and edge sides on one QUIC endpoint.
@@ -120,6 +123,8 @@ pub(crate) struct Relay {
     starting: tokio::sync::Mutex<()>,
     /// Edge connections served now.
     edges: AtomicU64,
+    /// The node's lease, from its agent.
+    lease: std::sync::OnceLock<Arc<Mutex<Option<LeaseId>>>>,
 }
 
 impl Relay {
@@ -187,6 +192,7 @@ impl Relay {
             pulls: Mutex::default(),
             starting: tokio::sync::Mutex::default(),
             edges: AtomicU64::new(0),
+            lease: std::sync::OnceLock::new(),
         }))
     }
 
@@ -394,12 +400,62 @@ impl Relay {
                     source: source.clone(),
                     stop,
                     last_viewers: Instant::now(),
+                    edge_lease: None,
                 },
             );
         }
         metrics::gauge!("weir_relay_pulls").increment(1.0);
         tracing::info!(%room, %origin, %addr, "pulling a room from its origin");
         tokio::spawn(Arc::clone(self).pull(room.clone(), addr, source, stop_rx, keyframes_rx));
+    }
+
+    /// Where the node's lease is kept (set once by the agent).
+    pub(crate) fn set_lease(&self, lease: Arc<Mutex<Option<LeaseId>>>) {
+        let _ = self.lease.set(lease);
+    }
+
+    fn current_lease(&self) -> Option<LeaseId> {
+        self.lease
+            .get()
+            .and_then(|l| l.lock().ok().and_then(|l| *l))
+    }
+
+    /// Writes the edge records of pulls that have none under the node's
+    /// current lease (new pulls, or a lease renewed after an outage).
+    async fn record_edges(&self) {
+        let Some(lease) = self.current_lease() else {
+            return;
+        };
+        let missing: Vec<RoomId> = self
+            .pulls
+            .lock()
+            .map(|p| {
+                p.iter()
+                    .filter(|(_, pull)| pull.edge_lease != Some(lease))
+                    .map(|(room, _)| room.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        for room in missing {
+            let written = tokio::time::timeout(
+                Duration::from_secs(2),
+                self.coordinator.register_edge(&room, &self.node, lease),
+            )
+            .await;
+            match written {
+                Ok(Ok(())) => {
+                    if let Ok(mut p) = self.pulls.lock()
+                        && let Some(pull) = p.get_mut(&room)
+                    {
+                        pull.edge_lease = Some(lease);
+                    }
+                }
+                _ => {
+                    metrics::counter!("weir_coordinator_errors_total", "op" => "register_edge")
+                        .increment(1);
+                }
+            }
+        }
     }
 
     /// Stops pulling `room` (a publisher of it claims this node, or nobody
@@ -410,6 +466,13 @@ impl Relay {
         };
         let _ = pull.stop.send(true);
         self.shard.close_pull(room, pull.source).await;
+        if pull.edge_lease.is_some() {
+            let _ = tokio::time::timeout(
+                Duration::from_secs(2),
+                self.coordinator.release_edge(room, &self.node),
+            )
+            .await;
+        }
         metrics::gauge!("weir_relay_pulls").decrement(1.0);
         tracing::info!(%room, origin = %pull.origin, why, "stopped pulling a room");
     }
@@ -447,6 +510,7 @@ impl Relay {
         for (room, why) in stop {
             self.stop_pull(&room, why).await;
         }
+        self.record_edges().await;
         let Some(origins) = origins else { return };
         for (room, n) in viewers {
             if n > 0

@@ -214,6 +214,29 @@ pub trait Coordinator: Send + Sync + 'static {
     /// Current origins of all rooms.
     async fn room_origins(&self) -> Result<Vec<(RoomId, NodeId)>, CoordError>;
 
+    /// Records that `node` relays `room` from its origin (an edge), bound
+    /// to the node's lease: the record vanishes with the node.
+    async fn register_edge(
+        &self,
+        room: &RoomId,
+        node: &NodeId,
+        lease: LeaseId,
+    ) -> Result<(), CoordError> {
+        let _ = (room, node, lease);
+        Err(CoordError::Unsupported("room edges"))
+    }
+
+    /// Removes the record that `node` relays `room`.
+    async fn release_edge(&self, room: &RoomId, node: &NodeId) -> Result<(), CoordError> {
+        let _ = (room, node);
+        Err(CoordError::Unsupported("room edges"))
+    }
+
+    /// Every (room, edge node) pair, sorted.
+    async fn room_edges(&self) -> Result<Vec<(RoomId, NodeId)>, CoordError> {
+        Ok(Vec::new())
+    }
+
     /// Live nodes, room origins and node flags, read together (one round
     /// trip where the backend allows it). The default reads them in turn.
     async fn cluster(&self) -> Result<ClusterState, CoordError> {

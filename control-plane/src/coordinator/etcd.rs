@@ -76,7 +76,8 @@ use tokio::sync::watch;
 use weir_protocol::coordinator::{
     CONFIG_HISTORY_KEPT, CdnHealth, ClusterState, ConfigSnapshot, ConfigValue, ConfigWrite,
     CoordError, Coordinator, KEY_PREFIX, LeaseId, NodeFlags, NodeInfo, cdn_health_key,
-    config_history_key, config_key, election_key, node_flags_key, node_key, room_origin_key,
+    config_history_key, config_key, election_key, node_flags_key, node_key, room_edge_key,
+    room_origin_key,
 };
 
 use crate::election::ElectionBackend;
@@ -414,6 +415,21 @@ fn parse_nodes(kvs: Vec<(Vec<u8>, Vec<u8>)>) -> Vec<NodeInfo> {
         .collect();
     nodes.sort_by(|a, b| a.id.cmp(&b.id));
     nodes
+}
+
+/// `rooms/{room}/edges/{node}` keys as (room, edge node) pairs, sorted.
+fn parse_edges(kvs: Vec<(Vec<u8>, Vec<u8>)>) -> Vec<(RoomId, NodeId)> {
+    let prefix = rooms_prefix();
+    let mut edges: Vec<(RoomId, NodeId)> = kvs
+        .into_iter()
+        .filter_map(|(key, _)| {
+            let key = String::from_utf8(key).ok()?;
+            let (room, node) = key.strip_prefix(&prefix)?.split_once("/edges/")?;
+            Some((RoomId::parse(room).ok()?, NodeId::parse(node).ok()?))
+        })
+        .collect();
+    edges.sort();
+    edges
 }
 
 fn parse_origins(kvs: Vec<(Vec<u8>, Vec<u8>)>) -> Vec<(RoomId, NodeId)> {
@@ -798,6 +814,40 @@ impl Coordinator for EtcdCoordinator {
         })
         .await
         .map_err(|f| f.into_coord(None))
+    }
+
+    async fn register_edge(
+        &self,
+        room: &RoomId,
+        node: &NodeId,
+        lease: LeaseId,
+    ) -> Result<(), CoordError> {
+        let key = room_edge_key(room, node);
+        self.call("register_edge", self.deadline(), |mut c| {
+            let key = key.clone();
+            let value = node.as_str().to_owned();
+            async move {
+                c.put(key, value, Some(PutOptions::new().with_lease(lease.0)))
+                    .await
+                    .map(drop)
+            }
+        })
+        .await
+        .map_err(|f| f.into_coord(Some(lease)))
+    }
+
+    async fn release_edge(&self, room: &RoomId, node: &NodeId) -> Result<(), CoordError> {
+        let key = room_edge_key(room, node);
+        self.call("release_edge", self.deadline(), |mut c| {
+            let key = key.clone();
+            async move { c.delete(key, None).await.map(drop) }
+        })
+        .await
+        .map_err(|f| f.into_coord(None))
+    }
+
+    async fn room_edges(&self) -> Result<Vec<(RoomId, NodeId)>, CoordError> {
+        Ok(parse_edges(self.list("list_edges", rooms_prefix()).await?))
     }
 
     async fn room_origins(&self) -> Result<Vec<(RoomId, NodeId)>, CoordError> {

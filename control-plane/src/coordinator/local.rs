@@ -94,6 +94,29 @@ impl Coordinator for LocalCoordinator {
         Ok(self.lock().room_origins(Instant::now()))
     }
 
+    async fn register_edge(
+        &self,
+        room: &RoomId,
+        node: &NodeId,
+        lease: LeaseId,
+    ) -> Result<(), CoordError> {
+        let mut s = self.lock();
+        s.live_lease(lease, Instant::now())?;
+        s.edges.insert((room.clone(), node.clone()), lease);
+        Ok(())
+    }
+
+    async fn release_edge(&self, room: &RoomId, node: &NodeId) -> Result<(), CoordError> {
+        self.lock().edges.remove(&(room.clone(), node.clone()));
+        Ok(())
+    }
+
+    async fn room_edges(&self) -> Result<Vec<(RoomId, NodeId)>, CoordError> {
+        let mut s = self.lock();
+        s.prune(Instant::now());
+        Ok(s.edges.keys().cloned().collect())
+    }
+
     async fn cluster(&self) -> Result<ClusterState, CoordError> {
         let now = Instant::now();
         let mut s = self.lock();
@@ -238,6 +261,8 @@ struct State {
     nodes: BTreeMap<NodeId, (LeaseId, NodeInfo)>,
     /// Room origins, with the lease the claim is bound to.
     origins: BTreeMap<RoomId, (NodeId, LeaseId)>,
+    /// Edges relaying rooms, with the edge node's lease.
+    edges: BTreeMap<(RoomId, NodeId), LeaseId>,
     /// Operator flags by node (not bound to leases).
     flags: BTreeMap<NodeId, NodeFlags>,
     /// Election leaders by name, with the lease each is bound to.
@@ -257,6 +282,7 @@ impl Default for State {
             leases: HashMap::new(),
             nodes: BTreeMap::new(),
             origins: BTreeMap::new(),
+            edges: BTreeMap::new(),
             flags: BTreeMap::new(),
             elections: BTreeMap::new(),
             config: ConfigSnapshot::default(),
@@ -279,6 +305,7 @@ impl State {
             .retain(|_, (lease, _)| leases.contains_key(lease));
         self.origins
             .retain(|_, (_, lease)| leases.contains_key(lease));
+        self.edges.retain(|_, lease| leases.contains_key(lease));
         self.elections
             .retain(|_, (_, lease)| leases.contains_key(lease));
     }
@@ -325,6 +352,7 @@ impl State {
         self.leases.remove(&lease);
         self.nodes.retain(|_, (l, _)| *l != lease);
         self.origins.retain(|_, (_, l)| *l != lease);
+        self.edges.retain(|_, l| *l != lease);
         self.elections.retain(|_, (_, l)| *l != lease);
         Ok(())
     }

@@ -479,3 +479,45 @@ pub async fn cdn_health_is_stored_per_name(c: &dyn Coordinator) {
         ]
     );
 }
+
+async fn edges(c: &dyn Coordinator) -> Vec<(String, String)> {
+    c.room_edges()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(r, n)| (r.as_str().to_owned(), n.as_str().to_owned()))
+        .collect()
+}
+
+/// Edges (`rooms/{room}/edges/{node}`) live beside the room's origin, bound
+/// to the edge's lease: released one by one, or all at once with the node.
+pub async fn edges_follow_their_leases(c: &dyn Coordinator) {
+    let a = c.register_node(node("a"), NODE_TTL).await.unwrap();
+    let b = c.register_node(node("b"), NODE_TTL).await.unwrap();
+    let e = c.register_node(node("e"), NODE_TTL).await.unwrap();
+    c.claim_room(&room("r1"), &id("a"), a).await.unwrap();
+    c.register_edge(&room("r1"), &id("b"), b).await.unwrap();
+    c.register_edge(&room("r1"), &id("e"), e).await.unwrap();
+    c.register_edge(&room("r2"), &id("b"), b).await.unwrap();
+    // Registering twice changes nothing.
+    c.register_edge(&room("r2"), &id("b"), b).await.unwrap();
+    assert_eq!(
+        edges(c).await,
+        pairs(&[("r1", "b"), ("r1", "e"), ("r2", "b")])
+    );
+    // Edges are not origins.
+    assert_eq!(origins(c).await, pairs(&[("r1", "a")]));
+    c.release_edge(&room("r2"), &id("b")).await.unwrap();
+    c.release_edge(&room("r2"), &id("b")).await.unwrap();
+    assert_eq!(edges(c).await, pairs(&[("r1", "b"), ("r1", "e")]));
+    c.revoke(b).await.unwrap();
+    assert_eq!(edges(c).await, pairs(&[("r1", "e")]));
+    assert_eq!(
+        c.register_edge(&room("r3"), &id("b"), b).await,
+        Err(CoordError::LeaseExpired(b))
+    );
+    assert_eq!(origins(c).await, pairs(&[("r1", "a")]));
+    c.revoke(e).await.unwrap();
+    assert!(edges(c).await.is_empty());
+    c.revoke(a).await.unwrap();
+}
