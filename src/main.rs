@@ -3,6 +3,7 @@
 //! is the operator CLI; `weir loadtest` generates load.
 
 mod observability;
+mod profile;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -507,6 +508,7 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
         render.clone(),
     )
     .await?;
+    let node = node.with_routes(profile::routes());
     let http = node.public_url().to_owned();
     println!("Weir dev is running: control plane and one media node in this process.");
     println!("publish page  {http}/publish/{room}");
@@ -554,10 +556,11 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
         Arc::clone(&control),
         leadership.changes(),
     ));
-    let control_task = tokio::spawn(weir_control_plane::serve_shared(
+    let control_task = tokio::spawn(weir_control_plane::serve_with(
         grpc,
         control,
         render,
+        profile::routes(),
         wait(stop_rx.clone()),
     ));
     let node_task = tokio::spawn(node.serve(wait(stop_rx)));
@@ -650,6 +653,7 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
         render,
     )
     .await?;
+    let node = node.with_routes(profile::routes());
     println!("{}/whip/{{room}}", node.public_url());
     println!("{}/whep/{{room}}", node.public_url());
     if a.av.hls_segment > 0.0 {
@@ -752,7 +756,14 @@ async fn control(a: ControlArgs) -> anyhow::Result<()> {
         Arc::clone(&state),
         leadership.changes(),
     ));
-    let served = weir_control_plane::serve_shared(listener, state, render, shutdown_signal()).await;
+    let served = weir_control_plane::serve_with(
+        listener,
+        state,
+        render,
+        profile::routes(),
+        shutdown_signal(),
+    )
+    .await;
     workers.abort();
     leadership.resign().await;
     served

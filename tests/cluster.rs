@@ -1098,10 +1098,11 @@ async fn a_room_plays_on_other_nodes_through_the_relay_and_a_drained_origin_move
     // And etcd says so: `rooms/{room}/edges/b`, bound to B's lease.
     {
         use weir_protocol::coordinator::Coordinator;
-        let etcd_view = weir_control_plane::EtcdCoordinator::new(
-            weir_control_plane::EtcdConfig::new(vec![etcd.endpoint()]),
-        )
-        .unwrap();
+        let etcd_view =
+            weir_control_plane::EtcdCoordinator::new(weir_control_plane::EtcdConfig::new(vec![
+                etcd.endpoint(),
+            ]))
+            .unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             let edges = etcd_view.room_edges().await.unwrap();

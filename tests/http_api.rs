@@ -364,3 +364,34 @@ async fn qoe_reports_become_metrics_and_bad_ones_change_nothing() {
     assert_eq!(dev.metric("weir_viewer_ttff_seconds_count").await, 1.0);
     assert_eq!(dev.metric("weir_viewer_av_offset_seconds_count").await, 1.0);
 }
+
+/// `/debug/pprof/profile` on the node and on the control plane: a
+/// flamegraph of the whole process; bad durations are refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn both_planes_serve_a_cpu_profile() {
+    let dev = DevServer::start();
+    for base in [&dev.node, &dev.control] {
+        let r = call(
+            "GET",
+            &format!("{base}/debug/pprof/profile?seconds=0"),
+            &[],
+            b"",
+        )
+        .await;
+        assert_refused(&r, 400, "seconds must be");
+        let r = call(
+            "GET",
+            &format!("{base}/debug/pprof/profile?seconds=1"),
+            &[],
+            b"",
+        )
+        .await;
+        assert_eq!(r.status, 200, "{base}: {}", r.text());
+        assert_eq!(r.header("content-type"), Some("image/svg+xml"));
+        assert!(
+            r.text().contains("<svg"),
+            "{base}: {}",
+            &r.text()[..r.text().len().min(300)]
+        );
+    }
+}

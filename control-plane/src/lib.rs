@@ -27,6 +27,6 @@ pub mod tokens;
 pub mod workers;
 
 pub use coordinator::{EtcdConfig, EtcdCoordinator, LocalCoordinator};
-pub use server::{RenderMetrics, router, serve, serve_shared};
+pub use server::{RenderMetrics, router, serve, serve_shared, serve_with};
 pub use service::{ApiError, ConfigError, ControlConfig, ControlState};
 pub use tokens::TokenIssuer;

@@ -104,10 +104,22 @@ pub async fn serve_shared(
     render_metrics: RenderMetrics,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    serve_with(listener, state, render_metrics, Router::new(), shutdown).await
+}
+
+/// [`serve_shared`] with `extra` routes beside the control plane's own
+/// (what belongs to the whole process, such as the CPU profiler).
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    state: Arc<ControlState>,
+    render_metrics: RenderMetrics,
+    extra: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     // The config watch runs while the server does.
     let background = state.spawn_background();
-    let app = router(state, render_metrics).await;
+    let app = router(state, render_metrics).await.merge(extra);
     tracing::info!(%addr, "control plane serving gRPC and HTTP");
     // Without TCP_NODELAY a gRPC answer written in several frames can wait
     // for the client's delayed ACK: 40 ms stalls on loopback.

@@ -170,7 +170,6 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .route("/debug/pprof/profile", get(crate::profile::profile))
         .layer(DefaultBodyLimit::max(MAX_SDP_BYTES))
         .layer(axum::middleware::from_fn(cors))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))

@@ -11,7 +11,6 @@ pub mod hls;
 mod http;
 pub mod ingest;
 mod pages;
-mod profile;
 mod qoe;
 mod relay;
 mod shard;
@@ -124,6 +123,8 @@ pub struct Node {
     events_stop: watch::Sender<bool>,
     drain: DrainPace,
     relay: Option<Arc<relay::Relay>>,
+    /// Routes the binary adds (the process's profiler).
+    extra_routes: Option<axum::Router>,
 }
 
 impl Node {
@@ -290,7 +291,15 @@ impl Node {
             events_stop,
             drain: config.drain,
             relay,
+            extra_routes: None,
         })
+    }
+
+    /// Serves `routes` beside the node's own (what belongs to the whole
+    /// process rather than to the node, such as the CPU profiler).
+    pub fn with_routes(mut self, routes: axum::Router) -> Self {
+        self.extra_routes = Some(routes);
+        self
     }
 
     /// The node's room feeds.
@@ -354,6 +363,7 @@ impl Node {
             drain,
             node_secret,
             relay,
+            extra_routes,
             ..
         } = self;
         let shutdown = async move {
@@ -397,7 +407,10 @@ impl Node {
         ));
         let relay_task = relay.map(|r| tokio::spawn(r.run(shutdown_tx.subscribe())));
         let agent_task = tokio::spawn(agent.run(shard, shutdown_tx.subscribe()));
-        let app = http::router(state);
+        let mut app = http::router(state);
+        if let Some(routes) = extra_routes {
+            app = app.merge(routes);
+        }
         let result = axum::serve(http_listener, app)
             .with_graceful_shutdown(shutdown)
             .await

@@ -1,14 +1,22 @@
 //! `/debug/pprof/profile?seconds=N`: a CPU profile of the whole process
 //! (every thread, shards included) as a flamegraph SVG, sampled with SIGPROF
-//! by the pprof crate. One profile at a time.
+//! by the pprof crate. One profile at a time. Served by the node and by the
+//! control plane (the binary hands them [`routes`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use axum::Router;
 use axum::extract::Query;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use axum::routing::get;
 use serde::Deserialize;
+
+/// The profiler's route, for a server of this process.
+pub fn routes() -> Router {
+    Router::new().route("/debug/pprof/profile", get(profile))
+}
 
 static RUNNING: AtomicBool = AtomicBool::new(false);
 
@@ -16,11 +24,11 @@ static RUNNING: AtomicBool = AtomicBool::new(false);
 const MAX_SECONDS: u64 = 60;
 
 #[derive(Debug, Deserialize)]
-pub(crate) struct ProfileQuery {
+struct ProfileQuery {
     seconds: Option<u64>,
 }
 
-pub(crate) async fn profile(Query(q): Query<ProfileQuery>) -> Response {
+async fn profile(Query(q): Query<ProfileQuery>) -> Response {
     let seconds = q.seconds.unwrap_or(10);
     if !(1..=MAX_SECONDS).contains(&seconds) {
         return (
@@ -59,6 +67,11 @@ fn record(d: Duration) -> Result<Vec<u8>, pprof::Error> {
         .build()?;
     std::thread::sleep(d);
     let report = guard.report().build()?;
+    if report.data.is_empty() {
+        // An idle process gets no samples (they count CPU time): say so
+        // in the SVG asked for rather than with an empty body.
+        return Ok(br#"<svg xmlns="http://www.w3.org/2000/svg" width="600" height="40"><text x="10" y="25">no CPU samples: the process was idle while profiled</text></svg>"#.to_vec());
+    }
     let mut svg = Vec::new();
     report.flamegraph(&mut svg)?;
     Ok(svg)
