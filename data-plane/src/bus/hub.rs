@@ -927,6 +927,9 @@ impl Hub {
         let mut likes_tick = tokio::time::interval(self.config.likes_every);
         let mut online_tick = tokio::time::interval(self.config.online_every);
         let mut last_online: Option<(u32, Vec<String>)> = None;
+        // Other nodes count a report for 3 periods: an unchanged one is
+        // sent again every 2, so a quiet room's viewers here stay counted.
+        let mut online_sent_ticks = 0u32;
         'outer: while self.is_open(&feed) {
             // (Re)load: epoch, then the held events after what we have.
             let loaded = async {
@@ -1023,8 +1026,10 @@ impl Hub {
                     }
                     _ = online_tick.tick() => {
                         let report = feed.online_report();
+                        online_sent_ticks += 1;
+                        let due = Some(&report) != last_online.as_ref() || online_sent_ticks >= 2;
                         // Reserved rooms (the notices) have no audience.
-                        if Some(&report) != last_online.as_ref() && !feed.room.as_str().starts_with('_') {
+                        if due && !feed.room.as_str().starts_with('_') {
                             let event = RoomEvent {
                                 at_ms: now_ms(),
                                 body: EventBody::Online {
@@ -1035,6 +1040,7 @@ impl Hub {
                             };
                             if self.bus.publish(&feed.room, &event, None).await.is_ok() {
                                 last_online = Some(report);
+                                online_sent_ticks = 0;
                             }
                         }
                     }
@@ -1499,5 +1505,29 @@ mod tests {
         assert!(b.take(1.0, 2.0, 1000), "a whole one after 1 s");
         assert!(b.take(1.0, 2.0, 10_000) && b.take(1.0, 2.0, 10_000));
         assert!(!b.take(1.0, 2.0, 10_000), "refill is capped at the burst");
+    }
+
+    /// Two nodes of one room on one bus: each counts the other's viewers,
+    /// and still does long after the counts stopped changing (reports are
+    /// counted for three periods, so unchanged ones are sent again).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nodes_keep_counting_each_others_viewers_while_nothing_changes() {
+        let bus: Arc<dyn RoomBus> = Arc::new(super::super::LocalBus::new(
+            weir_protocol::bus::Retention::default(),
+        ));
+        let config = HubConfig {
+            online_every: Duration::from_millis(100),
+            ..HubConfig::default()
+        };
+        let a = Hub::new(Arc::clone(&bus), "a".into(), config.clone());
+        let b = Hub::new(Arc::clone(&bus), "b".into(), config);
+        let room = RoomId::parse("quiet").unwrap();
+        let on_a = a.join(&room, Some("u1"));
+        let on_b = b.join(&room, Some("u2"));
+        let _on_b2 = b.join(&room, Some("u3"));
+        // Ten report periods, over three times the freshness window.
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        assert_eq!(on_a.feed.counters().1, 3, "a counts its 1 and b's 2");
+        assert_eq!(on_b.feed.counters().1, 3, "b counts its 2 and a's 1");
     }
 }
