@@ -306,6 +306,16 @@ struct FeedState {
     gifts_order: VecDeque<String>,
 }
 
+/// A stable offset within `period` for `room` (spreads periodic work of
+/// many rooms over the period).
+fn phase(room: &RoomId, period: Duration) -> Duration {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    room.hash(&mut h);
+    let nanos = period.as_nanos().max(1) as u64;
+    Duration::from_nanos(h.finish() % nanos)
+}
+
 /// Users a feed tracks for slow mode and mutes before it drops what no
 /// longer applies.
 const MAX_TRACKED_USERS: usize = 100_000;
@@ -925,7 +935,11 @@ impl Hub {
     async fn run_feed(self: Arc<Self>, feed: Arc<RoomFeed>) {
         let mut backoff = Duration::from_millis(100);
         let mut likes_tick = tokio::time::interval(self.config.likes_every);
-        let mut online_tick = tokio::time::interval(self.config.online_every);
+        // Rooms report at their own phase of the period, not all at once.
+        let mut online_tick = tokio::time::interval_at(
+            tokio::time::Instant::now() + phase(&feed.room, self.config.online_every),
+            self.config.online_every,
+        );
         let mut last_online: Option<(u32, Vec<String>)> = None;
         // Other nodes count a report for 3 periods: an unchanged one is
         // sent again every 2, so a quiet room's viewers here stay counted.
