@@ -23,11 +23,6 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use weir_protocol::stats::{
     LIKES_PATH, LikesBatchAnswer, LikesBatchRequest, LikesClaim, LikesMark, NodeSecret,
 };
@@ -49,20 +44,14 @@ pub trait LikeTotals: Send + Sync {
 
 /// [`LikeTotals`] over the control plane's JSON gateway, with the node secret.
 pub struct HttpLikeTotals {
-    url: String,
-    secret: NodeSecret,
-    client: Client<HttpConnector, Full<Bytes>>,
+    control: super::control::ControlClient,
 }
 
 impl HttpLikeTotals {
     /// Persists through the control plane at `control_url` (`http://…`).
     pub fn new(control_url: &str, secret: NodeSecret) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(PERSIST_TIMEOUT));
         Self {
-            url: control_url.trim_end_matches('/').to_owned(),
-            secret,
-            client: Client::builder(TokioExecutor::new()).build(connector),
+            control: super::control::ControlClient::new(control_url, Some(secret), PERSIST_TIMEOUT),
         }
     }
 }
@@ -70,39 +59,7 @@ impl HttpLikeTotals {
 #[async_trait]
 impl LikeTotals for HttpLikeTotals {
     async fn batch(&self, request: &LikesBatchRequest) -> Result<LikesBatchAnswer, String> {
-        let body = serde_json::to_vec(request).map_err(|e| e.to_string())?;
-        let request = http::Request::post(format!("{}{LIKES_PATH}", self.url))
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .header(
-                http::header::AUTHORIZATION,
-                format!("Bearer {}", self.secret.expose()),
-            )
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| e.to_string())?;
-        let call = async {
-            let response = self
-                .client
-                .request(request)
-                .await
-                .map_err(|e| e.to_string())?;
-            let status = response.status();
-            let bytes = response
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| e.to_string())?
-                .to_bytes();
-            if !status.is_success() {
-                return Err(format!(
-                    "HTTP {status}: {}",
-                    String::from_utf8_lossy(&bytes)
-                ));
-            }
-            serde_json::from_slice(&bytes).map_err(|e| format!("bad answer: {e}"))
-        };
-        tokio::time::timeout(PERSIST_TIMEOUT, call)
-            .await
-            .map_err(|_| format!("no answer within {PERSIST_TIMEOUT:?}"))?
+        self.control.post_json(LIKES_PATH, request).await
     }
 }
 

@@ -7,6 +7,7 @@
 //! plane ([`likes`]). The contract both
 //! buses keep is `weir_protocol::bus`.
 
+mod control;
 pub(crate) mod dc;
 mod hub;
 pub mod likes;

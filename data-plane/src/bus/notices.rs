@@ -11,11 +11,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use tokio::sync::mpsc;
 use weir_protocol::RoomId;
 use weir_protocol::bus::{EventBody, NOTICES_ROOM};
@@ -48,11 +43,7 @@ pub trait FollowChecker: Send + Sync {
 
 /// [`FollowChecker`] over the control plane's JSON gateway.
 pub struct HttpFollowChecker {
-    /// The control plane's base URL.
-    url: String,
-    /// The cluster's node secret, sent as a Bearer token when set.
-    secret: Option<weir_protocol::stats::NodeSecret>,
-    client: Client<HttpConnector, Full<Bytes>>,
+    control: super::control::ControlClient,
 }
 
 impl HttpFollowChecker {
@@ -60,67 +51,27 @@ impl HttpFollowChecker {
     /// proving `secret` (a control plane with a node secret answers only
     /// nodes that send it).
     pub fn new(control_url: &str, secret: Option<weir_protocol::stats::NodeSecret>) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(CHECK_TIMEOUT));
         Self {
-            url: control_url.trim_end_matches('/').to_owned(),
-            secret,
-            client: Client::builder(TokioExecutor::new()).build(connector),
+            control: super::control::ControlClient::new(control_url, secret, CHECK_TIMEOUT),
         }
     }
-}
 
-impl HttpFollowChecker {
     async fn call(
         &self,
         path: &str,
         user: &str,
         candidates: &[String],
     ) -> Result<Vec<String>, String> {
-        let body = serde_json::json!({ "user": user, "candidates": candidates }).to_string();
-        let mut request = http::Request::post(format!("{}{path}", self.url))
-            .header(http::header::CONTENT_TYPE, "application/json");
-        if let Some(secret) = &self.secret {
-            request = request.header(
-                http::header::AUTHORIZATION,
-                format!("Bearer {}", secret.expose()),
-            );
-        }
-        let request = request
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| e.to_string())?;
-        let call = async {
-            let response = self
-                .client
-                .request(request)
-                .await
-                .map_err(|e| e.to_string())?;
-            let status = response.status();
-            let bytes = response
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| e.to_string())?
-                .to_bytes();
-            if !status.is_success() {
-                return Err(format!(
-                    "HTTP {status}: {}",
-                    String::from_utf8_lossy(&bytes)
-                ));
-            }
-            let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
-            Ok(v["users"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|u| u.as_str().map(str::to_owned))
-                        .collect()
-                })
-                .unwrap_or_default())
-        };
-        tokio::time::timeout(CHECK_TIMEOUT, call)
-            .await
-            .map_err(|_| format!("no answer within {CHECK_TIMEOUT:?}"))?
+        let body = serde_json::json!({ "user": user, "candidates": candidates });
+        let v: serde_json::Value = self.control.post_json(path, &body).await?;
+        Ok(v["users"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|u| u.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default())
     }
 }
 

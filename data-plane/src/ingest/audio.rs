@@ -140,7 +140,7 @@ pub struct OpusPacket {
 /// AAC → Opus: decode, resample to 48 kHz stereo, encode 20 ms frames.
 pub struct AacToOpus {
     decoder: ffmpeg::decoder::Audio,
-    resampler: Option<(ResamplerKey, ffmpeg::software::resampling::Context)>,
+    resampler: Resampler,
     encoder: ffmpeg::encoder::Audio,
     /// Interleaved stereo samples waiting for a full frame.
     pending: Vec<i16>,
@@ -152,6 +152,58 @@ pub struct AacToOpus {
 }
 
 type ResamplerKey = (ffmpeg::format::Sample, u64, u32);
+
+/// Decoded audio to 48 kHz stereo in one sample format, through a resampler
+/// opened for the input's format, layout and rate (again when they change).
+struct Resampler {
+    format: ffmpeg::format::Sample,
+    current: Option<(ResamplerKey, ffmpeg::software::resampling::Context)>,
+}
+
+impl Resampler {
+    fn new(format: ffmpeg::format::Sample) -> Self {
+        Self {
+            format,
+            current: None,
+        }
+    }
+
+    fn run(
+        &mut self,
+        decoded: &ffmpeg::frame::Audio,
+    ) -> Result<ffmpeg::frame::Audio, TranscodeError> {
+        let layout = if decoded.channel_layout().bits() == 0 {
+            ffmpeg::ChannelLayout::default(i32::from(decoded.channels()))
+        } else {
+            decoded.channel_layout()
+        };
+        let key = (decoded.format(), layout.bits(), decoded.rate());
+        let ctx = match &mut self.current {
+            Some((k, ctx)) if *k == key => ctx,
+            current => {
+                let ctx = ffmpeg::software::resampling::Context::get(
+                    decoded.format(),
+                    layout,
+                    decoded.rate(),
+                    self.format,
+                    ffmpeg::ChannelLayout::STEREO,
+                    OUT_RATE,
+                )?;
+                &mut current.insert((key, ctx)).1
+            }
+        };
+        let mut input = decoded.clone();
+        input.set_channel_layout(layout);
+        // Room for every sample this frame and the resampler's buffer can
+        // give (ffmpeg-next would size it for the input's count, and an
+        // upsampler would then fall further behind with every frame).
+        let capacity = input.samples() * OUT_RATE as usize / input.rate().max(1) as usize + 512;
+        let mut resampled =
+            ffmpeg::frame::Audio::new(self.format, capacity, ffmpeg::ChannelLayout::STEREO);
+        ctx.run(&input, &mut resampled)?;
+        Ok(resampled)
+    }
+}
 
 impl std::fmt::Debug for AacToOpus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -196,7 +248,9 @@ impl AacToOpus {
         let encoder = enc.open_as_with(opus, opts)?;
         Ok(Self {
             decoder,
-            resampler: None,
+            resampler: Resampler::new(ffmpeg::format::Sample::I16(
+                ffmpeg::format::sample::Type::Packed,
+            )),
             encoder,
             pending: Vec::with_capacity(OPUS_FRAME * 4),
             pending_time: 0,
@@ -233,39 +287,7 @@ impl AacToOpus {
     }
 
     fn resample(&mut self) -> Result<(), TranscodeError> {
-        let frame = &self.decoded;
-        let layout = if frame.channel_layout().bits() == 0 {
-            ffmpeg::ChannelLayout::default(i32::from(frame.channels()))
-        } else {
-            frame.channel_layout()
-        };
-        let key = (frame.format(), layout.bits(), frame.rate());
-        if self.resampler.as_ref().is_none_or(|(k, _)| *k != key) {
-            let ctx = ffmpeg::software::resampling::Context::get(
-                frame.format(),
-                layout,
-                frame.rate(),
-                ffmpeg::format::Sample::I16(ffmpeg::format::sample::Type::Packed),
-                ffmpeg::ChannelLayout::STEREO,
-                OUT_RATE,
-            )?;
-            self.resampler = Some((key, ctx));
-        }
-        let Some((_, ctx)) = self.resampler.as_mut() else {
-            return Ok(());
-        };
-        let mut input = self.decoded.clone();
-        input.set_channel_layout(layout);
-        // Room for every sample this frame and the resampler's buffer can
-        // give (ffmpeg-next would size it for the input's count, and an
-        // upsampler would then fall further behind with every frame).
-        let capacity = input.samples() * OUT_RATE as usize / input.rate().max(1) as usize + 512;
-        let mut resampled = ffmpeg::frame::Audio::new(
-            ffmpeg::format::Sample::I16(ffmpeg::format::sample::Type::Packed),
-            capacity,
-            ffmpeg::ChannelLayout::STEREO,
-        );
-        ctx.run(&input, &mut resampled)?;
+        let resampled = self.resampler.run(&self.decoded)?;
         let n = resampled.samples() * 2;
         let bytes = resampled.data(0);
         self.pending.extend(
@@ -331,7 +353,7 @@ pub struct AdtsPacket {
 /// ffmpeg's own encoder, each wrapped in an ADTS header.
 pub struct OpusToAac {
     decoder: ffmpeg::decoder::Audio,
-    resampler: Option<(ResamplerKey, ffmpeg::software::resampling::Context)>,
+    resampler: Resampler,
     encoder: ffmpeg::encoder::Audio,
     /// Left and right samples waiting for a full frame.
     pending: [Vec<f32>; 2],
@@ -372,7 +394,7 @@ impl OpusToAac {
         let encoder = enc.open_as(aac)?;
         Ok(Self {
             decoder,
-            resampler: None,
+            resampler: Resampler::new(FLTP),
             encoder,
             pending: [Vec::new(), Vec::new()],
             pending_time: 0,
@@ -408,33 +430,7 @@ impl OpusToAac {
     }
 
     fn resample(&mut self) -> Result<(), TranscodeError> {
-        let frame = &self.decoded;
-        let layout = if frame.channel_layout().bits() == 0 {
-            ffmpeg::ChannelLayout::default(i32::from(frame.channels()))
-        } else {
-            frame.channel_layout()
-        };
-        let key = (frame.format(), layout.bits(), frame.rate());
-        if self.resampler.as_ref().is_none_or(|(k, _)| *k != key) {
-            let ctx = ffmpeg::software::resampling::Context::get(
-                frame.format(),
-                layout,
-                frame.rate(),
-                FLTP,
-                ffmpeg::ChannelLayout::STEREO,
-                OUT_RATE,
-            )?;
-            self.resampler = Some((key, ctx));
-        }
-        let Some((_, ctx)) = self.resampler.as_mut() else {
-            return Ok(());
-        };
-        let mut input = self.decoded.clone();
-        input.set_channel_layout(layout);
-        let capacity = input.samples() * OUT_RATE as usize / input.rate().max(1) as usize + 512;
-        let mut resampled =
-            ffmpeg::frame::Audio::new(FLTP, capacity, ffmpeg::ChannelLayout::STEREO);
-        ctx.run(&input, &mut resampled)?;
+        let resampled = self.resampler.run(&self.decoded)?;
         let n = resampled.samples();
         for (ch, pending) in self.pending.iter_mut().enumerate() {
             pending.extend(
