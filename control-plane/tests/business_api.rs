@@ -4,6 +4,9 @@
 //! nodes, rooms and config, and gRPC reflection.
 #![allow(clippy::unwrap_used)]
 
+#[path = "support/serve.rs"]
+mod serve;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -118,17 +121,7 @@ async fn start() -> Server {
     )
     .unwrap()
     .with_store(store);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(weir_control_plane::serve(
-        listener,
-        state,
-        Arc::new(String::new),
-        async move {
-            let _ = stopped.await;
-        },
-    ));
+    let (addr, stop) = serve::spawn(state).await;
     Server {
         addr,
         verifier,

@@ -5,6 +5,9 @@
 //! the configured CDNs after the WHEP ones, a CDN with an open breaker last.
 #![allow(clippy::unwrap_used)]
 
+#[path = "support/serve.rs"]
+mod serve;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -99,17 +102,7 @@ async fn start(nodes: &[NodeInfo]) -> Server {
         ControlConfig::default(),
     )
     .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(weir_control_plane::serve(
-        listener,
-        state,
-        Arc::new(String::new),
-        async move {
-            let _ = stopped.await;
-        },
-    ));
+    let (addr, stop) = serve::spawn(state).await;
     let server = Server {
         addr,
         coordinator,

@@ -3,6 +3,9 @@
 //! what was wrong and writes nothing; claims are compare-and-sets.
 #![allow(clippy::unwrap_used)]
 
+#[path = "support/serve.rs"]
+mod serve;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,17 +51,7 @@ async fn start(secret: Option<&str>) -> Server {
     )
     .unwrap()
     .with_store(store.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(weir_control_plane::serve(
-        listener,
-        state,
-        Arc::new(String::new),
-        async move {
-            let _ = stopped.await;
-        },
-    ));
+    let (addr, stop) = serve::spawn(state).await;
     Server {
         addr,
         store,

@@ -5,6 +5,9 @@
 //! writes nothing; retries charge once. Also the JSON routes a play page uses.
 #![allow(clippy::unwrap_used)]
 
+#[path = "support/serve.rs"]
+mod serve;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -73,17 +76,7 @@ async fn start(allow_grants: bool) -> Server {
     )
     .unwrap()
     .with_store(store.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(weir_control_plane::serve(
-        listener,
-        state,
-        Arc::new(String::new),
-        async move {
-            let _ = stopped.await;
-        },
-    ));
+    let (addr, stop) = serve::spawn(state).await;
     Server {
         addr,
         tokens,
