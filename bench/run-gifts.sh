@@ -76,12 +76,8 @@ cleanup() {
 }
 trap cleanup EXIT
 tck=$(getconf CLK_TCK)
-ticks() { local s=0 p; for p in "$@"; do s=$((s + $(awk '{print $14+$15}' "/proc/$p/stat" 2>/dev/null || echo 0))); done; echo "$s"; }
-wait_http() { # url [log]
-  for _ in $(seq 300); do curl -sf "$1" >/dev/null 2>&1 && return; sleep 0.1; done
-  echo "no answer from $1" >&2; [ -n "${2:-}" ] && tail -20 "$2" >&2; exit 1
-}
-stop() { for p in "$@"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; }
+# ticks, wait_http, stop
+. bench/lib.sh
 
 echo "machine: nproc=$(nproc), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(uname -r)"
 echo "postgres: $("$PG_BIN/postgres" --version) (fsync/synchronous_commit $PG_SYNC); nats-server: $(nats-server --version)"
