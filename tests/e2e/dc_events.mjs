@@ -20,35 +20,10 @@
 // Output: one JSON line on stdout: {"ok":true,...} (exit 0) or
 // {"ok":false,"error":"..."} (exit 1); exit 2 on setup errors.
 
-import { accessSync, constants as fsConstants } from 'node:fs';
+import { browserTools, parseArgs } from './setup.mjs';
 
-const args = { base: null, room: null, dcToken: null, wsToken: null, timeoutMs: 60000 };
-for (let i = 2; i < process.argv.length; i += 2) {
-  const key = process.argv[i].replace(/^--/, '').replace(/-([a-z])/g, (_, c) => c.toUpperCase());
-  if (!(key in args)) {
-    process.stdout.write(JSON.stringify({ ok: false, error: `unknown argument ${process.argv[i]}` }) + '\n');
-    process.exit(2);
-  }
-  args[key] = key === 'timeoutMs' ? Number(process.argv[i + 1]) : process.argv[i + 1];
-}
-if (!args.base || !args.room || !args.dcToken || !args.wsToken) {
-  process.stdout.write(JSON.stringify({ ok: false, error: 'need --base, --room, --dc-token and --ws-token' }) + '\n');
-  process.exit(2);
-}
-const executablePath = process.env.CHROMIUM || '/usr/bin/chromium';
-try {
-  accessSync(executablePath, fsConstants.X_OK);
-} catch (_) {
-  process.stdout.write(JSON.stringify({ ok: false, error: `Chromium not found at ${executablePath}` }) + '\n');
-  process.exit(2);
-}
-let chromium;
-try {
-  ({ chromium } = await import('playwright-core'));
-} catch (e) {
-  process.stdout.write(JSON.stringify({ ok: false, error: `playwright-core missing (npm ci in tests/e2e): ${e.message}` }) + '\n');
-  process.exit(2);
-}
+const args = parseArgs({ base: null, room: null, dcToken: null, wsToken: null, timeoutMs: 60000 }, ['base', 'room', 'dcToken', 'wsToken']);
+const { chromium, executablePath } = await browserTools();
 
 const browser = await chromium.launch({ executablePath, args: ['--no-sandbox'] });
 let result;
