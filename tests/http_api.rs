@@ -158,6 +158,22 @@ async fn whip_and_whep_refuse_bad_input_clearly_and_keep_serving() {
     let r = call("OPTIONS", &whip, &[], b"").await;
     assert_eq!(r.status, 204);
     assert_eq!(r.header("accept-post"), Some("application/sdp"));
+    // A WHEP layer cap that is no layer name, or a query it does not know.
+    for (query, needle) in [
+        ("layer=much-too-long", "bad layer"),
+        ("layer=3%2060p", "bad layer"),
+        ("layer=", "bad layer"),
+        ("lyr=360p", "known: layer"),
+    ] {
+        let r = call(
+            "POST",
+            &format!("{whep}?{query}"),
+            &[sdp, ("Authorization", &vb)],
+            offer(false).as_bytes(),
+        )
+        .await;
+        assert_refused(&r, 400, needle);
+    }
     // CORS preflight, as a browser on another origin sends it.
     let r = call(
         "OPTIONS",
