@@ -40,7 +40,7 @@ use serde_json::{Value, json};
 use weir_control_plane::store::{PageRequest, Store, TransferKind, UserId};
 use weir_data_plane::bus::NatsBus;
 use weir_protocol::RoomId;
-use weir_protocol::bus::{EventBody, Retention, RoomBus};
+use weir_protocol::bus::{BusError, EventBody, Retention, RoomBus};
 
 /// A guard against hangs (CI is slow), not a measurement.
 const DEADLINE: Duration = Duration::from_secs(90);
@@ -541,7 +541,20 @@ async fn gifts_and_their_events_always_agree_through_kills() {
 
     // The stream: each charged gift exactly once, nothing else.
     let room = RoomId::parse(ROOM).unwrap();
-    let events = bus.read_after(&room, 0, usize::MAX).await.unwrap();
+    // A JetStream server was restarted a moment ago: until its stream has a
+    // leader again, reads answer Unavailable ("try again later").
+    let mut tries = 0;
+    let events = loop {
+        match bus.read_after(&room, 0, usize::MAX).await {
+            Ok(events) => break events,
+            Err(BusError::Unavailable(e)) if tries < 30 => {
+                tries += 1;
+                eprintln!("reading the stream back: {e}; again");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => panic!("reading the stream back: {e}"),
+        }
+    };
     let in_stream: Vec<String> = events
         .iter()
         .filter_map(|d| match &d.event.body {
