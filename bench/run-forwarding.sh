@@ -12,7 +12,10 @@
 # LIGHT=1 runs `weir loadtest --light` viewers (clear RTP headers only, no
 # SRTP decryption): the load generator then costs a fraction of a core, so
 # the node, not the viewers, is what runs out. SHARDS=N gives the node N
-# shards (the CPU column then sums every shard thread).
+# shards (the CPU column then sums every shard thread). GSO=false turns
+# GSO sends off in both the node (--udp-gso) and the raw forwarder, which
+# sends each destination bursts of as many datagrams as a video frame has
+# (what GSO groups), so both sides always use the same system calls.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${WEIR_BIN:-target/release/weir}
@@ -22,6 +25,7 @@ IO=${IO:-auto}
 DURATION=${DURATION:-20}      # seconds each viewer plays
 WINDOW=${WINDOW:-8}           # seconds of steady state sampled
 SHARDS=${SHARDS:-1}
+GSO=${GSO:-true}
 LIGHT_FLAG=""
 [ "${LIGHT:-0}" = 1 ] && LIGHT_FLAG="--light"
 [ -x "$BIN" ] && [ -x "$FANOUT" ] || { echo "build first: cargo build --release -p weir -p weir-bench --bins" >&2; exit 2; }
@@ -42,10 +46,10 @@ shard_ticks() { # utime+stime of the shard threads
   echo "$sum"
 }
 
-echo "| viewers | io | forwarded pps | shard CPU | pps per core | raw pps per core | ratio | viewer loss p50/p99 % | delay p50/p99 ms | fps p50 | failed |"
-echo "|---|---|---|---|---|---|---|---|---|---|---|"
+echo "| viewers | io | gso | forwarded pps | shard CPU | pps per core | raw pps per core | ratio | viewer loss p50/p99 % | delay p50/p99 ms | fps p50 | failed+no video |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
 for m in $VIEWERS; do
-  "$BIN" --log-format json dev --shards "$SHARDS" --io "$IO" --http 127.0.0.1:28080 --grpc 127.0.0.1:27000 \
+  "$BIN" --log-format json dev --shards "$SHARDS" --io "$IO" --udp-gso "$GSO" --http 127.0.0.1:28080 --grpc 127.0.0.1:27000 \
     --udp 127.0.0.1:27100 --srt 127.0.0.1:29000 --data-dir "$work/data" >"$work/out" 2>"$work/log" &
   echo $! >"$work/pid"
   pid=$(cat "$work/pid")
@@ -63,17 +67,21 @@ for m in $VIEWERS; do
   kill "$pid"; wait "$pid" 2>/dev/null || true
   read -r pps cpu per_core size <<<"$(awk -v d=$((d1-d0)) -v b=$((b1-b0)) -v c=$((c1-c0)) -v w="$WINDOW" -v t="$tck" \
     'BEGIN { pps=d/w; cpu=c/t/w; printf "%.0f %.2f %.0f %.0f\n", pps, cpu, (cpu>0?pps/cpu:0), (d>0?b/d:0) }')"
-  raw=$("$FANOUT" --fanout "$m" --pps $(( pps / m > 0 ? pps / m : 1 )) --size "$size" --seconds "$WINDOW" --io "$IO" --json)
+  per_viewer=$(( pps / m > 0 ? pps / m : 1 ))
+  # A 30 fps video frame's packets, beside ~50 audio packets/s.
+  burst=$(( per_viewer > 80 ? (per_viewer - 50 + 15) / 30 : 1 ))
+  raw=$("$FANOUT" --fanout "$m" --pps "$per_viewer" --burst "$burst" --size "$size" --seconds "$WINDOW" \
+    --io "$IO" --gso "$GSO" --json)
   raw_pc=$(echo "$raw" | sed 's/.*"max_pps_per_core":\([0-9.]*\).*/\1/')
-  python3 - "$work/lt.json" "$m" "$backend" "$pps" "$cpu" "$per_core" "$raw_pc" <<'PY'
+  python3 - "$work/lt.json" "$m" "$backend" "$pps" "$cpu" "$per_core" "$raw_pc" "$GSO" <<'PY'
 import json, sys
 lt = json.load(open(sys.argv[1]))
-m, io, pps, cpu, pc, raw = sys.argv[2:8]
+m, io, pps, cpu, pc, raw, gso = sys.argv[2:9]
 loss = lt.get("loss_pct") or {}
 delay = lt.get("delay_ms") or {}
 fps = lt.get("video_fps") or {}
 ratio = float(pc) / float(raw) if float(raw) > 0 else 0
-print(f"| {m} | {io} | {pps} | {float(cpu)*100:.0f} % | {pc} | {float(raw):.0f} | {ratio:.2f} | "
+print(f"| {m} | {io} | {'on' if gso == 'true' else 'off'} | {pps} | {float(cpu)*100:.0f} % | {pc} | {float(raw):.0f} | {ratio:.2f} | "
       f"{loss.get('p50','-')}/{loss.get('p99','-')} | {delay.get('p50','-')}/{delay.get('p99','-')} | "
       f"{fps.get('p50','-')} | {lt['failed']}+{lt['viewers_without_video']} |")
 PY

@@ -67,6 +67,11 @@ struct ShardArgs {
     /// (io_uring unless the kernel refuses it; the choice is logged).
     #[arg(long, env = "WEIR_IO", default_value = "auto")]
     io: weir_data_plane::IoChoice,
+    /// Send consecutive datagrams to one peer (a video frame's packets) as
+    /// one GSO message (UDP_SEGMENT); turns itself off where the kernel
+    /// refuses it. `false` sends every datagram on its own.
+    #[arg(long, env = "WEIR_UDP_GSO", default_value_t = true, action = clap::ArgAction::Set)]
+    udp_gso: bool,
     /// Viewers a room's home shard takes before further viewers go to the
     /// least loaded shard, fed from the home shard in memory (0: never).
     #[arg(long, env = "WEIR_SHARD_SPILL", default_value_t = 500)]
@@ -493,6 +498,7 @@ async fn dev(a: DevArgs) -> anyhow::Result<()> {
             version: None,
             shards: a.media.shards,
             io: a.media.io,
+            udp_gso: a.media.udp_gso,
             shard_spill: a.media.shard_spill,
             srt: Some(srt_config(a.srt, a.srt_passphrase.clone(), &a.av)?),
             media: media_config(&a.av, &a.data_dir)?,
@@ -634,6 +640,7 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
             version: a.node_version,
             shards: a.media.shards,
             io: a.media.io,
+            udp_gso: a.media.udp_gso,
             shard_spill: a.media.shard_spill,
             srt: Some(srt_config(a.srt, a.srt_passphrase.clone(), &a.av)?),
             media: media_config(&a.av, &a.data_dir)?,

@@ -79,6 +79,8 @@ pub struct NodeConfig {
     pub shards: usize,
     /// UDP I/O backend of the shards.
     pub io: IoChoice,
+    /// Consecutive datagrams to one peer leave as one GSO message.
+    pub udp_gso: bool,
     /// Viewers a room's home shard takes before further viewers of its rooms
     /// go to the least loaded shard, fed over in-memory queues (0: never).
     pub shard_spill: usize,
@@ -187,6 +189,7 @@ impl Node {
                 udp,
                 SocketAddr::new(candidate_ip, udp_addr.port()),
                 config.io,
+                config.udp_gso,
                 &shard_stop,
                 &peers,
                 &channels,

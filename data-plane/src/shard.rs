@@ -898,7 +898,8 @@ impl ShardStop {
     }
 }
 
-/// Starts shard number `index` on `socket` with the I/O backend `io`.
+/// Starts shard number `index` on `socket` with the I/O backend `io` (and
+/// GSO sends when `gso`).
 /// `candidate` is the address offered to peers (the bound one unless the
 /// node is behind a public IP). `peers`, `channels` and `upstream` are the
 /// node-wide slots every shard shares.
@@ -908,13 +909,14 @@ pub fn spawn(
     socket: std::net::UdpSocket,
     candidate: SocketAddr,
     io: IoChoice,
+    gso: bool,
     stop: &ShardStop,
     peers: &Peers,
     channels: &ChannelSinkSlot,
     upstream: &Upstream,
 ) -> std::io::Result<(Shard, std::thread::JoinHandle<()>)> {
     let local_addr = socket.local_addr()?;
-    let (io, waker) = udp::open(socket, io)?;
+    let (io, waker) = udp::open(socket, io, gso)?;
     let backend = io.backend();
     let (tx, rx) = mpsc::sync_channel(COMMAND_QUEUE);
     let stats = Arc::new(Mutex::new(ShardStats::default()));

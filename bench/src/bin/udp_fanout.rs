@@ -4,7 +4,11 @@
 //! (`weir_data_plane::udp`). Weir's forwarding is measured against it:
 //! CPU time per forwarded datagram, on one core.
 //!
-//! `udp_fanout --fanout 1000 --pps 200 --size 1100 --seconds 10 --io auto`
+//! Datagrams come in bursts, as a video frame's packets do, and each
+//! destination gets a burst's datagrams back to back (what a shard sends a
+//! viewer), so GSO groups them as it does in the node.
+//!
+//! `udp_fanout --fanout 1000 --pps 200 --burst 5 --size 1100 --seconds 10 --io auto`
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
@@ -24,6 +28,9 @@ struct Args {
     /// Datagrams per second into the forwarder.
     #[arg(long, default_value_t = 200)]
     pps: u32,
+    /// Datagrams sent back to back each time (a video frame's packets).
+    #[arg(long, default_value_t = 1)]
+    burst: u32,
     /// Datagram size in bytes.
     #[arg(long, default_value_t = 1100)]
     size: usize,
@@ -32,6 +39,9 @@ struct Args {
     /// auto, io_uring or epoll.
     #[arg(long, default_value = "auto")]
     io: IoChoice,
+    /// GSO sends (true/false), as the node's --udp-gso.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    gso: bool,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -54,6 +64,10 @@ fn main() -> anyhow::Result<()> {
         "--size 1..=2048"
     );
     anyhow::ensure!(args.seconds > 0 && args.seconds <= 600, "--seconds 1..=600");
+    anyhow::ensure!(
+        args.burst > 0 && args.burst <= 64 && args.burst <= args.pps.max(1),
+        "--burst 1..=64, at most --pps"
+    );
 
     // Sinks: one socket per destination, drained by one thread.
     let sinks: Vec<UdpSocket> = (0..args.fanout)
@@ -92,7 +106,7 @@ fn main() -> anyhow::Result<()> {
     // The forwarder, on its own thread, timed by its own CPU clock.
     let fwd_socket = UdpSocket::bind("127.0.0.1:0")?;
     let fwd_addr = fwd_socket.local_addr()?;
-    let (mut io, _waker) = udp::open(fwd_socket, args.io)?;
+    let (mut io, _waker) = udp::open(fwd_socket, args.io, args.gso)?;
     let backend = io.backend();
     let forwarded = Arc::new(AtomicU64::new(0));
     let fwd_thread = {
@@ -106,12 +120,13 @@ fn main() -> anyhow::Result<()> {
                     Instant::now() + Duration::from_millis(50),
                     &mut |_, data| batch.push(data.to_vec()),
                 )?;
-                for d in batch.drain(..) {
-                    for dest in &dests {
-                        io.queue(*dest, &d);
+                for dest in &dests {
+                    for d in &batch {
+                        io.queue(*dest, d);
                     }
-                    forwarded.fetch_add(dests.len() as u64, Ordering::Relaxed);
                 }
+                forwarded.fetch_add((dests.len() * batch.len()) as u64, Ordering::Relaxed);
+                batch.clear();
                 io.flush()?;
             }
             Ok(thread_cpu() - cpu0)
@@ -122,7 +137,7 @@ fn main() -> anyhow::Result<()> {
     let sender = UdpSocket::bind("127.0.0.1:0")?;
     let payload = vec![0xabu8; args.size];
     let start = Instant::now();
-    let interval = Duration::from_secs(1) / args.pps.max(1);
+    let interval = Duration::from_secs(1) * args.burst / args.pps.max(1);
     let mut next = start;
     let mut sent = 0u64;
     while start.elapsed() < Duration::from_secs(args.seconds) {
@@ -130,8 +145,10 @@ fn main() -> anyhow::Result<()> {
         if now < next {
             std::thread::sleep(next - now);
         }
-        sender.send_to(&payload, fwd_addr)?;
-        sent += 1;
+        for _ in 0..args.burst {
+            sender.send_to(&payload, fwd_addr)?;
+        }
+        sent += u64::from(args.burst);
         next += interval;
     }
     std::thread::sleep(Duration::from_millis(300));
@@ -146,6 +163,8 @@ fn main() -> anyhow::Result<()> {
     let ns_per = cpu.as_nanos() as f64 / out.max(1) as f64;
     let result = serde_json::json!({
         "io": backend.as_str(),
+        "gso": args.gso,
+        "burst": args.burst,
         "fanout": args.fanout,
         "size": args.size,
         "pps_in": args.pps,

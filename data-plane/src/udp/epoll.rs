@@ -8,9 +8,11 @@ use std::time::Instant;
 
 use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
-use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, sendmmsg};
+use nix::sys::socket::{
+    ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, sendmmsg,
+};
 
-use super::{BATCH, Backend, Io, MAX_DATAGRAM, Waker};
+use super::{BATCH, Backend, Io, MAX_DATAGRAM, SEND_BATCH, Waker};
 
 const SOCKET: u64 = 1;
 const WAKER: u64 = 2;
@@ -24,10 +26,12 @@ pub(super) struct EpollIo {
     send_data: Vec<u8>,
     send_meta: Vec<(SockaddrStorage, usize)>,
     send_drops: u64,
+    /// Runs of datagrams to one destination leave as one GSO message.
+    gso: bool,
 }
 
 impl EpollIo {
-    pub(super) fn new(socket: UdpSocket, waker: Waker) -> io::Result<Self> {
+    pub(super) fn new(socket: UdpSocket, waker: Waker, gso: bool) -> io::Result<Self> {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
         epoll.add(&socket, EpollEvent::new(EpollFlags::EPOLLIN, SOCKET))?;
         epoll.add(waker.fd(), EpollEvent::new(EpollFlags::EPOLLIN, WAKER))?;
@@ -36,9 +40,10 @@ impl EpollIo {
             epoll,
             waker,
             recv_bufs: vec![vec![0; MAX_DATAGRAM]; BATCH],
-            send_data: Vec::with_capacity(BATCH * 1500),
-            send_meta: Vec::with_capacity(BATCH),
+            send_data: Vec::with_capacity(SEND_BATCH * 1500),
+            send_meta: Vec::with_capacity(SEND_BATCH),
             send_drops: 0,
+            gso,
         })
     }
 
@@ -86,6 +91,113 @@ impl EpollIo {
             }
         }
     }
+
+    /// Sends every queued datagram: runs of datagrams to one destination as
+    /// one GSO message where the kernel takes them, messages in as few
+    /// `sendmmsg` calls as their segment sizes allow.
+    fn send_queued(&mut self) -> io::Result<()> {
+        let lens: Vec<usize> = self
+            .send_meta
+            .iter()
+            .scan(0, |start, (_, end)| {
+                let len = end - *start;
+                *start = *end;
+                Some(len)
+            })
+            .collect();
+        let dests: Vec<SockaddrStorage> = self.send_meta.iter().map(|(a, _)| *a).collect();
+        let messages = if self.gso {
+            super::gso_messages(&dests, &lens)
+        } else {
+            (0..lens.len())
+                .map(|i| super::Message { first: i, count: 1 })
+                .collect()
+        };
+        let mut at = 0;
+        while at < messages.len() {
+            let (run, segment) = super::gso_run(&messages[at..], &lens);
+            let sent = self.send_run(&messages[at..at + run], segment, &lens)?;
+            at += sent.max(1);
+        }
+        Ok(())
+    }
+
+    /// Sends `messages` (one `sendmmsg`, `segment` as their shared GSO size
+    /// when set); returns how many were taken (or dropped).
+    fn send_run(
+        &mut self,
+        messages: &[super::Message],
+        segment: Option<u16>,
+        lens: &[usize],
+    ) -> io::Result<usize> {
+        let fd = self.socket.as_raw_fd();
+        let starts: Vec<usize> = self
+            .send_meta
+            .iter()
+            .zip(lens)
+            .map(|((_, end), len)| end - len)
+            .collect();
+        let slices: Vec<Vec<IoSlice<'_>>> = messages
+            .iter()
+            .map(|m| {
+                (m.first..m.first + m.count)
+                    .map(|i| IoSlice::new(&self.send_data[starts[i]..starts[i] + lens[i]]))
+                    .collect()
+            })
+            .collect();
+        let addrs: Vec<Option<SockaddrStorage>> = messages
+            .iter()
+            .map(|m| Some(self.send_meta[m.first].0))
+            .collect();
+        let segment_size = segment.unwrap_or(0);
+        let gso_cmsg = [ControlMessage::UdpGsoSegments(&segment_size)];
+        let cmsgs: &[ControlMessage<'_>] = if segment.is_some() { &gso_cmsg } else { &[] };
+        let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(
+            messages.len(),
+            segment.map(|_| nix::cmsg_space!(u16)),
+        );
+        match sendmmsg(
+            fd,
+            &mut headers,
+            &slices,
+            &addrs,
+            cmsgs,
+            MsgFlags::MSG_DONTWAIT,
+        ) {
+            Ok(results) => Ok(results.count()),
+            // The device cannot segment (no checksum offload, IPsec):
+            // GSO stays off from now on and this run goes out again plainly.
+            Err(Errno::EIO | Errno::EINVAL) if segment.is_some() => {
+                tracing::warn!("UDP GSO refused by the kernel; sending datagrams one by one");
+                self.gso = false;
+                let plain: Vec<super::Message> = messages
+                    .iter()
+                    .flat_map(|m| {
+                        (m.first..m.first + m.count).map(|i| super::Message { first: i, count: 1 })
+                    })
+                    .collect();
+                drop(slices);
+                let mut at = 0;
+                while at < plain.len() {
+                    at += self.send_run(&plain[at..], None, lens)?.max(1);
+                }
+                Ok(messages.len())
+            }
+            // A full send buffer or an unreachable peer costs that one message.
+            Err(
+                Errno::EAGAIN
+                | Errno::ENOBUFS
+                | Errno::ECONNREFUSED
+                | Errno::EHOSTUNREACH
+                | Errno::ENETUNREACH
+                | Errno::EPERM,
+            ) => {
+                self.send_drops += messages.first().map_or(1, |m| m.count as u64);
+                Ok(1)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
 }
 
 pub(super) fn to_socket_addr(a: SockaddrStorage) -> Option<SocketAddr> {
@@ -130,7 +242,7 @@ impl Io for EpollIo {
         self.send_data.extend_from_slice(data);
         self.send_meta
             .push((SockaddrStorage::from(destination), self.send_data.len()));
-        if self.send_meta.len() >= BATCH {
+        if self.send_meta.len() >= SEND_BATCH {
             let _ = self.flush();
         }
     }
@@ -139,59 +251,7 @@ impl Io for EpollIo {
         if self.send_meta.is_empty() {
             return Ok(());
         }
-        let fd = self.socket.as_raw_fd();
-        let mut start = 0;
-        let slices: Vec<[IoSlice<'_>; 1]> = self
-            .send_meta
-            .iter()
-            .map(|(_, end)| {
-                let s = [IoSlice::new(&self.send_data[start..*end])];
-                start = *end;
-                s
-            })
-            .collect();
-        let addrs: Vec<Option<SockaddrStorage>> =
-            self.send_meta.iter().map(|(a, _)| Some(*a)).collect();
-        let mut sent = 0;
-        let mut result = Ok(());
-        while sent < slices.len() {
-            let mut headers =
-                MultiHeaders::<SockaddrStorage>::preallocate(slices.len() - sent, None);
-            let cmsgs: [nix::sys::socket::ControlMessage<'_>; 0] = [];
-            match sendmmsg(
-                fd,
-                &mut headers,
-                &slices[sent..],
-                &addrs[sent..],
-                cmsgs,
-                MsgFlags::MSG_DONTWAIT,
-            ) {
-                Ok(results) => {
-                    let n = results.count();
-                    if n == 0 {
-                        break;
-                    }
-                    sent += n;
-                }
-                // A full send buffer or an unreachable peer costs that one datagram.
-                Err(
-                    Errno::EAGAIN
-                    | Errno::ENOBUFS
-                    | Errno::ECONNREFUSED
-                    | Errno::EHOSTUNREACH
-                    | Errno::ENETUNREACH
-                    | Errno::EPERM,
-                ) => {
-                    self.send_drops += 1;
-                    sent += 1;
-                }
-                Err(e) => {
-                    result = Err(e.into());
-                    break;
-                }
-            }
-        }
-        drop(slices);
+        let result = self.send_queued();
         self.send_data.clear();
         self.send_meta.clear();
         result

@@ -17,12 +17,15 @@ use io_uring::{IoUring, opcode, types};
 use nix::sys::socket::{SockaddrLike, SockaddrStorage};
 
 use super::epoll::to_socket_addr;
-use super::{BATCH, Backend, Io, MAX_DATAGRAM, Waker};
+use super::{BATCH, Backend, Io, MAX_DATAGRAM, MAX_GSO_BYTES, MAX_SEGMENTS, Waker};
 
 /// Receive operations kept armed.
 const RECV_SLOTS: usize = 64;
-/// Send operations in flight at most.
-const SEND_SLOTS: usize = 256;
+/// Send operations (single datagrams or GSO messages) in flight at most.
+const SEND_SLOTS: usize = 128;
+/// Room for one GSO message's UDP_SEGMENT control message (cmsghdr + u16,
+/// aligned): 8-byte words.
+const CONTROL_WORDS: usize = 4;
 
 type OnDatagram<'a> = &'a mut dyn FnMut(SocketAddr, &[u8]);
 
@@ -30,13 +33,17 @@ const WAKER_TAG: u64 = u64::MAX;
 const CANCEL_TAG: u64 = u64::MAX - 1;
 const SEND_TAG: u64 = 1 << 32;
 
-/// One datagram's buffer, address and message header, never moved while the
-/// kernel may use them (slots live in boxed slices that are never resized).
+/// One message's buffer, address, control data and header, never moved
+/// while the kernel may use them (slots live in boxed slices that are never
+/// resized, and the buffer is a boxed slice of its own).
 struct Slot {
-    buf: [u8; MAX_DATAGRAM],
+    buf: Box<[u8]>,
     addr: SockaddrStorage,
     iov: libc::iovec,
     msg: libc::msghdr,
+    control: [u64; CONTROL_WORDS],
+    /// Send slots: datagrams in the message (more than one: GSO).
+    segments: usize,
 }
 
 // SAFETY: the raw pointers in a slot point into the same boxed slot; moving
@@ -44,14 +51,38 @@ struct Slot {
 unsafe impl Send for Slot {}
 
 impl Slot {
-    fn new() -> Slot {
+    fn new(capacity: usize) -> Slot {
         Slot {
-            buf: [0; MAX_DATAGRAM],
+            buf: vec![0; capacity].into_boxed_slice(),
             addr: SockaddrStorage::from(SocketAddr::from(([0, 0, 0, 0], 0))),
             // SAFETY: all-zero is a valid iovec and msghdr (null pointers, zero lengths).
             iov: unsafe { std::mem::zeroed() },
             msg: unsafe { std::mem::zeroed() },
+            control: [0; CONTROL_WORDS],
+            segments: 0,
         }
+    }
+
+    /// Asks the kernel to cut the message into datagrams of `segment` bytes
+    /// (UDP_SEGMENT); call after `prepare`.
+    fn set_segment(&mut self, segment: u16) {
+        let header = std::mem::size_of::<libc::cmsghdr>();
+        const { assert!(CONTROL_WORDS * 8 >= 24) };
+        let cmsg = libc::cmsghdr {
+            cmsg_len: (header + 2) as _,
+            cmsg_level: libc::SOL_UDP,
+            cmsg_type: libc::UDP_SEGMENT,
+        };
+        let base: *mut u8 = self.control.as_mut_ptr().cast();
+        // SAFETY: `control` is 8-byte aligned (u64 words) and holds at least
+        // 24 bytes: one 16-byte cmsghdr, then the u16 at offset 16.
+        unsafe {
+            std::ptr::write(base.cast::<libc::cmsghdr>(), cmsg);
+            std::ptr::write_unaligned(base.add(header).cast::<u16>(), segment);
+        }
+        self.msg.msg_control = base.cast();
+        // CMSG_SPACE(2): the header and the data rounded up to 8 bytes.
+        self.msg.msg_controllen = (header + 8) as _;
     }
 
     /// Points the header at this slot's own buffer and address, `len` bytes.
@@ -83,22 +114,41 @@ pub(super) struct UringIo {
     /// the next poll: (slot, length).
     ready: Vec<(usize, usize)>,
     send_drops: u64,
+    /// The send slot still being filled: more datagrams to its destination
+    /// may join it as GSO segments until it is pushed to the ring.
+    open: Option<OpenSend>,
+    gso: bool,
+}
+
+/// A send slot being filled.
+struct OpenSend {
+    slot: usize,
+    destination: SocketAddr,
+    /// Size of every segment but the last.
+    segment: usize,
+    len: usize,
+    /// A shorter datagram ended the message.
+    closed: bool,
 }
 
 impl UringIo {
-    pub(super) fn new(socket: UdpSocket, waker: Waker) -> io::Result<Self> {
+    pub(super) fn new(socket: UdpSocket, waker: Waker, gso: bool) -> io::Result<Self> {
         let ring = IoUring::new((RECV_SLOTS + SEND_SLOTS + 8).next_power_of_two() as u32)?;
         let mut me = Self {
             socket,
             ring,
             waker,
             waker_buf: Box::new(0),
-            recv: (0..RECV_SLOTS).map(|_| Slot::new()).collect(),
-            send: (0..SEND_SLOTS).map(|_| Slot::new()).collect(),
+            recv: (0..RECV_SLOTS).map(|_| Slot::new(MAX_DATAGRAM)).collect(),
+            send: (0..SEND_SLOTS)
+                .map(|_| Slot::new(if gso { MAX_GSO_BYTES } else { MAX_DATAGRAM }))
+                .collect(),
             free_send: (0..SEND_SLOTS).rev().collect(),
             unsubmitted: 0,
             ready: Vec::new(),
             send_drops: 0,
+            open: None,
+            gso,
         };
         for i in 0..RECV_SLOTS {
             me.arm_recv(i)?;
@@ -158,7 +208,16 @@ impl UringIo {
             } else if tag >= SEND_TAG {
                 let i = (tag - SEND_TAG) as usize;
                 if result < 0 {
-                    self.send_drops += 1;
+                    let segments = self.send[i].segments;
+                    self.send_drops += segments as u64;
+                    if segments > 1 && (result == -libc::EIO || result == -libc::EINVAL) {
+                        // The device cannot segment (no checksum offload,
+                        // IPsec): GSO stays off from now on.
+                        tracing::warn!(
+                            "UDP GSO refused by the kernel; sending datagrams one by one"
+                        );
+                        self.gso = false;
+                    }
                 }
                 self.free_send.push(i);
             } else {
@@ -181,6 +240,35 @@ impl UringIo {
         Ok(received)
     }
 
+    /// Pushes the send slot being filled to the ring: one datagram, or a
+    /// GSO message of several.
+    fn close_open(&mut self) {
+        let Some(open) = self.open.take() else {
+            return;
+        };
+        let fd = types::Fd(self.socket.as_raw_fd());
+        let slot = &mut self.send[open.slot];
+        slot.prepare(open.len);
+        slot.addr = SockaddrStorage::from(open.destination);
+        slot.msg.msg_namelen = slot.addr.len();
+        if slot.segments > 1 {
+            slot.set_segment(open.segment as u16);
+        }
+        let entry = opcode::SendMsg::new(fd, &raw const slot.msg)
+            .build()
+            .user_data(SEND_TAG + open.slot as u64);
+        if self.push(&entry).is_err() {
+            self.send_drops += self.send[open.slot].segments as u64;
+            self.free_send.push(open.slot);
+            return;
+        }
+        self.unsubmitted += 1;
+        if self.unsubmitted >= BATCH {
+            self.unsubmitted = 0;
+            let _ = self.ring.submit();
+        }
+    }
+
     fn deliver(&mut self, i: usize, len: usize, on: &mut dyn FnMut(SocketAddr, &[u8])) {
         let slot = &self.recv[i];
         if let Some(from) = to_socket_addr(slot.addr) {
@@ -195,6 +283,7 @@ impl Io for UringIo {
     }
 
     fn poll(&mut self, deadline: Instant, on: &mut dyn FnMut(SocketAddr, &[u8])) -> io::Result<()> {
+        self.close_open();
         let ready = std::mem::take(&mut self.ready);
         let had_ready = !ready.is_empty();
         for (i, len) in ready {
@@ -232,6 +321,21 @@ impl Io for UringIo {
             self.send_drops += 1;
             return;
         }
+        if let Some(open) = self.open.as_mut()
+            && open.destination == destination
+            && !open.closed
+            && data.len() <= open.segment
+            && self.send[open.slot].segments < MAX_SEGMENTS
+            && open.len + data.len() <= MAX_GSO_BYTES
+        {
+            let slot = &mut self.send[open.slot];
+            slot.buf[open.len..open.len + data.len()].copy_from_slice(data);
+            slot.segments += 1;
+            open.len += data.len();
+            open.closed = data.len() < open.segment;
+            return;
+        }
+        self.close_open();
         let i = loop {
             if let Some(i) = self.free_send.pop() {
                 break i;
@@ -242,27 +346,24 @@ impl Io for UringIo {
                 return;
             }
         };
-        let fd = types::Fd(self.socket.as_raw_fd());
         let slot = &mut self.send[i];
         slot.buf[..data.len()].copy_from_slice(data);
-        slot.prepare(data.len());
-        slot.addr = SockaddrStorage::from(destination);
-        slot.msg.msg_namelen = slot.addr.len();
-        let entry = opcode::SendMsg::new(fd, &raw const slot.msg)
-            .build()
-            .user_data(SEND_TAG + i as u64);
-        if self.push(&entry).is_err() {
-            self.free_send.push(i);
-            self.send_drops += 1;
-            return;
-        }
-        self.unsubmitted += 1;
-        if self.unsubmitted >= BATCH {
-            let _ = self.flush();
+        slot.segments = 1;
+        let open = OpenSend {
+            slot: i,
+            destination,
+            segment: data.len(),
+            len: data.len(),
+            closed: false,
+        };
+        self.open = Some(open);
+        if !self.gso {
+            self.close_open();
         }
     }
 
     fn flush(&mut self) -> io::Result<()> {
+        self.close_open();
         if self.unsubmitted > 0 {
             self.unsubmitted = 0;
             self.ring.submit()?;
@@ -286,7 +387,9 @@ impl Drop for UringIo {
         if unsafe { self.ring.submission().push(&cancel) }.is_ok() {
             let _ = self.ring.submit();
         }
-        let in_flight = RECV_SLOTS + 1 + (SEND_SLOTS - self.free_send.len());
+        // A slot still being filled was never handed to the kernel.
+        let filling = usize::from(self.open.is_some());
+        let in_flight = RECV_SLOTS + 1 + (SEND_SLOTS - self.free_send.len() - filling);
         let mut seen = 0;
         let deadline = Instant::now() + std::time::Duration::from_secs(2);
         let ts = types::Timespec::new().nsec(100_000_000);
