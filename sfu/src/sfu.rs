@@ -1398,6 +1398,12 @@ fn write_frame(
         tracing::debug!(session = %s.id, error = %e, "write failed");
         return false;
     }
+    // str0m packetizes one queued frame per media and timeout: do it now,
+    // so the frame's packets are ready for the next poll. Left to the
+    // shard's timer pass, a viewer whose frames arrive faster than the
+    // passes (a busy shard, a GOP cache start) builds a backlog of
+    // seconds. An error here resurfaces at the session's next timeout.
+    let _ = s.rtc.handle_input(str0m::Input::Timeout(now));
     counters.frames_forwarded += 1;
     counters.bytes_forwarded += frame.data.len() as u64;
     if frame.kind == MediaKind::Video && !s.first_frame_sent {
