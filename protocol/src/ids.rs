@@ -2,6 +2,7 @@
 //! one of these before it is used ("parse, don't validate").
 
 use std::fmt;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -39,15 +40,17 @@ fn validate(kind: &'static str, s: &str, max: usize) -> Result<(), IdError> {
 macro_rules! string_id {
     ($(#[$doc:meta])* $name:ident, $kind:literal, $max:expr) => {
         $(#[$doc])*
+        // Shared text: ids are cloned on hot paths (a shard's per-viewer
+        // bookkeeping), where a clone is a reference count, not a copy.
         #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
         #[serde(try_from = "String", into = "String")]
-        pub struct $name(String);
+        pub struct $name(Arc<str>);
 
         impl $name {
             /// Parses and validates an id.
             pub fn parse(s: &str) -> Result<Self, IdError> {
                 validate($kind, s, $max)?;
-                Ok(Self(s.to_owned()))
+                Ok(Self(Arc::from(s)))
             }
 
             /// The id as text.
@@ -60,13 +63,13 @@ macro_rules! string_id {
             type Error = IdError;
             fn try_from(s: String) -> Result<Self, IdError> {
                 validate($kind, &s, $max)?;
-                Ok(Self(s))
+                Ok(Self(Arc::from(s)))
             }
         }
 
         impl From<$name> for String {
             fn from(id: $name) -> String {
-                id.0
+                id.0.to_string()
             }
         }
 
@@ -102,7 +105,7 @@ impl SessionId {
     /// A fresh random session id (128 bits, hex).
     pub fn random() -> Self {
         let v: u128 = rand::random();
-        Self(format!("{v:032x}"))
+        Self(Arc::from(format!("{v:032x}")))
     }
 }
 
