@@ -6,7 +6,8 @@ use std::time::Instant;
 
 use str0m::Rtc;
 use str0m::channel::ChannelId;
-use str0m::media::{MediaKind, Mid};
+use str0m::format::CodecSpec;
+use str0m::media::{MediaKind, Mid, Pt};
 use weir_protocol::{RoomId, SessionId};
 
 use crate::layers::LayerKey;
@@ -52,6 +53,9 @@ pub(crate) struct Session {
     pub(crate) first_frame_sent: bool,
     pub(crate) rebase_audio: Rebase,
     pub(crate) rebase_video: Rebase,
+    /// Subscriber: the payload type each publisher payload type (and its
+    /// codec parameters) maps to here.
+    pub(crate) pt_cache: Vec<((Pt, CodecSpec), Pt)>,
     /// Open data channels, by label (the peer's first [`MAX_CHANNELS`]).
     pub(crate) channels: Vec<(ChannelId, String)>,
 }
@@ -91,6 +95,7 @@ impl Session {
             first_frame_sent: false,
             rebase_audio: Rebase::default(),
             rebase_video: Rebase::default(),
+            pt_cache: Vec::new(),
             channels: Vec::new(),
         }
     }

@@ -1395,7 +1395,23 @@ fn write_frame(
         writer = writer.abs_capture_time(t);
     }
     let pt = match frame.params {
-        Some(params) => writer.match_params(params),
+        Some(params) => {
+            // Matching scores every payload type of the viewer: once per
+            // publisher payload type is enough.
+            let key = (params.pt(), params.spec());
+            match s.pt_cache.iter().find(|(k, _)| *k == key) {
+                Some((_, pt)) => Some(*pt),
+                None => {
+                    let pt = writer.match_params(params);
+                    if let Some(pt) = pt
+                        && s.pt_cache.len() < 8
+                    {
+                        s.pt_cache.push((key, pt));
+                    }
+                    pt
+                }
+            }
+        }
         None => source_pt(writer.payload_params(), frame.codec),
     };
     let Some(pt) = pt else {
