@@ -26,6 +26,10 @@ DURATION=${DURATION:-20}      # seconds each viewer plays
 WINDOW=${WINDOW:-8}           # seconds of steady state sampled
 SHARDS=${SHARDS:-1}
 GSO=${GSO:-true}
+# Forwarding only: the WHIP room's HLS, ladder and snapshots (x264 on the
+# same cores) are measured in the ingest section. TRANSCODE=1 keeps them.
+MEDIA_FLAGS="--hls-segment 0 --ladder off --snapshot-interval 0"
+[ "${TRANSCODE:-0}" = 1 ] && MEDIA_FLAGS=""
 LIGHT_FLAG=""
 [ "${LIGHT:-0}" = 1 ] && LIGHT_FLAG="--light"
 [ -x "$BIN" ] && [ -x "$FANOUT" ] || { echo "build first: cargo build --release -p weir -p weir-bench --bins" >&2; exit 2; }
@@ -49,7 +53,7 @@ shard_ticks() { # utime+stime of the shard threads
 echo "| viewers | io | gso | forwarded pps | shard CPU | pps per core | raw pps per core | ratio | viewer loss p50/p99 % | delay p50/p99 ms | fps p50 | failed+no video |"
 echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
 for m in $VIEWERS; do
-  "$BIN" --log-format json dev --shards "$SHARDS" --io "$IO" --udp-gso "$GSO" --http 127.0.0.1:28080 --grpc 127.0.0.1:27000 \
+  "$BIN" --log-format json dev --shards "$SHARDS" --io "$IO" --udp-gso "$GSO" $MEDIA_FLAGS --http 127.0.0.1:28080 --grpc 127.0.0.1:27000 \
     --udp 127.0.0.1:27100 --srt 127.0.0.1:29000 --data-dir "$work/data" >"$work/out" 2>"$work/log" &
   echo $! >"$work/pid"
   pid=$(cat "$work/pid")
