@@ -96,15 +96,17 @@ impl EpollIo {
     /// one GSO message where the kernel takes them, messages in as few
     /// `sendmmsg` calls as their segment sizes allow.
     fn send_queued(&mut self) -> io::Result<()> {
-        let lens: Vec<usize> = self
+        // Where each queued datagram starts in `send_data`, and its length.
+        let spans: Vec<(usize, usize)> = self
             .send_meta
             .iter()
             .scan(0, |start, (_, end)| {
-                let len = end - *start;
+                let span = (*start, end - *start);
                 *start = *end;
-                Some(len)
+                Some(span)
             })
             .collect();
+        let lens: Vec<usize> = spans.iter().map(|(_, len)| *len).collect();
         let dests: Vec<SockaddrStorage> = self.send_meta.iter().map(|(a, _)| *a).collect();
         let messages = if self.gso {
             super::gso_messages(&dests, &lens)
@@ -116,7 +118,7 @@ impl EpollIo {
         let mut at = 0;
         while at < messages.len() {
             let (run, segment) = super::gso_run(&messages[at..], &lens);
-            let sent = self.send_run(&messages[at..at + run], segment, &lens)?;
+            let sent = self.send_run(&messages[at..at + run], segment, &spans)?;
             at += sent.max(1);
         }
         Ok(())
@@ -128,20 +130,17 @@ impl EpollIo {
         &mut self,
         messages: &[super::Message],
         segment: Option<u16>,
-        lens: &[usize],
+        spans: &[(usize, usize)],
     ) -> io::Result<usize> {
         let fd = self.socket.as_raw_fd();
-        let starts: Vec<usize> = self
-            .send_meta
-            .iter()
-            .zip(lens)
-            .map(|((_, end), len)| end - len)
-            .collect();
         let slices: Vec<Vec<IoSlice<'_>>> = messages
             .iter()
             .map(|m| {
                 (m.first..m.first + m.count)
-                    .map(|i| IoSlice::new(&self.send_data[starts[i]..starts[i] + lens[i]]))
+                    .map(|i| {
+                        let (start, len) = spans[i];
+                        IoSlice::new(&self.send_data[start..start + len])
+                    })
                     .collect()
             })
             .collect();
@@ -179,7 +178,7 @@ impl EpollIo {
                 drop(slices);
                 let mut at = 0;
                 while at < plain.len() {
-                    at += self.send_run(&plain[at..], None, lens)?.max(1);
+                    at += self.send_run(&plain[at..], None, spans)?.max(1);
                 }
                 Ok(messages.len())
             }

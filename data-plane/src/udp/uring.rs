@@ -68,11 +68,11 @@ impl Slot {
     fn set_segment(&mut self, segment: u16) {
         let header = std::mem::size_of::<libc::cmsghdr>();
         const { assert!(CONTROL_WORDS * 8 >= 24) };
-        let cmsg = libc::cmsghdr {
-            cmsg_len: (header + 2) as _,
-            cmsg_level: libc::SOL_UDP,
-            cmsg_type: libc::UDP_SEGMENT,
-        };
+        // SAFETY: all-zero is a valid cmsghdr (some libcs add padding fields).
+        let mut cmsg: libc::cmsghdr = unsafe { std::mem::zeroed() };
+        cmsg.cmsg_len = (header + 2) as _;
+        cmsg.cmsg_level = libc::SOL_UDP;
+        cmsg.cmsg_type = libc::UDP_SEGMENT;
         let base: *mut u8 = self.control.as_mut_ptr().cast();
         // SAFETY: `control` is 8-byte aligned (u64 words) and holds at least
         // 24 bytes: one 16-byte cmsghdr, then the u16 at offset 16.
@@ -322,6 +322,7 @@ impl Io for UringIo {
             return;
         }
         if let Some(open) = self.open.as_mut()
+            && self.gso
             && open.destination == destination
             && !open.closed
             && data.len() <= open.segment
