@@ -40,6 +40,9 @@ tck=$(getconf CLK_TCK)
 metric() { # sum of a metric's series
   curl -s "http://127.0.0.1:28080/metrics" | awk -v m="$1" '$1 ~ "^"m"({|$)" {s+=$NF} END {printf "%.0f\n", s}'
 }
+rcvbuf_errors() { # datagrams the kernel dropped for a full receive buffer (all sockets)
+  awk '/^Udp:/ && $2 ~ /^[0-9]+$/ {print $6}' /proc/net/snmp
+}
 shard_ticks() { # utime+stime of the shard threads
   local pid=$1 t sum=0
   for t in /proc/"$pid"/task/*; do
@@ -50,8 +53,8 @@ shard_ticks() { # utime+stime of the shard threads
   echo "$sum"
 }
 
-echo "| viewers | io | gso | forwarded pps | shard CPU | pps per core | raw pps per core | ratio | viewer loss p50/p99 % | delay p50/p99 ms | fps p50 | failed+no video |"
-echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
+echo "| viewers | io | gso | forwarded pps | shard CPU | pps per core | raw pps per core | ratio | viewer loss p50/p99 % | node send drops / receive-buffer drops % | delay p50/p99 ms | fps p50 | failed+no video |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 for m in $VIEWERS; do
   "$BIN" --log-format json dev --shards "$SHARDS" --io "$IO" --udp-gso "$GSO" $MEDIA_FLAGS --http 127.0.0.1:28080 --grpc 127.0.0.1:27000 \
     --udp 127.0.0.1:27100 --srt 127.0.0.1:29000 --data-dir "$work/data" >"$work/out" 2>"$work/log" &
@@ -59,6 +62,7 @@ for m in $VIEWERS; do
   pid=$(cat "$work/pid")
   for _ in $(seq 50); do curl -sf http://127.0.0.1:28080/readyz >/dev/null && break; sleep 0.2; done
   backend=$(awk '/^media shards/ {print $5}' "$work/out")
+  r0=$(rcvbuf_errors)
   "$BIN" loadtest --control http://127.0.0.1:27000 --room bench --publishers 1 --viewers "$m" \
     --duration "$DURATION" --ramp-ms 5 $LIGHT_FLAG --json >"$work/lt.json" 2>"$work/lt.err" &
   lt=$!
@@ -68,7 +72,11 @@ for m in $VIEWERS; do
   sleep "$WINDOW"
   d1=$(metric weir_udp_datagrams_sent_total); b1=$(metric weir_udp_bytes_sent_total); c1=$(shard_ticks "$pid")
   wait "$lt" || true
+  r1=$(rcvbuf_errors)
+  sent_all=$(metric weir_udp_datagrams_sent_total); send_drops=$(metric weir_udp_send_dropped_total)
   kill "$pid"; wait "$pid" 2>/dev/null || true
+  drops=$(awk -v s="$send_drops" -v r=$((r1-r0)) -v n="$sent_all" \
+    'BEGIN { printf "%.2f/%.2f", (n>0?100*s/n:0), (n>0?100*r/n:0) }')
   read -r pps cpu per_core size <<<"$(awk -v d=$((d1-d0)) -v b=$((b1-b0)) -v c=$((c1-c0)) -v w="$WINDOW" -v t="$tck" \
     'BEGIN { pps=d/w; cpu=c/t/w; printf "%.0f %.2f %.0f %.0f\n", pps, cpu, (cpu>0?pps/cpu:0), (d>0?b/d:0) }')"
   per_viewer=$(( pps / m > 0 ? pps / m : 1 ))
@@ -77,16 +85,16 @@ for m in $VIEWERS; do
   raw=$("$FANOUT" --fanout "$m" --pps "$per_viewer" --burst "$burst" --size "$size" --seconds "$WINDOW" \
     --io "$IO" --gso "$GSO" --json)
   raw_pc=$(echo "$raw" | sed 's/.*"max_pps_per_core":\([0-9.]*\).*/\1/')
-  python3 - "$work/lt.json" "$m" "$backend" "$pps" "$cpu" "$per_core" "$raw_pc" "$GSO" <<'PY'
+  python3 - "$work/lt.json" "$m" "$backend" "$pps" "$cpu" "$per_core" "$raw_pc" "$GSO" "$drops" <<'PY'
 import json, sys
 lt = json.load(open(sys.argv[1]))
-m, io, pps, cpu, pc, raw, gso = sys.argv[2:9]
+m, io, pps, cpu, pc, raw, gso, drops = sys.argv[2:10]
 loss = lt.get("loss_pct") or {}
 delay = lt.get("delay_ms") or {}
 fps = lt.get("video_fps") or {}
 ratio = float(pc) / float(raw) if float(raw) > 0 else 0
 print(f"| {m} | {io} | {'on' if gso == 'true' else 'off'} | {pps} | {float(cpu)*100:.0f} % | {pc} | {float(raw):.0f} | {ratio:.2f} | "
-      f"{loss.get('p50','-')}/{loss.get('p99','-')} | {delay.get('p50','-')}/{delay.get('p99','-')} | "
+      f"{loss.get('p50','-')}/{loss.get('p99','-')} | {drops} | {delay.get('p50','-')}/{delay.get('p99','-')} | "
       f"{fps.get('p50','-')} | {lt['failed']}+{lt['viewers_without_video']} |")
 PY
 done
