@@ -51,6 +51,13 @@ struct Message {
     count: usize,
 }
 
+/// Whether a datagram of `len` bytes to the same peer may join a GSO message
+/// of `segment`-byte datagrams that holds `count` of them, `total` bytes, and
+/// has not yet been ended by a shorter one. (Both backends group by this.)
+fn joins_gso(segment: usize, count: usize, total: usize, len: usize) -> bool {
+    len <= segment && count < MAX_SEGMENTS && total + len <= MAX_GSO_BYTES
+}
+
 /// Cuts queued datagrams (destinations and lengths, in order) into GSO
 /// messages: a run to one destination whose datagrams are as long as the
 /// first, and a last one that may be shorter. A peer's order is kept.
@@ -59,9 +66,9 @@ fn gso_messages<A: PartialEq>(dests: &[A], lens: &[usize]) -> Vec<Message> {
     let mut i = 0;
     while i < lens.len() {
         let (segment, mut total, mut count) = (lens[i], lens[i], 1);
-        while i + count < lens.len() && count < MAX_SEGMENTS {
+        while i + count < lens.len() {
             let j = i + count;
-            if dests[j] != dests[i] || lens[j] > segment || total + lens[j] > MAX_GSO_BYTES {
+            if dests[j] != dests[i] || !joins_gso(segment, count, total, lens[j]) {
                 break;
             }
             total += lens[j];

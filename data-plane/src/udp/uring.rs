@@ -17,7 +17,7 @@ use io_uring::{IoUring, opcode, types};
 use nix::sys::socket::{SockaddrLike, SockaddrStorage};
 
 use super::epoll::to_socket_addr;
-use super::{BATCH, Backend, Io, MAX_DATAGRAM, MAX_GSO_BYTES, MAX_SEGMENTS, Waker};
+use super::{BATCH, Backend, Io, MAX_DATAGRAM, MAX_GSO_BYTES, Waker, joins_gso};
 
 /// Receive operations kept armed.
 const RECV_SLOTS: usize = 64;
@@ -325,9 +325,12 @@ impl Io for UringIo {
             && self.gso
             && open.destination == destination
             && !open.closed
-            && data.len() <= open.segment
-            && self.send[open.slot].segments < MAX_SEGMENTS
-            && open.len + data.len() <= MAX_GSO_BYTES
+            && joins_gso(
+                open.segment,
+                self.send[open.slot].segments,
+                open.len,
+                data.len(),
+            )
         {
             let slot = &mut self.send[open.slot];
             slot.buf[open.len..open.len + data.len()].copy_from_slice(data);
