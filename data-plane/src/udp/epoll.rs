@@ -132,6 +132,11 @@ impl EpollIo {
         segment: Option<u16>,
         spans: &[(usize, usize)],
     ) -> io::Result<usize> {
+        if segment.is_some() && !self.gso {
+            // GSO was refused earlier in this flush: no message of it goes
+            // to the kernel whole again.
+            return self.send_plain(messages, spans);
+        }
         let fd = self.socket.as_raw_fd();
         let slices: Vec<Vec<IoSlice<'_>>> = messages
             .iter()
@@ -169,18 +174,8 @@ impl EpollIo {
             Err(Errno::EIO | Errno::EINVAL) if segment.is_some() => {
                 tracing::warn!("UDP GSO refused by the kernel; sending datagrams one by one");
                 self.gso = false;
-                let plain: Vec<super::Message> = messages
-                    .iter()
-                    .flat_map(|m| {
-                        (m.first..m.first + m.count).map(|i| super::Message { first: i, count: 1 })
-                    })
-                    .collect();
                 drop(slices);
-                let mut at = 0;
-                while at < plain.len() {
-                    at += self.send_run(&plain[at..], None, spans)?.max(1);
-                }
-                Ok(messages.len())
+                self.send_plain(messages, spans)
             }
             // A full send buffer or an unreachable peer costs that one message.
             Err(
@@ -196,6 +191,26 @@ impl EpollIo {
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Sends the datagrams of GSO `messages` one by one; returns how many
+    /// messages that was.
+    fn send_plain(
+        &mut self,
+        messages: &[super::Message],
+        spans: &[(usize, usize)],
+    ) -> io::Result<usize> {
+        let plain: Vec<super::Message> = messages
+            .iter()
+            .flat_map(|m| {
+                (m.first..m.first + m.count).map(|i| super::Message { first: i, count: 1 })
+            })
+            .collect();
+        let mut at = 0;
+        while at < plain.len() {
+            at += self.send_run(&plain[at..], None, spans)?.max(1);
+        }
+        Ok(messages.len())
     }
 }
 
