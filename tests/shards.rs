@@ -49,3 +49,33 @@ fn viewers_beyond_the_home_shard_play_through_another_shard() {
         "the room was relayed to the second shard"
     );
 }
+
+/// The shards' I/O flags refuse what they cannot mean, from the command
+/// line and from the environment, before anything is started.
+#[test]
+fn bad_shard_io_flags_are_usage_errors() {
+    let dir = common::temp_dir("bad-io-flags");
+    let run = |args: &[&str], env: Option<(&str, &str)>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_weir"));
+        cmd.arg("dev")
+            .args(args)
+            .arg("--data-dir")
+            .arg(dir.join("data"));
+        if let Some((k, v)) = env {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+    for (args, env, flag) in [
+        (&["--udp-gso", "maybe"][..], None, "--udp-gso"),
+        (&["--udp-gso"][..], None, "--udp-gso"),
+        (&[][..], Some(("WEIR_UDP_GSO", "on")), "--udp-gso"),
+        (&["--io", "kqueue"][..], None, "--io"),
+    ] {
+        let out = run(args, env);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?} {env:?}: {stderr}");
+        assert!(stderr.contains(flag), "{args:?} {env:?}: {stderr}");
+    }
+    assert!(!dir.join("data").exists(), "nothing was started or written");
+}
