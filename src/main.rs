@@ -22,6 +22,12 @@ use weir_protocol::{NodeId, TokenVerifier};
 
 use crate::observability::LogFormat;
 
+// Forwarding allocates and frees a buffer or two per datagram (str0m's
+// packets, its NACK history): mimalloc's per-thread free lists keep that off
+// glibc's chunk coalescing, which a shard profile put at ~10 % of its time.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Exit code for invalid configuration or usage (sysexits EX_USAGE).
 const EXIT_USAGE: u8 = 64;
 
