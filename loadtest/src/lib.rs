@@ -143,8 +143,13 @@ pub struct Summary {
     pub received_kbps: Option<Percentiles>,
     pub freezes: u64,
     pub viewers_without_video: u32,
-    /// Capture-to-arrival delay of video frames (publisher to viewer).
+    /// Capture-to-arrival delay of video frames (publisher to viewer), when
+    /// the viewer read them.
     pub delay_ms: Option<Percentiles>,
+    /// The same delay when the frames reached the viewers' sockets (kernel
+    /// receive timestamps; light viewers only): without the wait for a busy
+    /// load generator.
+    pub arrival_delay_ms: Option<Percentiles>,
     /// Per-viewer video packet loss before retransmission, percent.
     pub loss_pct: Option<Percentiles>,
     pub video_packets: u64,
@@ -171,6 +176,7 @@ pub fn summarize(room: &str, reports: &[ViewerReport]) -> anyhow::Result<Summary
     let mut fps = Histogram::<u64>::new(3)?;
     let mut kbps = Histogram::<u64>::new(3)?;
     let mut delay = Histogram::<u64>::new(3)?;
+    let mut arrival = Histogram::<u64>::new(3)?;
     let mut loss = Histogram::<u64>::new(3)?;
     let mut errors = Vec::new();
     let mut without_video = 0;
@@ -194,6 +200,9 @@ pub fn summarize(room: &str, reports: &[ViewerReport]) -> anyhow::Result<Summary
         for d in &r.delays_us {
             delay.record(*d)?;
         }
+        for d in &r.arrival_delays_us {
+            arrival.record(*d)?;
+        }
         let secs = r.played.as_secs_f64();
         if secs > 0.5 {
             fps.record((r.video_frames as f64 / secs * 100.0) as u64)?;
@@ -212,6 +221,7 @@ pub fn summarize(room: &str, reports: &[ViewerReport]) -> anyhow::Result<Summary
         freezes: reports.iter().map(|r| r.freezes).sum(),
         viewers_without_video: without_video,
         delay_ms: percentiles(&delay, 1000.0),
+        arrival_delay_ms: percentiles(&arrival, 1000.0),
         loss_pct: percentiles(&loss, 100.0),
         video_packets: reports.iter().map(|r| r.video_packets).sum(),
         nacks: reports.iter().map(|r| r.nacks).sum(),
@@ -396,6 +406,7 @@ fn print_table(s: &Summary) {
         ("video fps", &s.video_fps),
         ("received kbit/s", &s.received_kbps),
         ("delay (ms)", &s.delay_ms),
+        ("arrival delay (ms)", &s.arrival_delay_ms),
         ("video loss (%)", &s.loss_pct),
     ] {
         match p {

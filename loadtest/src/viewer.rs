@@ -37,8 +37,14 @@ pub struct ViewerReport {
     /// How long media was played (first frame to end).
     pub played: Duration,
     /// Capture-to-arrival delay of each video frame that carried its
-    /// capture time, in microseconds (publisher and viewer share a clock).
+    /// capture time, in microseconds (publisher and viewer share a clock),
+    /// taken when the viewer read the packet.
     pub delays_us: Vec<u64>,
+    /// The same delay taken when the packet reached the viewer's socket
+    /// (the kernel's receive timestamp, light viewers only): what the node
+    /// and the network took, without the time the packet then waited for a
+    /// busy load generator to read it.
+    pub arrival_delays_us: Vec<u64>,
     /// Video RTP packets received and NACKs sent (str0m's ingress stats).
     pub video_packets: u64,
     pub nacks: u64,
@@ -86,6 +92,13 @@ async fn play(
         // the kernel has no UDP_GRO they arrive one by one, as before.
         let _ =
             nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::UdpGroSegment, &true);
+        // Each datagram (or GSO message) carries the time it reached the
+        // socket, for the arrival delay.
+        let _ = nix::sys::socket::setsockopt(
+            &socket,
+            nix::sys::socket::sockopt::ReceiveTimestampns,
+            &true,
+        );
     }
     let start = Instant::now();
     let mut rtc = Rtc::builder()
@@ -182,7 +195,7 @@ async fn play(
                     r?;
                     // Everything waiting, up to a bound (timers still run).
                     for _ in 0..64 {
-                        let (n, source, segment) = match recv_segments(&socket, &mut buf) {
+                        let (n, source, segment, arrived) = match recv_segments(&socket, &mut buf) {
                             Ok(got) => got,
                             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                             Err(e) => return Err(e.into()),
@@ -191,7 +204,7 @@ async fn play(
                         for d in buf[..n].chunks(segment.unwrap_or(n).max(1)) {
                             if let Some(h) = headers.as_mut()
                                 && h.connected
-                                && h.take(d, now)
+                                && h.take(d, now, arrived)
                             {
                                 continue;
                             }
@@ -225,17 +238,18 @@ async fn play(
     result
 }
 
-/// One `recvmsg`: the bytes, the sender, and the segment size when the
-/// kernel handed over several coalesced datagrams (UDP_GRO).
+/// One `recvmsg`: the bytes, the sender, the segment size when the kernel
+/// handed over several coalesced datagrams (UDP_GRO), and the kernel's
+/// receive timestamp (SO_TIMESTAMPNS) when it gave one.
 fn recv_segments(
     socket: &UdpSocket,
     buf: &mut [u8],
-) -> std::io::Result<(usize, SocketAddr, Option<usize>)> {
+) -> std::io::Result<(usize, SocketAddr, Option<usize>, Option<SystemTime>)> {
     use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg};
     use std::os::fd::AsRawFd;
     socket.try_io(tokio::io::Interest::READABLE, || {
         let mut iov = [std::io::IoSliceMut::new(buf)];
-        let mut cmsg = nix::cmsg_space!(i32);
+        let mut cmsg = nix::cmsg_space!(i32, nix::sys::time::TimeSpec);
         let msg = recvmsg::<SockaddrStorage>(
             socket.as_raw_fd(),
             &mut iov,
@@ -243,12 +257,21 @@ fn recv_segments(
             MsgFlags::MSG_DONTWAIT,
         )
         .map_err(std::io::Error::from)?;
-        let segment = msg.cmsgs().ok().and_then(|mut c| {
-            c.find_map(|m| match m {
-                ControlMessageOwned::UdpGroSegments(s) => usize::try_from(s).ok(),
-                _ => None,
-            })
-        });
+        let (mut segment, mut arrived) = (None, None);
+        for m in msg.cmsgs().into_iter().flatten() {
+            match m {
+                ControlMessageOwned::UdpGroSegments(s) => segment = usize::try_from(s).ok(),
+                ControlMessageOwned::ScmTimestampns(t) => {
+                    arrived = u64::try_from(t.tv_sec())
+                        .ok()
+                        .zip(u32::try_from(t.tv_nsec()).ok())
+                        .and_then(|(s, ns)| {
+                            SystemTime::UNIX_EPOCH.checked_add(Duration::new(s, ns))
+                        });
+                }
+                _ => {}
+            }
+        }
         let source = msg
             .address
             .and_then(|a| {
@@ -257,7 +280,7 @@ fn recv_segments(
                     .or_else(|| a.as_sockaddr_in6().map(|v6| SocketAddr::V6((*v6).into())))
             })
             .ok_or_else(|| std::io::Error::other("datagram without a source address"))?;
-        Ok((msg.bytes, source, segment))
+        Ok((msg.bytes, source, segment, arrived))
     })
 }
 
@@ -277,6 +300,7 @@ struct HeaderCounter {
     last_frame: Option<Instant>,
     freezes: u64,
     delays_us: Vec<u64>,
+    arrival_delays_us: Vec<u64>,
     /// RTP timestamp of the last frame whose delay was counted.
     delay_ts: Option<u32>,
 }
@@ -302,13 +326,14 @@ impl HeaderCounter {
             last_frame: None,
             freezes: 0,
             delays_us: Vec::new(),
+            arrival_delays_us: Vec::new(),
             delay_ts: None,
         }
     }
 
     /// Counts an RTP datagram; false when it is not RTP (STUN, DTLS, RTCP
-    /// go to str0m as usual).
-    fn take(&mut self, d: &[u8], now: Instant) -> bool {
+    /// go to str0m as usual). `arrived`: when it reached the socket.
+    fn take(&mut self, d: &[u8], now: Instant, arrived: Option<SystemTime>) -> bool {
         let Some(h) = RtpHeader::parse(d) else {
             return false;
         };
@@ -340,10 +365,13 @@ impl HeaderCounter {
             && self.delay_ts != Some(h.ts)
         {
             self.delay_ts = Some(h.ts);
-            if capture >= self.joined_at
-                && let Ok(delay) = SystemTime::now().duration_since(capture)
-            {
-                self.delays_us.push(delay.as_micros() as u64);
+            if capture >= self.joined_at {
+                if let Ok(delay) = SystemTime::now().duration_since(capture) {
+                    self.delays_us.push(delay.as_micros() as u64);
+                }
+                if let Some(Ok(delay)) = arrived.map(|a| a.duration_since(capture)) {
+                    self.arrival_delays_us.push(delay.as_micros() as u64);
+                }
             }
         }
         true
@@ -356,6 +384,7 @@ impl HeaderCounter {
         r.media_bytes = self.bytes;
         r.freezes = self.freezes;
         r.delays_us = self.delays_us;
+        r.arrival_delays_us = self.arrival_delays_us;
         r.video_packets = self.video_packets;
         r.played = self.first.map_or(Duration::ZERO, |f| {
             Instant::now().saturating_duration_since(f)
@@ -494,13 +523,84 @@ mod tests {
             p
         };
         for seq in [65_534u16, 65_535, 1, 2] {
-            assert!(c.take(&packet(seq, 96), now));
+            assert!(c.take(&packet(seq, 96), now, None));
         }
-        assert!(c.take(&packet(7, 111), now));
+        assert!(c.take(&packet(7, 111), now, None));
         let mut r = ViewerReport::default();
         c.report(now, &mut r);
         assert_eq!((r.video_packets, r.video_frames, r.audio_frames), (4, 4, 1));
         // 65534..=2 is 5 numbers, 4 arrived: 0 is lost.
         assert!((r.loss_pct.unwrap() - 20.0).abs() < 1e-9, "{r:?}");
+    }
+
+    /// A video packet (pt 96) whose abs-capture-time extension says `capture`.
+    fn captured_packet(seq: u16, capture: SystemTime) -> Vec<u8> {
+        let since = capture.duration_since(SystemTime::UNIX_EPOCH).unwrap();
+        let ntp = ((since.as_secs() + 2_208_988_800) << 32)
+            | ((u64::from(since.subsec_nanos()) << 32) / 1_000_000_000);
+        let mut p = vec![0x90, 0x80 | 96];
+        p.extend_from_slice(&seq.to_be_bytes());
+        p.extend_from_slice(&[0, 0, 0, 9, 0, 0, 0, 2, 0xbe, 0xde, 0, 3, 0x77]);
+        p.extend_from_slice(&ntp.to_be_bytes());
+        p.extend_from_slice(&[0, 0, 0]);
+        p.extend_from_slice(&[0xaa; 100]);
+        p
+    }
+
+    #[test]
+    fn arrival_delay_counts_from_the_socket_and_read_delay_from_the_read() {
+        let joined = SystemTime::now() - Duration::from_secs(1);
+        let mut c = HeaderCounter::new("", joined);
+        c.connected = true;
+        let capture = SystemTime::now() - Duration::from_millis(100);
+        let arrived = capture + Duration::from_millis(2);
+        assert!(c.take(&captured_packet(1, capture), Instant::now(), Some(arrived)));
+        // Another packet of the same frame is not counted again; a packet
+        // without a kernel timestamp counts only for the read delay.
+        assert!(c.take(&captured_packet(2, capture), Instant::now(), Some(arrived)));
+        let later = capture + Duration::from_millis(1);
+        let mut next = captured_packet(3, later);
+        next[7] = 10; // another RTP timestamp: another frame
+        assert!(c.take(&next, Instant::now(), None));
+        let mut r = ViewerReport::default();
+        c.report(Instant::now(), &mut r);
+        assert_eq!(r.arrival_delays_us, vec![2_000]);
+        assert_eq!(r.delays_us.len(), 2);
+        assert!(
+            r.delays_us.iter().all(|d| *d >= 99_000),
+            "{:?}",
+            r.delays_us
+        );
+    }
+
+    #[tokio::test]
+    async fn the_kernel_stamps_when_a_datagram_reached_the_socket_not_when_it_was_read() {
+        let rx = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        nix::sys::socket::setsockopt(&rx, nix::sys::socket::sockopt::ReceiveTimestampns, &true)
+            .unwrap();
+        let tx = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let before = SystemTime::now();
+        tx.send_to(b"media", rx.local_addr().unwrap())
+            .await
+            .unwrap();
+        // The reader is late, as a busy load generator would be.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        rx.readable().await.unwrap();
+        let mut buf = [0u8; 64];
+        let (n, source, segment, arrived) = recv_segments(&rx, &mut buf).unwrap();
+        let read = SystemTime::now();
+        assert_eq!(
+            (&buf[..n], source, segment),
+            (&b"media"[..], tx.local_addr().unwrap(), None)
+        );
+        let arrived = arrived.expect("SO_TIMESTAMPNS gave no timestamp");
+        assert!(
+            arrived + Duration::from_millis(1) >= before,
+            "{arrived:?} < {before:?}"
+        );
+        assert!(
+            arrived + Duration::from_millis(40) <= read,
+            "{arrived:?} vs read {read:?}"
+        );
     }
 }
