@@ -4,19 +4,30 @@
 //! (`weir_data_plane::udp`). Weir's forwarding is measured against it:
 //! CPU time per forwarded datagram, on one core.
 //!
-//! Datagrams come in bursts, as a video frame's packets do, and each
-//! destination gets a burst's datagrams back to back (what a shard sends a
-//! viewer), so GSO groups them as it does in the node.
+//! Datagrams come in bursts, as a video frame's packets do (every
+//! `--keyframe-every`th burst as large as a keyframe), and each destination
+//! gets a burst's datagrams back to back (what a shard sends a viewer), so
+//! GSO groups them as it does in the node.
 //!
-//! `udp_fanout --fanout 1000 --pps 200 --burst 5 --size 1100 --seconds 10 --io auto`
+//! It also gives the delay a forwarder with no per-viewer work at all
+//! cannot beat here: from when a burst was sent to when its first datagram
+//! reached each destination's socket (kernel receive timestamps), as the
+//! load test's arrival delay counts a video frame.
+//!
+//! `udp_fanout --fanout 1000 --pps 200 --burst 5 --keyframe-every 60 --keyframe-burst 20 --size 1100 --seconds 10 --io auto`
 
 use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use clap::Parser;
+use hdrhistogram::Histogram;
+use nix::sys::socket::{
+    ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg, setsockopt, sockopt,
+};
 use nix::time::{ClockId, clock_gettime};
 use weir_data_plane::udp::{self, IoChoice};
 
@@ -31,6 +42,12 @@ struct Args {
     /// Datagrams sent back to back each time (a video frame's packets).
     #[arg(long, default_value_t = 1)]
     burst: u32,
+    /// Every this many bursts one is a keyframe's (0: none).
+    #[arg(long, default_value_t = 0)]
+    keyframe_every: u32,
+    /// Datagrams of a keyframe's burst (default: --burst).
+    #[arg(long)]
+    keyframe_burst: Option<u32>,
     /// Datagram size in bytes.
     #[arg(long, default_value_t = 1100)]
     size: usize,
@@ -68,12 +85,25 @@ fn main() -> anyhow::Result<()> {
         args.burst > 0 && args.burst <= 64 && args.burst <= args.pps.max(1),
         "--burst 1..=64, at most --pps"
     );
+    let keyframe_burst = args.keyframe_burst.unwrap_or(args.burst);
+    anyhow::ensure!(
+        (1..=64).contains(&keyframe_burst),
+        "--keyframe-burst 1..=64"
+    );
+    anyhow::ensure!(
+        args.size >= STAMP,
+        "--size at least {STAMP} (the send time and position ride in the datagram)"
+    );
 
-    // Sinks: one socket per destination, drained by one thread.
+    // Sinks: one socket per destination, drained by one thread; each
+    // datagram carries the time it reached its socket.
     let sinks: Vec<UdpSocket> = (0..args.fanout)
         .map(|_| UdpSocket::bind("127.0.0.1:0"))
         .collect::<Result<_, _>>()
         .context("binding sink sockets (raise the open-file limit?)")?;
+    for s in &sinks {
+        setsockopt(s, sockopt::ReceiveTimestampns, &true).context("SO_TIMESTAMPNS")?;
+    }
     let dests: Vec<SocketAddr> = sinks
         .iter()
         .map(|s| s.local_addr())
@@ -83,16 +113,23 @@ fn main() -> anyhow::Result<()> {
     let sink_thread = {
         let received = received.clone();
         let stop = stop.clone();
-        std::thread::spawn(move || {
-            for s in &sinks {
-                let _ = s.set_nonblocking(true);
-            }
+        std::thread::spawn(move || -> Histogram<u64> {
+            let mut delays = Histogram::<u64>::new(3).expect("3 significant digits");
             let mut buf = [0u8; 2048];
             while !stop.load(Ordering::Relaxed) {
                 let mut got = 0;
                 for s in &sinks {
-                    while s.recv(&mut buf).is_ok() {
+                    while let Some((n, arrived)) = recv_stamped(s, &mut buf) {
                         got += 1;
+                        // The first datagram of a burst, as the load test
+                        // counts a frame at its first packet.
+                        if n >= STAMP
+                            && buf[8] == 0
+                            && let Some(arrived) = arrived
+                        {
+                            let sent = u64::from_be_bytes(buf[..8].try_into().unwrap_or_default());
+                            let _ = delays.record(arrived.saturating_sub(sent) / 1000);
+                        }
                     }
                 }
                 received.fetch_add(got, Ordering::Relaxed);
@@ -100,6 +137,7 @@ fn main() -> anyhow::Result<()> {
                     std::thread::sleep(Duration::from_micros(200));
                 }
             }
+            delays
         })
     };
 
@@ -133,22 +171,32 @@ fn main() -> anyhow::Result<()> {
         })
     };
 
-    // The sender, paced.
+    // The sender, paced; each datagram carries its burst's send time and
+    // its place in the burst.
     let sender = UdpSocket::bind("127.0.0.1:0")?;
-    let payload = vec![0xabu8; args.size];
+    let mut payload = vec![0xabu8; args.size];
     let start = Instant::now();
     let interval = Duration::from_secs(1) * args.burst / args.pps.max(1);
     let mut next = start;
     let mut sent = 0u64;
+    let mut bursts = 0u32;
     while start.elapsed() < Duration::from_secs(args.seconds) {
         let now = Instant::now();
         if now < next {
             std::thread::sleep(next - now);
         }
-        for _ in 0..args.burst {
+        let burst = if args.keyframe_every > 0 && bursts.is_multiple_of(args.keyframe_every) {
+            keyframe_burst
+        } else {
+            args.burst
+        };
+        bursts = bursts.wrapping_add(1);
+        payload[..8].copy_from_slice(&unix_ns(SystemTime::now()).to_be_bytes());
+        for i in 0..burst {
+            payload[8] = i as u8;
             sender.send_to(&payload, fwd_addr)?;
         }
-        sent += u64::from(args.burst);
+        sent += u64::from(burst);
         next += interval;
     }
     std::thread::sleep(Duration::from_millis(300));
@@ -156,7 +204,10 @@ fn main() -> anyhow::Result<()> {
     let cpu = fwd_thread
         .join()
         .map_err(|_| anyhow::anyhow!("forwarder panicked"))??;
-    let _ = sink_thread.join();
+    let delays = sink_thread
+        .join()
+        .map_err(|_| anyhow::anyhow!("sink panicked"))?;
+    let ms = |q: f64| delays.value_at_quantile(q) as f64 / 1000.0;
     let wall = start.elapsed().as_secs_f64();
     let out = forwarded.load(Ordering::Relaxed);
     let got = received.load(Ordering::Relaxed);
@@ -176,6 +227,15 @@ fn main() -> anyhow::Result<()> {
         "cpu_ns_per_datagram": ns_per,
         "max_pps_per_core": 1e9 / ns_per.max(1.0),
         "pps_out": out as f64 / wall,
+        "keyframe_every": args.keyframe_every,
+        "keyframe_burst": keyframe_burst,
+        "delay_ms": {
+            "count": delays.len(),
+            "p50": ms(0.5),
+            "p90": ms(0.9),
+            "p99": ms(0.99),
+            "max": delays.max() as f64 / 1000.0,
+        },
     });
     if args.json {
         println!("{result}");
@@ -183,4 +243,34 @@ fn main() -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&result)?);
     }
     Ok(())
+}
+
+/// Bytes at the head of each datagram: the burst's send time (ns since the
+/// Unix epoch, big-endian) and the datagram's place in its burst.
+const STAMP: usize = 9;
+
+fn unix_ns(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// One datagram without blocking, with when it reached the socket (ns
+/// since the Unix epoch) when the kernel said.
+fn recv_stamped(s: &UdpSocket, buf: &mut [u8]) -> Option<(usize, Option<u64>)> {
+    let mut iov = [std::io::IoSliceMut::new(buf)];
+    let mut cmsg = nix::cmsg_space!(nix::sys::time::TimeSpec);
+    let msg = recvmsg::<SockaddrStorage>(
+        s.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::MSG_DONTWAIT,
+    )
+    .ok()?;
+    let arrived = msg.cmsgs().into_iter().flatten().find_map(|m| match m {
+        ControlMessageOwned::ScmTimestampns(t) => Some(
+            u64::try_from(t.tv_sec()).ok()? * 1_000_000_000 + u64::try_from(t.tv_nsec()).ok()?,
+        ),
+        _ => None,
+    });
+    Some((msg.bytes, arrived))
 }
