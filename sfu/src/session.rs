@@ -51,6 +51,9 @@ pub(crate) struct Session {
     /// video bytes sent to it then.
     pub(crate) reported: (u64, u64, u64),
     pub(crate) first_frame_sent: bool,
+    /// Subscriber: frames written since it was last polled, which str0m
+    /// has yet to packetize.
+    pub(crate) unpacketized: u32,
     pub(crate) rebase_audio: Rebase,
     pub(crate) rebase_video: Rebase,
     /// Subscriber: the payload type each publisher payload type (and its
@@ -93,6 +96,7 @@ impl Session {
             estimate_bps: None,
             reported: (0, 0, 0),
             first_frame_sent: false,
+            unpacketized: 0,
             rebase_audio: Rebase::default(),
             rebase_video: Rebase::default(),
             pt_cache: Vec::new(),

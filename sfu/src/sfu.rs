@@ -54,6 +54,13 @@ const VIEWER_VIDEO_RTX_PACKETS: usize = 512;
 /// Bandwidth estimate a new viewer starts with, kbit/s.
 const INITIAL_ESTIMATE_KBPS: u64 = 2_000;
 
+/// Datagrams the SFU lets pile up before it stops polling sessions and
+/// leaves the rest to [`Sfu::poll_output`]. A frame for hundreds of viewers
+/// is then sent as it is encrypted, viewer by viewer, instead of only after
+/// the last viewer's copy is ready (which had made every viewer wait for
+/// the whole fan-out).
+const OUT_CHUNK: usize = 64;
+
 /// Whether a session publishes or plays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Role {
@@ -839,8 +846,15 @@ impl Sfu {
 
     /// Next output. Returns `Timeout` when there is nothing more to do.
     pub fn poll_output(&mut self) -> Output {
-        if let Some(o) = self.out.pop_front() {
-            return o;
+        loop {
+            if let Some(o) = self.out.pop_front() {
+                return o;
+            }
+            if self.dirty.is_empty() {
+                break;
+            }
+            // The rest of a fan-out, a chunk at a time.
+            self.run(self.last_now);
         }
         // Drop stale entries from the top so the answer is a live timeout.
         while let Some(Reverse((at, id))) = self.timers.peek() {
@@ -918,10 +932,15 @@ impl Sfu {
         self.run(now);
     }
 
-    /// Polls dirty sessions until none is left.
+    /// Polls dirty sessions until none is left or [`OUT_CHUNK`] datagrams
+    /// wait to be taken; [`Sfu::poll_output`] goes on from there.
     fn run(&mut self, now: Instant) {
         self.last_now = self.last_now.max(now);
-        while let Some(id) = self.dirty.pop() {
+        let now = self.last_now;
+        while self.out.len() < OUT_CHUNK
+            && let Some(id) = self.dirty.pop()
+        {
+            self.packetize(now, &id);
             let events = self.poll_session(&id);
             for event in events {
                 self.handle_rtc_event(now, &id, event);
@@ -929,6 +948,23 @@ impl Sfu {
             let dead = self.sessions.get(&id).is_some_and(|s| !s.rtc.is_alive());
             if dead {
                 self.close(&id, CloseReason::Disconnected);
+            }
+        }
+    }
+
+    /// Packetizes the frames written to a viewer since it was last polled.
+    /// str0m packetizes one queued frame per media and timeout, so one
+    /// timeout per frame written; done right before the session's packets
+    /// are taken, so a frame is packetized, encrypted and sent in one go.
+    fn packetize(&mut self, now: Instant, id: &SessionId) {
+        let Some(s) = self.sessions.get_mut(id) else {
+            return;
+        };
+        for _ in 0..std::mem::take(&mut s.unpacketized) {
+            if let Err(e) = s.rtc.handle_input(str0m::Input::Timeout(now)) {
+                let reason = CloseReason::Failed(e.to_string());
+                self.close(id, reason);
+                return;
             }
         }
     }
@@ -1425,12 +1461,12 @@ fn write_frame(
         tracing::debug!(session = %s.id, error = %e, "write failed");
         return false;
     }
-    // str0m packetizes one queued frame per media and timeout: do it now,
-    // so the frame's packets are ready for the next poll. Left to the
-    // shard's timer pass, a viewer whose frames arrive faster than the
-    // passes (a busy shard, a GOP cache start) builds a backlog of
-    // seconds. An error here resurfaces at the session's next timeout.
-    let _ = s.rtc.handle_input(str0m::Input::Timeout(now));
+    // str0m packetizes one queued frame per media and timeout. Left to the
+    // session's own timer, a viewer whose frames arrive faster than its
+    // timeouts (a busy shard, a GOP cache start) builds a backlog of
+    // seconds: the SFU gives it one timeout per frame when it next polls
+    // the session (`Sfu::packetize`), which the caller marks dirty.
+    s.unpacketized = s.unpacketized.saturating_add(1);
     counters.frames_forwarded += 1;
     counters.bytes_forwarded += frame.data.len() as u64;
     if frame.kind == MediaKind::Video && !s.first_frame_sent {

@@ -721,3 +721,60 @@ fn a_sources_renditions_are_layers_a_viewer_can_cap() {
     );
     assert_eq!(net.sfu.subscriber_layer(&capped_id), Some(None));
 }
+
+#[test]
+fn a_frame_for_many_viewers_goes_out_as_it_is_made_not_after_the_last_copy() {
+    const VIEWERS: usize = 60;
+    let mut net = Net::new();
+    let (p, _) = net.publish("r1", "alice").unwrap();
+    let subs: Vec<usize> = (0..VIEWERS).map(|_| net.subscribe("r1").0).collect();
+    let mut drive = drive_publisher(p);
+    let t = net.now + Duration::from_secs(2);
+    net.run_until(t, &mut drive);
+    assert!(subs.iter().all(|s| net.peers[*s].connected));
+    let got_before: Vec<usize> = subs.iter().map(|s| net.video_received(*s).len()).collect();
+
+    // The publisher sends a keyframe (several packets for each viewer); the
+    // SFU is fed its datagrams without anything being taken from it.
+    net.wire.clear();
+    net.send_media(p, 3_000, true);
+    // str0m packetizes the publisher's frame at its next timeout.
+    let now = net.now;
+    net.peers[p]
+        .rtc
+        .handle_input(str0m::Input::Timeout(now))
+        .unwrap();
+    net.drain_peer(p);
+    let sfu: std::net::SocketAddr = SFU_ADDR.parse().unwrap();
+    let to_sfu: Vec<_> = net.wire.drain(..).filter(|w| w.2 == sfu).collect();
+    assert!(to_sfu.len() >= 3, "a keyframe is several packets");
+    let before = net.sfu.counters().datagrams_out;
+    for (_, from, to, bytes) in &to_sfu {
+        net.sfu.handle_input(Input::Receive {
+            now: net.now,
+            source: *from,
+            destination: *to,
+            contents: bytes,
+        });
+    }
+    let made_before_taking = net.sfu.counters().datagrams_out - before;
+    net.drain_sfu();
+    let made = net.sfu.counters().datagrams_out - before;
+    // Every viewer's copy is made, but only a first chunk of them before
+    // the caller starts taking datagrams out to send.
+    assert!(made >= 3 * VIEWERS as u64, "made {made}");
+    assert!(
+        made_before_taking < made / 2,
+        "{made_before_taking} of {made} datagrams were made before any was taken"
+    );
+    // And every viewer gets the keyframe.
+    let end = net.now + Duration::from_millis(100);
+    net.run_until(end, |_| {});
+    for (s, before) in subs.iter().zip(got_before) {
+        let video = net.video_received(*s);
+        assert!(
+            video.len() > before && video[before..].contains(&true),
+            "viewer {s}"
+        );
+    }
+}
