@@ -20,6 +20,10 @@
 # the frame's first packet, and to when that packet reached the viewer's
 # socket (kernel receive timestamp, light viewers). The difference is time
 # spent waiting for the load generator, which shares the node's cores here.
+# CLIENT_NICE=19 runs the viewers in a process of their own at that nice
+# level (the publisher apart, at normal priority), so the node is served
+# first, as on a machine of its own; the arrival delay is unaffected by how
+# late the viewers then read.
 # The raw forwarder's arrival delay (same fan-out, a keyframe's burst every
 # 60 frames) is the floor of that delay on this machine.
 set -euo pipefail
@@ -69,8 +73,20 @@ for m in $VIEWERS; do
   for _ in $(seq 50); do curl -sf http://127.0.0.1:28080/readyz >/dev/null && break; sleep 0.2; done
   backend=$(awk '/^media shards/ {print $5}' "$work/out")
   r0=$(rcvbuf_errors)
-  "$BIN" loadtest --control http://127.0.0.1:27000 --room bench --publishers 1 --viewers "$m" \
-    --duration "$DURATION" --ramp-ms 5 $LIGHT_FLAG --json >"$work/lt.json" 2>"$work/lt.err" &
+  publisher=""
+  if [ -n "${CLIENT_NICE:-}" ]; then
+    # The publisher at normal priority (its capture times must not wait),
+    # the viewers niced: the node gets the cores first, as on its own box.
+    "$BIN" loadtest --control http://127.0.0.1:27000 --room bench --publishers 1 --viewers 1 \
+      --duration $((DURATION + 6)) --light --json >"$work/pub.json" 2>"$work/pub.err" &
+    publisher=$!
+    sleep 1
+    nice -n "$CLIENT_NICE" "$BIN" loadtest --control http://127.0.0.1:27000 --room bench --publishers 0 --viewers "$m" \
+      --duration "$DURATION" --ramp-ms 5 $LIGHT_FLAG --json >"$work/lt.json" 2>"$work/lt.err" &
+  else
+    "$BIN" loadtest --control http://127.0.0.1:27000 --room bench --publishers 1 --viewers "$m" \
+      --duration "$DURATION" --ramp-ms 5 $LIGHT_FLAG --json >"$work/lt.json" 2>"$work/lt.err" &
+  fi
   lt=$!
   # Wait for every viewer to have joined, then sample a steady window.
   sleep $(( 3 + m * 5 / 1000 + 3 ))
@@ -78,6 +94,7 @@ for m in $VIEWERS; do
   sleep "$WINDOW"
   d1=$(metric weir_udp_datagrams_sent_total); b1=$(metric weir_udp_bytes_sent_total); c1=$(shard_ticks "$pid")
   wait "$lt" || true
+  [ -n "${publisher:-}" ] && { wait "$publisher" || true; }
   r1=$(rcvbuf_errors)
   sent_all=$(metric weir_udp_datagrams_sent_total); send_drops=$(metric weir_udp_send_dropped_total)
   kill "$pid"; wait "$pid" 2>/dev/null || true
