@@ -105,6 +105,10 @@ async fn publish(
                     let pt = pt.context("the node did not accept VP8")?;
                     let time = MediaTime::new(video_n * 90_000 / u64::from(clip.fps), Frequency::NINETY_KHZ);
                     w.abs_capture_time(capture).write(pt, now, time, f.data.clone())?;
+                    // str0m packetizes a written frame at its next timeout:
+                    // now, not at the runtime's next timer tick (up to a
+                    // millisecond later), which the delay would count.
+                    rtc.handle_input(Input::Timeout(now))?;
                     report.video_frames += 1;
                     report.bytes += f.data.len() as u64;
                     video_n += 1;
@@ -116,6 +120,7 @@ async fn publish(
                     if let Some(pt) = pt {
                         let time = MediaTime::new(audio_n * 960, Frequency::FORTY_EIGHT_KHZ);
                         w.write(pt, now, time, OPUS_SILENCE.to_vec())?;
+                        rtc.handle_input(Input::Timeout(now))?;
                     }
                     audio_n += 1;
                     next_audio += Duration::from_millis(20);
