@@ -19,8 +19,9 @@
 //! it returns `Timeout`; the timeout is only valid once everything queued
 //! before it has been taken. `poll_output` does work too: a frame's fan-out
 //! to many viewers is made a chunk at a time as its datagrams are taken, so
-//! the first viewers' copies can be sent before the last ones exist. The core never reads a clock, never opens a socket
-//! and never spawns a thread, so tests drive it with a virtual clock.
+//! the first viewers' copies can be sent before the last ones exist. The
+//! core never reads a clock, never opens a socket and never spawns a thread,
+//! so tests drive it with a virtual clock.
 
 mod frame;
 mod gop;

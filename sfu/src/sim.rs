@@ -325,6 +325,17 @@ impl Net {
         }
     }
 
+    /// Gives peer `i` its timeout now (str0m packetizes what was written to
+    /// it then) and puts what it sends on the wire.
+    pub fn peer_timeout(&mut self, i: usize) {
+        let now = self.now;
+        self.peers[i]
+            .rtc
+            .handle_input(str0m::Input::Timeout(now))
+            .unwrap();
+        self.drain_peer(i);
+    }
+
     /// Advances virtual time to `until`, delivering packets and timeouts.
     pub fn run_until(&mut self, until: Instant, mut on_tick: impl FnMut(&mut Net)) {
         let tick = Duration::from_millis(10);
@@ -357,12 +368,7 @@ impl Net {
             }
             for i in 0..self.peers.len() {
                 if self.peers[i].online && self.peers[i].next <= self.now {
-                    let now = self.now;
-                    self.peers[i]
-                        .rtc
-                        .handle_input(str0m::Input::Timeout(now))
-                        .unwrap();
-                    self.drain_peer(i);
+                    self.peer_timeout(i);
                 }
             }
         }

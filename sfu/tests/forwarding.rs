@@ -739,12 +739,7 @@ fn a_frame_for_many_viewers_goes_out_as_it_is_made_not_after_the_last_copy() {
     net.wire.clear();
     net.send_media(p, 3_000, true);
     // str0m packetizes the publisher's frame at its next timeout.
-    let now = net.now;
-    net.peers[p]
-        .rtc
-        .handle_input(str0m::Input::Timeout(now))
-        .unwrap();
-    net.drain_peer(p);
+    net.peer_timeout(p);
     let sfu: std::net::SocketAddr = SFU_ADDR.parse().unwrap();
     let to_sfu: Vec<_> = net.wire.drain(..).filter(|w| w.2 == sfu).collect();
     assert!(to_sfu.len() >= 3, "a keyframe is several packets");
