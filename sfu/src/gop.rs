@@ -3,7 +3,7 @@
 //! publisher for a keyframe (and without making every viewer wait for the
 //! next one).
 
-use crate::frame::MediaFrame;
+use crate::packetize::Packetized;
 
 /// Bounds of the cache; past either, it is dropped until the next keyframe
 /// (a publisher with very long GOPs then gets keyframe requests instead).
@@ -26,13 +26,14 @@ impl Default for GopLimits {
 
 #[derive(Debug, Default)]
 pub(crate) struct GopCache {
-    frames: Vec<MediaFrame>,
+    frames: Vec<Packetized>,
     bytes: usize,
 }
 
 impl GopCache {
     /// Records a video frame of the forwarded layer.
-    pub(crate) fn push(&mut self, frame: &MediaFrame, limits: GopLimits) {
+    pub(crate) fn push(&mut self, packets: &Packetized, limits: GopLimits) {
+        let frame = &packets.frame;
         if frame.keyframe {
             self.clear();
         } else if self.frames.is_empty() {
@@ -46,11 +47,11 @@ impl GopCache {
             return;
         }
         self.bytes += frame.data.len();
-        self.frames.push(frame.clone());
+        self.frames.push(packets.clone());
     }
 
     /// The keyframe and what follows it, if a keyframe is cached.
-    pub(crate) fn frames(&self) -> &[MediaFrame] {
+    pub(crate) fn frames(&self) -> &[Packetized] {
         &self.frames
     }
 
@@ -69,11 +70,12 @@ mod tests {
     use str0m::media::{MediaKind, MediaTime};
 
     use super::*;
+    use crate::frame::MediaFrame;
 
-    fn frame(keyframe: bool, len: usize) -> MediaFrame {
+    fn frame(keyframe: bool, len: usize) -> Packetized {
         #[allow(clippy::disallowed_methods)] // a timestamp no test reads
         let now = Instant::now();
-        MediaFrame {
+        let frame = MediaFrame {
             kind: MediaKind::Video,
             codec: Codec::Vp8,
             params: None,
@@ -83,6 +85,11 @@ mod tests {
             rid: None,
             capture_time: None,
             data: Arc::from(vec![0u8; len]),
+        };
+        Packetized {
+            frame,
+            payloads: Arc::from([]),
+            picture_id: None,
         }
     }
 

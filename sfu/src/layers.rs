@@ -8,6 +8,7 @@ use str0m::media::Rid;
 
 use crate::frame::MediaFrame;
 use crate::gop::{GopCache, GopLimits};
+use crate::packetize::{Packetized, Packetizer};
 
 /// A layer is named by its rid; `None` when the publisher sends one stream.
 pub(crate) type LayerKey = Option<Rid>;
@@ -24,6 +25,7 @@ const BEHIND: Duration = Duration::from_millis(500);
 pub(crate) struct Layer {
     pub(crate) key: LayerKey,
     pub(crate) gop: GopCache,
+    packetizer: Option<Packetizer>,
     /// Measured over the last full second.
     pub(crate) bps: u64,
     window_bytes: u64,
@@ -38,14 +40,16 @@ pub(crate) struct Layers {
 }
 
 impl Layers {
-    /// Records a video frame of `frame.rid`'s layer; returns the layer's index
-    /// (stable: layers are only added) and whether the layer is new.
+    /// Records a video frame of `frame.rid`'s layer and packetizes it (RTP
+    /// payloads of at most `mtu` bytes); returns the layer's index (stable:
+    /// layers are only added), whether the layer is new, and the packets.
     pub(crate) fn record(
         &mut self,
         now: Instant,
         frame: &MediaFrame,
         gop: GopLimits,
-    ) -> (usize, bool) {
+        mtu: usize,
+    ) -> (usize, bool, Packetized) {
         let mut new = false;
         let i = match self.list.iter().position(|l| l.key == frame.rid) {
             Some(i) => i,
@@ -54,6 +58,7 @@ impl Layers {
                 self.list.push(Layer {
                     key: frame.rid,
                     gop: GopCache::default(),
+                    packetizer: None,
                     bps: 0,
                     window_bytes: 0,
                     window_start: None,
@@ -75,10 +80,11 @@ impl Layers {
             l.window_bytes = 0;
             l.window_start = Some(now);
         }
+        let packets = Packetizer::run(&mut l.packetizer, frame, mtu);
         if gop.max_frames > 0 {
-            l.gop.push(frame, gop);
+            l.gop.push(&packets, gop);
         }
-        (i, new)
+        (i, new, packets)
     }
 
     /// Whether the layer lags the freshest layer by more than [`BEHIND`].

@@ -26,6 +26,7 @@
 mod frame;
 mod gop;
 mod layers;
+mod packetize;
 mod rebase;
 mod session;
 mod sfu;

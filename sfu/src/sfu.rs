@@ -9,15 +9,16 @@ use std::time::{Duration, Instant};
 // several times cheaper than SipHash on them and still seeded per map.
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use str0m::change::SdpOffer;
-use str0m::format::Codec;
 use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid, Rid};
 use str0m::net::{Protocol, Receive};
+use str0m::rtp::{ExtensionValues, RtpWrite, SeqNo, Vp8Descriptor};
 use str0m::{Candidate, IceConnectionState, RtcConfig};
 use weir_protocol::{RoomId, SessionId};
 
 use crate::frame::MediaFrame;
 use crate::gop::GopLimits;
 use crate::layers::{LayerKey, Layers};
+use crate::packetize::{Packetized, Packetizer};
 use crate::session::{MAX_CHANNELS, Session};
 
 /// Settings of one SFU (one shard).
@@ -292,6 +293,8 @@ struct Room {
     layers: Layers,
     /// The publisher sends simulcast (its offer had `a=simulcast`).
     simulcast: bool,
+    /// Packetizes the room's audio (video is packetized per layer).
+    audio: Option<Packetizer>,
 }
 
 /// A publisher that is not a WebRTC peer: its frames are pushed in.
@@ -304,6 +307,9 @@ struct Source {
 pub struct Sfu {
     config: SfuConfig,
     rtc_config: RtcConfig,
+    /// Largest RTP payload: what fits a datagram of the configured MTU once
+    /// SRTP adds its tag, in whole cipher blocks (as str0m sizes its own).
+    payload_mtu: usize,
     sessions: HashMap<SessionId, Session>,
     sources: HashMap<SessionId, Source>,
     rooms: HashMap<RoomId, Room>,
@@ -353,9 +359,12 @@ impl Sfu {
         {
             rtc_config = rtc_config.set_dtls_cert(cert);
         }
+        let srtp_tag = 16;
+        let payload_mtu = rtc_config.mtu().saturating_sub(srtp_tag) / 16 * 16;
         Self {
             config,
             rtc_config,
+            payload_mtu,
             sessions: HashMap::new(),
             sources: HashMap::new(),
             rooms: HashMap::new(),
@@ -612,7 +621,10 @@ impl Sfu {
             .map_err(|e| SfuError::InvalidOffer(e.to_string()))?;
         let mut config = self.rtc_config.clone();
         if role == Role::Subscriber {
+            // Frames are packetized once for all viewers (`packetize`) and
+            // written to each as RTP.
             config = config
+                .set_rtp_mode(true)
                 .set_stats_interval(Some(STATS_INTERVAL))
                 .set_send_buffer_video(VIEWER_VIDEO_RTX_PACKETS);
             // The estimate towards each viewer picks its simulcast layer. Only
@@ -940,7 +952,7 @@ impl Sfu {
         while self.out.len() < OUT_CHUNK
             && let Some(id) = self.dirty.pop()
         {
-            self.packetize(now, &id);
+            self.stamp(now, &id);
             let events = self.poll_session(&id);
             for event in events {
                 self.handle_rtc_event(now, &id, event);
@@ -952,20 +964,19 @@ impl Sfu {
         }
     }
 
-    /// Packetizes the frames written to a viewer since it was last polled.
-    /// str0m packetizes one queued frame per media and timeout, so one
-    /// timeout per frame written; done right before the session's packets
-    /// are taken, so a frame is packetized, encrypted and sent in one go.
-    fn packetize(&mut self, now: Instant, id: &SessionId) {
+    /// Gives a viewer that was written packets since it was last polled a
+    /// timeout: str0m only sends written packets once time has passed over
+    /// them. Done right before the session's packets are taken, so a frame
+    /// is encrypted and sent in one go.
+    fn stamp(&mut self, now: Instant, id: &SessionId) {
         let Some(s) = self.sessions.get_mut(id) else {
             return;
         };
-        for _ in 0..std::mem::take(&mut s.unpacketized) {
-            if let Err(e) = s.rtc.handle_input(str0m::Input::Timeout(now)) {
-                let reason = CloseReason::Failed(e.to_string());
-                self.close(id, reason);
-                return;
-            }
+        if std::mem::take(&mut s.written)
+            && let Err(e) = s.rtc.handle_input(str0m::Input::Timeout(now))
+        {
+            let reason = CloseReason::Failed(e.to_string());
+            self.close(id, reason);
         }
     }
 
@@ -1169,9 +1180,14 @@ impl Sfu {
         let Some(r) = self.rooms.get_mut(room) else {
             return;
         };
-        let (layer_index, new_layer) = match frame.kind {
-            MediaKind::Video => r.layers.record(now, frame, self.config.gop),
-            MediaKind::Audio => (0, false),
+        let (layer_index, new_layer, packets) = match frame.kind {
+            MediaKind::Video => r
+                .layers
+                .record(now, frame, self.config.gop, self.payload_mtu),
+            MediaKind::Audio => {
+                let packets = Packetizer::run(&mut r.audio, frame, self.payload_mtu);
+                (0, false, packets)
+            }
         };
         if new_layer {
             // Viewers capped at a layer that did not exist yet may now
@@ -1246,7 +1262,7 @@ impl Sfu {
                 s,
                 now,
                 generation,
-                frame,
+                &packets,
                 room,
                 &mut self.counters,
                 &mut self.out,
@@ -1323,12 +1339,12 @@ impl Sfu {
         s.layer = Some(key);
         s.pending_layer = None;
         let generation = r.generation * 16 + index as u64;
-        for frame in frames {
+        for packets in frames {
             write_frame(
                 s,
                 now,
                 generation,
-                frame,
+                packets,
                 room,
                 &mut self.counters,
                 &mut self.out,
@@ -1409,67 +1425,80 @@ impl Sfu {
     }
 }
 
-/// Writes one frame to one viewer; returns whether anything was written.
+/// Writes one frame's packets to one viewer; returns whether anything was
+/// written.
 fn write_frame(
     s: &mut Session,
     now: Instant,
     generation: u64,
-    frame: &MediaFrame,
+    packets: &Packetized,
     room: &RoomId,
     counters: &mut Counters,
     out: &mut VecDeque<Output>,
 ) -> bool {
+    let frame = &packets.frame;
+    let Some(last) = packets.payloads.len().checked_sub(1) else {
+        return false;
+    };
     let Some(mid) = s.out_mid(frame.kind) else {
         return false;
     };
-    let rebase = match frame.kind {
-        MediaKind::Audio => &mut s.rebase_audio,
-        MediaKind::Video => &mut s.rebase_video,
-    };
-    let time = rebase.map(generation, frame.time, now);
-    let Some(mut writer) = s.rtc.writer(mid) else {
-        return false;
-    };
-    if let Some(t) = frame.capture_time {
-        writer = writer.abs_capture_time(t);
-    }
-    let pt = match frame.params {
-        Some(params) => {
-            // Matching scores every payload type of the viewer: once per
-            // publisher payload type is enough.
-            let key = (params.pt(), params.spec());
-            match s.pt_cache.iter().find(|(k, _)| *k == key) {
-                Some((_, pt)) => Some(*pt),
-                None => {
-                    let pt = writer.match_params(params);
-                    if let Some(pt) = pt
-                        && s.pt_cache.len() < 8
-                    {
-                        s.pt_cache.push((key, pt));
-                    }
-                    pt
-                }
-            }
-        }
-        None => source_pt(writer.payload_params(), frame.codec),
-    };
-    let Some(pt) = pt else {
+    let Some((pt, clock)) = s.pt_for(mid, frame) else {
         counters.codec_mismatches += 1;
         return false;
     };
-    if let Err(e) = writer.write(pt, frame.network_time, time, frame.data.clone()) {
-        tracing::debug!(session = %s.id, error = %e, "write failed");
+    let video = frame.kind == MediaKind::Video;
+    let rebase = if video {
+        &mut s.rebase_video
+    } else {
+        &mut s.rebase_audio
+    };
+    let time = rebase
+        .map(generation, frame.time, now)
+        .rebase(clock)
+        .numer() as u32;
+    let picture_id = packets
+        .picture_id
+        .map(|id| (id, s.vp8.map(generation, id)))
+        .and_then(|(theirs, ours)| (theirs != ours).then_some(ours));
+    let mut api = s.rtc.direct_api();
+    let Some(stream) = api.stream_tx_by_mid(mid, None) else {
         return false;
+    };
+    let seq = &mut s.next_seq[usize::from(video)];
+    for (i, payload) in packets.payloads.iter().enumerate() {
+        let mut w = RtpWrite::new(
+            pt,
+            SeqNo::from(*seq),
+            time,
+            frame.network_time,
+            payload.clone(),
+        )
+        .marker(video && i == last)
+        .nackable(video);
+        *seq += 1;
+        if i == 0
+            && let Some(t) = frame.capture_time
+        {
+            w = w.ext_vals(ExtensionValues {
+                abs_capture_time: Some(t),
+                ..Default::default()
+            });
+        }
+        if let Some(id) = picture_id {
+            // The payloads carry the layer's picture id in the 15-bit form
+            // (`packetize`), so this viewer's own always fits in place.
+            match Vp8Descriptor::parse(payload).map(|d| d.patch().picture_id(id).build()) {
+                Ok(Ok(patch)) => w = w.vp8_patch(patch),
+                e => tracing::debug!(session = %s.id, error = ?e, "VP8 picture id not rewritten"),
+            }
+        }
+        stream.write_rtp(w);
     }
-    // str0m packetizes one queued frame per media and timeout. Left to the
-    // session's own timer, a viewer whose frames arrive faster than its
-    // timeouts (a busy shard, a GOP cache start) builds a backlog of
-    // seconds: the SFU gives it one timeout per frame when it next polls
-    // the session (`Sfu::packetize`), which the caller marks dirty.
-    s.unpacketized = s.unpacketized.saturating_add(1);
+    s.written = true;
     counters.frames_forwarded += 1;
     counters.bytes_forwarded += frame.data.len() as u64;
-    if frame.kind == MediaKind::Video && !s.first_frame_sent {
+    if video && !s.first_frame_sent {
         s.first_frame_sent = true;
         out.push_back(Output::Event(Event::FirstFrame {
             session: s.id.clone(),
@@ -1478,20 +1507,4 @@ fn write_frame(
         }));
     }
     true
-}
-
-/// The viewer's payload type for a source's codec: for H.264 one with
-/// packetization mode 1 (what every browser decodes), else the first match.
-fn source_pt<'a>(
-    params: impl Iterator<Item = &'a str0m::format::PayloadParams>,
-    codec: Codec,
-) -> Option<str0m::media::Pt> {
-    let mut fallback = None;
-    for p in params.filter(|p| p.spec().codec == codec) {
-        if codec != Codec::H264 || p.spec().format.packetization_mode == Some(1) {
-            return Some(p.pt());
-        }
-        fallback.get_or_insert(p.pt());
-    }
-    fallback
 }
