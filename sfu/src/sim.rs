@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use str0m::change::{SdpAnswer, SdpPendingOffer};
 use str0m::format::Codec;
+use str0m::format::CodecExtra;
 use str0m::media::{Direction, MediaKind, MediaTime, Mid};
 use str0m::net::{Protocol, Receive};
 use str0m::{Candidate, Event as RtcEvent, Rtc};
@@ -26,6 +27,9 @@ pub struct Peer {
     pub next: Instant,
     /// Received media: (kind, keyframe, time received).
     pub media: Vec<(MediaKind, bool, Instant)>,
+    /// Received video frames as sent on the wire: first and last RTP
+    /// sequence number, RTP time, VP8 picture id.
+    pub video_wire: Vec<(u64, u64, u64, Option<u64>)>,
     pub keyframe_requests: usize,
     pub connected: bool,
     /// The SFU closed the session in-band (DTLS close_notify arrived).
@@ -161,6 +165,7 @@ impl Net {
             rtc,
             next: self.now,
             media: Vec::new(),
+            video_wire: Vec::new(),
             keyframe_requests: 0,
             connected: false,
             closed: false,
@@ -313,6 +318,18 @@ impl Net {
                             MediaKind::Audio
                         };
                         p.media.push((kind, d.is_keyframe(), now));
+                        if kind == MediaKind::Video {
+                            let picture_id = match d.codec_extra {
+                                CodecExtra::Vp8(e) => e.picture_id,
+                                _ => None,
+                            };
+                            p.video_wire.push((
+                                **d.seq_range.start(),
+                                **d.seq_range.end(),
+                                d.time.numer(),
+                                picture_id,
+                            ));
+                        }
                     }
                     RtcEvent::KeyframeRequest(_) => p.keyframe_requests += 1,
                     RtcEvent::ChannelOpen(id, _) => p.channel = Some(id),
@@ -475,6 +492,32 @@ impl Net {
             .filter(|m| m.0 == MediaKind::Video)
             .map(|m| m.1)
             .collect()
+    }
+
+    /// Where peer `i`'s received video is not one continuous stream on the
+    /// wire: a sequence number skipped or repeated between frames, RTP time
+    /// not moving forward, or a VP8 picture id not one more than the last.
+    /// Empty when it is continuous. Frames before `from` are left out (a
+    /// stretch with loss).
+    pub fn video_breaks(&self, i: usize, from: usize) -> Vec<String> {
+        let wire = self.peers[i].video_wire.get(from..).unwrap_or_default();
+        let mut breaks = Vec::new();
+        for (n, w) in wire.windows(2).enumerate() {
+            let n = n + from;
+            let ((_, last_seq, t0, id0), (first_seq, _, t1, id1)) = (w[0], w[1]);
+            if first_seq != last_seq + 1 {
+                breaks.push(format!("frame {n}: seq {last_seq} then {first_seq}"));
+            }
+            if t1 <= t0 {
+                breaks.push(format!("frame {n}: time {t0} then {t1}"));
+            }
+            if let (Some(a), Some(b)) = (id0, id1)
+                && b != a + 1
+            {
+                breaks.push(format!("frame {n}: picture id {a} then {b}"));
+            }
+        }
+        breaks
     }
 
     pub fn audio_received(&self, i: usize) -> usize {
