@@ -12,7 +12,6 @@ use str0m::media::{Frequency, MediaKind, Mid, Pt};
 use weir_protocol::{RoomId, SessionId};
 
 use crate::frame::MediaFrame;
-
 use crate::layers::LayerKey;
 use crate::rebase::Rebase;
 use crate::sfu::Role;

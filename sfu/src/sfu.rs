@@ -295,6 +295,9 @@ struct Room {
     simulcast: bool,
     /// Packetizes the room's audio (video is packetized per layer).
     audio: Option<Packetizer>,
+    /// Frames fanned out so far, audio and video: where the next fan-out
+    /// starts in `subscribers`, so that no viewer is always served last.
+    turns: [usize; 2],
 }
 
 /// A publisher that is not a WebRTC peer: its frames are pushed in.
@@ -1217,7 +1220,13 @@ impl Sfu {
             });
         }
         let mut wanted: Vec<LayerKey> = Vec::new();
-        for sub in &r.subscribers {
+        // Sessions are polled last-marked first: the fan-out's order turns
+        // by one viewer per frame.
+        let turn = &mut r.turns[usize::from(frame.kind == MediaKind::Video)];
+        let start = *turn % r.subscribers.len().max(1);
+        *turn = turn.wrapping_add(1);
+        let (first, rest) = r.subscribers.split_at(start);
+        for sub in rest.iter().chain(first) {
             let Some(s) = self.sessions.get_mut(sub) else {
                 continue;
             };

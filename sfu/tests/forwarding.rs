@@ -796,3 +796,43 @@ fn a_frame_for_many_viewers_goes_out_as_it_is_made_not_after_the_last_copy() {
         );
     }
 }
+
+#[test]
+fn no_viewer_is_always_served_last() {
+    const VIEWERS: usize = 4;
+    let mut net = Net::new();
+    let (p, _) = net.publish("r1", "alice").unwrap();
+    let subs: Vec<usize> = (0..VIEWERS).map(|_| net.subscribe("r1").0).collect();
+    let mut drive = drive_publisher(p);
+    let t = net.now + Duration::from_secs(2);
+    net.run_until(t, &mut drive);
+    let viewers: Vec<std::net::SocketAddr> = subs.iter().map(|s| net.peers[*s].addr).collect();
+    let sfu: std::net::SocketAddr = SFU_ADDR.parse().unwrap();
+    let (mut firsts, mut lasts) = (Vec::new(), Vec::new());
+    for n in 0..2 * VIEWERS as u64 {
+        net.wire.clear();
+        // A video frame (and its audio) from the publisher, into the SFU.
+        net.send_media(p, 3_000 + 3 * n, false);
+        net.peer_timeout(p);
+        let to_sfu: Vec<_> = net.wire.drain(..).filter(|w| w.2 == sfu).collect();
+        for (_, from, to, bytes) in &to_sfu {
+            net.deliver(*from, *to, bytes);
+        }
+        // The order the viewers' video copies left in (audio is the small one).
+        let order: Vec<_> = net
+            .wire
+            .iter()
+            .filter(|w| viewers.contains(&w.2) && w.3.len() > 300)
+            .map(|w| w.2)
+            .collect();
+        assert_eq!(order.len(), VIEWERS, "one video packet each");
+        firsts.push(order[0]);
+        lasts.push(order[VIEWERS - 1]);
+        let t = net.now + Duration::from_millis(100);
+        net.run_until(t, |_| {});
+    }
+    for v in &viewers {
+        assert!(lasts.contains(v), "{v} was never served last: {lasts:?}");
+        assert!(firsts.contains(v), "{v} was never served first: {firsts:?}");
+    }
+}
