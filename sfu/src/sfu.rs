@@ -1244,6 +1244,7 @@ impl Sfu {
                     // up): move to the best layer that keeps pace.
                     let best = r.layers.choose(s.estimate_bps, None, s.max_layer);
                     if let Some(b) = best.filter(|b| *b != current) {
+                        tracing::debug!(session = %s.id, from = ?current, to = ?b, "layer behind, moving off it");
                         s.pending_layer = Some(b);
                         wanted.push(b);
                     }

@@ -19,7 +19,8 @@
 // Output: exactly one JSON line on stdout.
 //   success (exit 0): {"ok":true,"codec":C,"room":R,"viewers":[{"ttffMs","framesDecoded",
 //                      "audioPackets","width","height","videoCodec","framesReceived",
-//                      "framesDropped","framesPerSecond","freezeCount"}, ...]}
+//                      "framesDropped","framesPerSecond","freezeCount","sizesSeen"}, ...]}
+//                      (sizesSeen: every "WxH" the viewer showed while watching)
 //   failure (exit 1): {"ok":false,"error":"..."}; each page's window.weir and its
 //                      last 30 console messages go to stderr.
 //   setup error (exit 2): Chromium or playwright-core missing, bad arguments.
@@ -238,7 +239,22 @@ try {
   const viewer2 = await openClient('viewer2', `${opts.base}/play/${room}${opts.viewer2Query ? `?${opts.viewer2Query}` : ''}`);
   await waitForWeir('viewer2', viewer2, 'decoded video and received audio', viewerReady);
 
-  if (opts.watchMs > 0) await sleep(Math.min(opts.watchMs, remaining()));
+  // The frame sizes each viewer was shown while watching, sampled every
+  // 250 ms: on a loaded machine a viewer may move between layers, so its
+  // last size alone says little about which layers it was given.
+  const seen = { viewer1: new Set(), viewer2: new Set() };
+  const noteSizes = async () => {
+    for (const [name, page] of [['viewer1', viewer1], ['viewer2', viewer2]]) {
+      const v = (await weirOf(page))?.stats?.video;
+      if (v?.frameWidth) seen[name].add(`${v.frameWidth}x${v.frameHeight}`);
+    }
+  };
+  await noteSizes();
+  const watchEnd = Date.now() + Math.min(opts.watchMs, remaining());
+  while (Date.now() < watchEnd) {
+    await sleep(Math.min(250, Math.max(0, watchEnd - Date.now())));
+    await noteSizes();
+  }
 
   const viewers = [];
   for (const [name, page] of [['viewer1', viewer1], ['viewer2', viewer2]]) {
@@ -259,6 +275,7 @@ try {
       framesDropped: v.framesDropped,
       framesPerSecond: v.framesPerSecond,
       freezeCount: v.freezeCount,
+      sizesSeen: [...seen[name]].sort(),
     });
   }
   process.stdout.write(JSON.stringify({ ok: true, codec: opts.codec, room: opts.room, viewers }) + '\n');
