@@ -395,13 +395,17 @@ async fn both_planes_serve_a_cpu_profile() {
         )
         .await;
         assert_refused(&r, 400, "seconds must be");
-        let r = call(
+        // One second of sampling, then symbolizing a debug build for the
+        // flamegraph, which on two cores busy with other tests took over 10 s.
+        let r = request(
             "GET",
             &format!("{base}/debug/pprof/profile?seconds=1"),
             &[],
             b"",
+            Duration::from_secs(90),
         )
-        .await;
+        .await
+        .unwrap();
         assert_eq!(r.status, 200, "{base}: {}", r.text());
         assert_eq!(r.header("content-type"), Some("image/svg+xml"));
         assert!(
