@@ -144,7 +144,7 @@ async fn ffmpeg_pushes_srt_and_two_chromium_viewers_play_it() {
     assert_eq!(viewers.len(), 2, "{result}");
     // The source as sent (without B-frames) to one; the ladder's rendition,
     // a simulcast layer of the room, to the one that asked for it. Shown at
-    // some time while they watched, not necessarily at the end: on two
+    // some time while they played, not necessarily at the end: on two
     // cores shared with ffmpeg, two encoders and two browsers, a layer whose
     // transcoder falls 500 ms behind is left for one that keeps pace (and a
     // bandwidth estimate can dip), by design. Their last sizes had made

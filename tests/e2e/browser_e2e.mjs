@@ -20,7 +20,8 @@
 //   success (exit 0): {"ok":true,"codec":C,"room":R,"viewers":[{"ttffMs","framesDecoded",
 //                      "audioPackets","width","height","videoCodec","framesReceived",
 //                      "framesDropped","framesPerSecond","freezeCount","sizesSeen"}, ...]}
-//                      (sizesSeen: every "WxH" the viewer showed while watching)
+//                      (sizesSeen: every "WxH" the viewer showed from its first
+//                      picture on)
 //   failure (exit 1): {"ok":false,"error":"..."}; each page's window.weir and its
 //                      last 30 console messages go to stderr.
 //   setup error (exit 2): Chromium or playwright-core missing, bad arguments.
@@ -231,30 +232,36 @@ try {
     await waitForWeir('publisher', publisher, "state 'connected' and packets sent", publisherReady);
   }
 
+  // The frame sizes each viewer shows, sampled every 250 ms from when it
+  // first plays until its stats are read: on a loaded machine a viewer may
+  // move between layers, so its last size alone says little about which
+  // layers it was given.
+  const seen = { viewer1: new Set(), viewer2: new Set() };
+  const sampled = [];
+  let sampling = true;
+  const sampler = (async () => {
+    while (sampling) {
+      for (const [name, page] of sampled) {
+        const v = (await weirOf(page))?.stats?.video;
+        if (v?.frameWidth) seen[name].add(`${v.frameWidth}x${v.frameHeight}`);
+      }
+      await sleep(250);
+    }
+  })();
+
   const viewer1 = await openClient('viewer1', `${opts.base}/play/${room}`);
   await waitForWeir('viewer1', viewer1, 'decoded video and received audio', viewerReady);
+  sampled.push(['viewer1', viewer1]);
 
   await sleep(Math.min(LATE_JOIN_DELAY_MS, remaining()));
 
   const viewer2 = await openClient('viewer2', `${opts.base}/play/${room}${opts.viewer2Query ? `?${opts.viewer2Query}` : ''}`);
   await waitForWeir('viewer2', viewer2, 'decoded video and received audio', viewerReady);
+  sampled.push(['viewer2', viewer2]);
 
-  // The frame sizes each viewer was shown while watching, sampled every
-  // 250 ms: on a loaded machine a viewer may move between layers, so its
-  // last size alone says little about which layers it was given.
-  const seen = { viewer1: new Set(), viewer2: new Set() };
-  const noteSizes = async () => {
-    for (const [name, page] of [['viewer1', viewer1], ['viewer2', viewer2]]) {
-      const v = (await weirOf(page))?.stats?.video;
-      if (v?.frameWidth) seen[name].add(`${v.frameWidth}x${v.frameHeight}`);
-    }
-  };
-  await noteSizes();
-  const watchEnd = Date.now() + Math.min(opts.watchMs, remaining());
-  while (Date.now() < watchEnd) {
-    await sleep(Math.min(250, Math.max(0, watchEnd - Date.now())));
-    await noteSizes();
-  }
+  if (opts.watchMs > 0) await sleep(Math.min(opts.watchMs, remaining()));
+  sampling = false;
+  await sampler;
 
   const viewers = [];
   for (const [name, page] of [['viewer1', viewer1], ['viewer2', viewer2]]) {
