@@ -485,6 +485,34 @@ impl Net {
         self.drain_peer(i);
     }
 
+    /// A publisher in `room_name` and `viewers` subscribers, played for
+    /// two seconds so that every session is connected and video flows;
+    /// returns the publisher's index and the viewers'.
+    pub fn live_room(&mut self, room_name: &str, viewers: usize) -> (usize, Vec<usize>) {
+        let (p, _) = self.publish(room_name, "alice").unwrap();
+        let subs = (0..viewers).map(|_| self.subscribe(room_name).0).collect();
+        let t = self.now + Duration::from_secs(2);
+        self.run_until(t, drive_publisher(p));
+        (p, subs)
+    }
+
+    /// Publisher `p` sends media `frame` (see [`Net::send_media`]); returns
+    /// its datagrams to the SFU, taken off the wire (which is cleared first)
+    /// and not yet delivered.
+    pub fn frame_to_sfu(
+        &mut self,
+        p: usize,
+        frame: u64,
+        keyframe: bool,
+    ) -> Vec<(Instant, SocketAddr, SocketAddr, Vec<u8>)> {
+        self.wire.clear();
+        self.send_media(p, frame, keyframe);
+        // str0m packetizes the publisher's frame at its next timeout.
+        self.peer_timeout(p);
+        let sfu: SocketAddr = SFU_ADDR.parse().unwrap();
+        self.wire.drain(..).filter(|w| w.2 == sfu).collect()
+    }
+
     pub fn video_received(&self, i: usize) -> Vec<bool> {
         self.peers[i]
             .media

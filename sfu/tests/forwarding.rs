@@ -749,22 +749,13 @@ fn a_sources_renditions_are_layers_a_viewer_can_cap() {
 fn a_frame_for_many_viewers_goes_out_as_it_is_made_not_after_the_last_copy() {
     const VIEWERS: usize = 60;
     let mut net = Net::new();
-    let (p, _) = net.publish("r1", "alice").unwrap();
-    let subs: Vec<usize> = (0..VIEWERS).map(|_| net.subscribe("r1").0).collect();
-    let mut drive = drive_publisher(p);
-    let t = net.now + Duration::from_secs(2);
-    net.run_until(t, &mut drive);
+    let (p, subs) = net.live_room("r1", VIEWERS);
     assert!(subs.iter().all(|s| net.peers[*s].connected));
     let got_before: Vec<usize> = subs.iter().map(|s| net.video_received(*s).len()).collect();
 
     // The publisher sends a keyframe (several packets for each viewer); the
     // SFU is fed its datagrams without anything being taken from it.
-    net.wire.clear();
-    net.send_media(p, 3_000, true);
-    // str0m packetizes the publisher's frame at its next timeout.
-    net.peer_timeout(p);
-    let sfu: std::net::SocketAddr = SFU_ADDR.parse().unwrap();
-    let to_sfu: Vec<_> = net.wire.drain(..).filter(|w| w.2 == sfu).collect();
+    let to_sfu = net.frame_to_sfu(p, 3_000, true);
     assert!(to_sfu.len() >= 3, "a keyframe is several packets");
     let before = net.sfu.counters().datagrams_out;
     for (_, from, to, bytes) in &to_sfu {
@@ -801,21 +792,12 @@ fn a_frame_for_many_viewers_goes_out_as_it_is_made_not_after_the_last_copy() {
 fn no_viewer_is_always_served_last() {
     const VIEWERS: usize = 4;
     let mut net = Net::new();
-    let (p, _) = net.publish("r1", "alice").unwrap();
-    let subs: Vec<usize> = (0..VIEWERS).map(|_| net.subscribe("r1").0).collect();
-    let mut drive = drive_publisher(p);
-    let t = net.now + Duration::from_secs(2);
-    net.run_until(t, &mut drive);
+    let (p, subs) = net.live_room("r1", VIEWERS);
     let viewers: Vec<std::net::SocketAddr> = subs.iter().map(|s| net.peers[*s].addr).collect();
-    let sfu: std::net::SocketAddr = SFU_ADDR.parse().unwrap();
     let (mut firsts, mut lasts) = (Vec::new(), Vec::new());
     for n in 0..2 * VIEWERS as u64 {
-        net.wire.clear();
         // A video frame (and its audio) from the publisher, into the SFU.
-        net.send_media(p, 3_000 + 3 * n, false);
-        net.peer_timeout(p);
-        let to_sfu: Vec<_> = net.wire.drain(..).filter(|w| w.2 == sfu).collect();
-        for (_, from, to, bytes) in &to_sfu {
+        for (_, from, to, bytes) in &net.frame_to_sfu(p, 3_000 + 3 * n, false) {
             net.deliver(*from, *to, bytes);
         }
         // The order the viewers' video copies left in (audio is the small one).
