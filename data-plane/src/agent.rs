@@ -3,8 +3,9 @@
 //! media: when the coordinator is unreachable the node keeps serving and says
 //! so in its metrics.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
 use weir_protocol::coordinator::{
@@ -25,6 +26,38 @@ pub struct Agent {
     draining: watch::Sender<bool>,
     /// The node's relay: a room claimed here is no longer pulled from elsewhere.
     relay: std::sync::OnceLock<Arc<crate::relay::Relay>>,
+    /// Rooms whose origin the coordinator gave this node, with when each
+    /// was last claimed. Claims and releases take this lock one at a time,
+    /// so a release never undoes a claim made meanwhile.
+    origins: tokio::sync::Mutex<HashMap<RoomId, Instant>>,
+}
+
+/// How long a claimed room stays this node's while nobody publishes it yet:
+/// a publisher admitted but not connected (an encoder taking over its own
+/// session) keeps its room's origin, and edges keep pulling it.
+const CLAIM_GRACE: Duration = Duration::from_secs(10);
+
+/// What the agent changes each tick: origins to claim (rooms live here that
+/// it does not hold, as after a coordinator outage) and origins to give up
+/// (held rooms that are not live and were not claimed within
+/// [`CLAIM_GRACE`]).
+fn origin_changes(
+    held: &HashMap<RoomId, Instant>,
+    live: &[RoomId],
+    now: Instant,
+) -> (Vec<RoomId>, Vec<RoomId>) {
+    let claim = live
+        .iter()
+        .filter(|r| !held.contains_key(*r))
+        .cloned()
+        .collect();
+    let mut release: Vec<RoomId> = held
+        .iter()
+        .filter(|(r, at)| !live.contains(r) && now.duration_since(**at) > CLAIM_GRACE)
+        .map(|(r, _)| r.clone())
+        .collect();
+    release.sort();
+    (claim, release)
 }
 
 /// Why a node may not take a room.
@@ -49,6 +82,7 @@ impl Agent {
             lease: Arc::new(Mutex::new(None)),
             draining: watch::channel(false).0,
             relay: std::sync::OnceLock::new(),
+            origins: tokio::sync::Mutex::default(),
         }
     }
 
@@ -93,11 +127,14 @@ impl Agent {
     }
 
     /// Makes this node the origin of `room`. Allowed when the coordinator
-    /// cannot be reached (a node keeps admitting valid tokens on its own).
-    /// A room this node pulled from another node stops being pulled: its
-    /// publisher is here now.
+    /// cannot be reached (a node keeps admitting valid tokens on its own;
+    /// the claim is made once it answers again). A room this node pulled
+    /// from another node stops being pulled: its publisher is here now.
     pub async fn claim_room(&self, room: &RoomId) -> Result<(), ClaimError> {
-        let claimed = self.claim(room).await;
+        let claimed = {
+            let mut held = self.origins.lock().await;
+            self.claim(room, &mut held).await
+        };
         if claimed.is_ok()
             && let Some(relay) = self.relay.get()
         {
@@ -108,17 +145,27 @@ impl Agent {
         claimed
     }
 
-    async fn claim(&self, room: &RoomId) -> Result<(), ClaimError> {
+    async fn claim(
+        &self,
+        room: &RoomId,
+        held: &mut HashMap<RoomId, Instant>,
+    ) -> Result<(), ClaimError> {
         let (Some(node), Some(lease)) = (self.node_id(), self.lease()) else {
             tracing::warn!(%room, "not registered with the coordinator; admitting publisher anyway");
             return Ok(());
         };
         match self.coordinator.claim_room(room, &node, lease).await {
-            Ok(origin) if origin == node => Ok(()),
-            Ok(origin) => Err(ClaimError::ElsewhereLive {
-                room: room.clone(),
-                origin,
-            }),
+            Ok(origin) if origin == node => {
+                held.insert(room.clone(), Instant::now());
+                Ok(())
+            }
+            Ok(origin) => {
+                held.remove(room);
+                Err(ClaimError::ElsewhereLive {
+                    room: room.clone(),
+                    origin,
+                })
+            }
             Err(e) => {
                 tracing::warn!(%room, error = %e, "coordinator unavailable for placement; admitting publisher");
                 metrics::counter!("weir_coordinator_errors_total", "op" => "claim_room")
@@ -128,11 +175,37 @@ impl Agent {
         }
     }
 
+    /// Brings the coordinator's origins in line with the rooms live here:
+    /// claims the live ones it does not hold, gives up those nobody
+    /// publishes any more (see [`origin_changes`]).
+    async fn settle_origins(&self, live: &[RoomId]) {
+        let Some(node) = self.node_id() else { return };
+        let mut held = self.origins.lock().await;
+        let (claim, release) = origin_changes(&held, live, Instant::now());
+        for room in release {
+            match self.coordinator.release_room(&room, &node).await {
+                Ok(()) => {
+                    held.remove(&room);
+                    tracing::info!(%room, "gave up the room's origin: nobody publishes it here");
+                }
+                Err(e) => {
+                    tracing::debug!(%room, error = %e, "could not give up the room's origin; will retry");
+                    metrics::counter!("weir_coordinator_errors_total", "op" => "release_room")
+                        .increment(1);
+                }
+            }
+        }
+        for room in claim {
+            if let Err(e) = self.claim(&room, &mut held).await {
+                tracing::warn!(%room, error = %e, "room is now placed elsewhere");
+            }
+        }
+    }
+
     /// Registers, then reports load every second until `shutdown`; revokes
     /// the lease on the way out so the node leaves answers at once.
     pub async fn run(self: Arc<Self>, shard: ShardHandle, mut shutdown: watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
-        let mut claimed: Vec<RoomId> = Vec::new();
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -163,7 +236,6 @@ impl Agent {
             };
             let ok = self.report(info).await;
             metrics::gauge!("weir_coordinator_connected").set(if ok { 1.0 } else { 0.0 });
-            // Give up origins of rooms no longer published here.
             if ok {
                 let live: Vec<RoomId> = stats
                     .rooms
@@ -171,12 +243,7 @@ impl Agent {
                     .filter(|r| r.live)
                     .map(|r| r.room.clone())
                     .collect();
-                for room in claimed.iter().filter(|r| !live.contains(r)) {
-                    if let Some(node) = self.node_id() {
-                        let _ = self.coordinator.release_room(room, &node).await;
-                    }
-                }
-                claimed = live;
+                self.settle_origins(&live).await;
             }
         }
         if let Some(lease) = self.lease()
@@ -188,7 +255,8 @@ impl Agent {
 
     /// Refreshes the lease; registers anew only when the lease is gone (a
     /// short coordinator outage keeps the lease and the room claims bound to
-    /// it). After registering anew, claims the rooms live here again.
+    /// it). After registering anew, forgets the claims of the old lease:
+    /// `settle_origins` claims the live rooms again in the same tick.
     async fn report(&self, info: NodeInfo) -> bool {
         if let Some(lease) = self.lease() {
             match self.coordinator.keep_alive(lease, info.clone()).await {
@@ -202,23 +270,15 @@ impl Agent {
                 }
             }
         }
-        let live: Vec<RoomId> = info
-            .load
-            .rooms
-            .iter()
-            .filter(|r| r.live)
-            .map(|r| r.room.clone())
-            .collect();
         match self.coordinator.register_node(info, NODE_TTL).await {
             Ok(lease) => {
                 tracing::info!(lease = lease.0, "registered with the coordinator");
+                // Claims made under an old lease went with it; the live
+                // rooms are claimed again right after (`settle_origins`).
+                let mut held = self.origins.lock().await;
+                held.clear();
                 if let Ok(mut l) = self.lease.lock() {
                     *l = Some(lease);
-                }
-                for room in &live {
-                    if let Err(e) = self.claim_room(room).await {
-                        tracing::warn!(%room, error = %e, "room is now placed elsewhere");
-                    }
                 }
                 true
             }
@@ -302,5 +362,45 @@ impl Agent {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn room(s: &str) -> RoomId {
+        RoomId::parse(s).expect("a valid room id")
+    }
+
+    #[test]
+    fn a_room_whose_publisher_is_reconnecting_keeps_its_origin() {
+        let claimed = Instant::now();
+        // Claimed a moment ago for a publisher taking over its session:
+        // nobody publishes the room yet, and the claim holds.
+        let held = HashMap::from([(room("show"), claimed)]);
+        let now = claimed + Duration::from_secs(1);
+        assert_eq!(origin_changes(&held, &[], now), (vec![], vec![]));
+        // Nobody connected within the grace: the origin is given up.
+        let later = now + CLAIM_GRACE;
+        assert_eq!(
+            origin_changes(&held, &[], later),
+            (vec![], vec![room("show")])
+        );
+        // Live again: kept, however old the claim.
+        assert_eq!(
+            origin_changes(&held, &[room("show")], later),
+            (vec![], vec![])
+        );
+    }
+
+    #[test]
+    fn live_rooms_not_held_are_claimed_and_others_left_alone() {
+        let long_ago = Instant::now();
+        let now = long_ago + CLAIM_GRACE * 3;
+        let held = HashMap::from([(room("kept"), long_ago), (room("ended"), long_ago)]);
+        let (claim, release) = origin_changes(&held, &[room("kept"), room("admitted")], now);
+        assert_eq!(claim, vec![room("admitted")]);
+        assert_eq!(release, vec![room("ended")]);
     }
 }
