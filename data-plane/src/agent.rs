@@ -30,6 +30,10 @@ pub struct Agent {
     /// was last claimed. Claims and releases take this lock one at a time,
     /// so a release never undoes a claim made meanwhile.
     origins: tokio::sync::Mutex<HashMap<RoomId, Instant>>,
+    /// Rooms live here whose origin another node holds (both admitted a
+    /// publisher while the coordinator was unreachable): said once, then
+    /// claimed again each tick until one of them ends.
+    conflicts: Mutex<std::collections::HashSet<RoomId>>,
 }
 
 /// How long a claimed room stays this node's while nobody publishes it yet:
@@ -83,6 +87,7 @@ impl Agent {
             draining: watch::channel(false).0,
             relay: std::sync::OnceLock::new(),
             origins: tokio::sync::Mutex::default(),
+            conflicts: Mutex::default(),
         }
     }
 
@@ -195,9 +200,22 @@ impl Agent {
                 }
             }
         }
+        if let Ok(mut conflicts) = self.conflicts.lock() {
+            conflicts.retain(|r| live.contains(r));
+        }
         for room in claim {
-            if let Err(e) = self.claim(&room, &mut held).await {
-                tracing::warn!(%room, error = %e, "room is now placed elsewhere");
+            let claimed = self.claim(&room, &mut held).await;
+            let Ok(mut conflicts) = self.conflicts.lock() else {
+                continue;
+            };
+            match claimed {
+                Ok(()) => {
+                    conflicts.remove(&room);
+                }
+                Err(e) if conflicts.insert(room.clone()) => {
+                    tracing::warn!(%room, error = %e, "room is live here and placed elsewhere; claiming it once the other ends");
+                }
+                Err(_) => {}
             }
         }
     }
