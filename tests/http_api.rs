@@ -1,5 +1,6 @@
 //! The node's WHIP/WHEP HTTP surface against bad input: each refusal is a
-//! clear 4xx with a message, and the node keeps serving afterwards.
+//! clear 4xx with a message, and the node keeps serving afterwards. Also
+//! what a publisher's WHIP takeover keeps (the room's origin).
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -414,4 +415,81 @@ async fn both_planes_serve_a_cpu_profile() {
             &r.text()[..r.text().len().min(300)]
         );
     }
+}
+
+/// Whether `weir ctl rooms list` reports the room live (from the nodes'
+/// load reports), and its origin.
+fn room_state(control: &str, room: &str) -> (bool, Option<String>) {
+    let out = common::ctl(control, &["--json", "rooms", "list"]);
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = v["rooms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["room"] == room);
+    (
+        r.is_some_and(|r| r["live"] == true),
+        r.and_then(|r| r["origin_node"].as_str().map(str::to_owned)),
+    )
+}
+
+/// An encoder that reconnects takes over its own session at once; while the
+/// new session is still connecting nobody publishes the room, and its
+/// origin must stay (the scheduler keeps sending viewers here, edges keep
+/// pulling it). The node gave it up at its next load report, and nothing
+/// claimed it back.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_publisher_taking_over_keeps_the_rooms_origin_while_it_connects() {
+    let dev = DevServer::start();
+    let room = "takeover";
+    let clip = weir_loadtest::Clip::read_ivf(
+        &weir_loadtest::Clip::generate(&dev.dir, 320, 240, 150)
+            .expect("ffmpeg generates the test clip"),
+    )
+    .unwrap();
+    let target = weir_loadtest::assign_publisher(&dev.control, room)
+        .await
+        .unwrap();
+    let publisher = {
+        let target = target.clone();
+        tokio::spawn(async move {
+            let until = std::time::Instant::now() + Duration::from_secs(20);
+            weir_loadtest::publisher::run(&target, &clip, "127.0.0.1".parse().unwrap(), until).await
+        })
+    };
+    // Live, as a load report (one a second) said.
+    let started = std::time::Instant::now();
+    while !room_state(&dev.control, room).0 {
+        assert!(started.elapsed() < T, "the room never went live");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(room_state(&dev.control, room).1.as_deref(), Some("dev"));
+
+    // The same owner takes over with a session that never connects.
+    let r = call(
+        "POST",
+        &target.whip_url,
+        &[
+            ("Content-Type", "application/sdp"),
+            ("Authorization", &format!("Bearer {}", target.token)),
+        ],
+        offer(true).as_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    // Three load reports without a live publisher: the origin stays.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let (live, origin) = room_state(&dev.control, room);
+    assert!(
+        !live,
+        "nobody publishes the room while the new session connects"
+    );
+    assert_eq!(
+        origin.as_deref(),
+        Some("dev"),
+        "the origin went while the publisher was reconnecting; log:\n{}",
+        dev.log()
+    );
+    publisher.abort();
 }
