@@ -27,8 +27,8 @@ pub struct Agent {
     /// The node's relay: a room claimed here is no longer pulled from elsewhere.
     relay: std::sync::OnceLock<Arc<crate::relay::Relay>>,
     /// Rooms whose origin the coordinator gave this node, with when each
-    /// was last claimed. Claims and releases take this lock one at a time,
-    /// so a release never undoes a claim made meanwhile.
+    /// was last claimed. A claim or release holds this lock through its
+    /// coordinator call, so a release never undoes a claim made meanwhile.
     origins: tokio::sync::Mutex<HashMap<RoomId, Instant>>,
     /// Rooms live here whose origin another node holds (both admitted a
     /// publisher while the coordinator was unreachable): said once, then
@@ -40,6 +40,12 @@ pub struct Agent {
 /// a publisher admitted but not connected (an encoder taking over its own
 /// session) keeps its room's origin, and edges keep pulling it.
 const CLAIM_GRACE: Duration = Duration::from_secs(10);
+
+/// Whether a claim made at `at` is older than [`CLAIM_GRACE`] at `now` (a
+/// claim made after `now` is not).
+fn past_grace(at: Instant, now: Instant) -> bool {
+    now.saturating_duration_since(at) > CLAIM_GRACE
+}
 
 /// What the agent changes each tick: origins to claim (rooms live here that
 /// it does not hold, as after a coordinator outage) and origins to give up
@@ -57,7 +63,7 @@ fn origin_changes(
         .collect();
     let mut release: Vec<RoomId> = held
         .iter()
-        .filter(|(r, at)| !live.contains(r) && now.duration_since(**at) > CLAIM_GRACE)
+        .filter(|(r, at)| !live.contains(r) && past_grace(**at, now))
         .map(|(r, _)| r.clone())
         .collect();
     release.sort();
@@ -185,9 +191,15 @@ impl Agent {
     /// publishes any more (see [`origin_changes`]).
     async fn settle_origins(&self, live: &[RoomId]) {
         let Some(node) = self.node_id() else { return };
-        let mut held = self.origins.lock().await;
-        let (claim, release) = origin_changes(&held, live, Instant::now());
+        let now = Instant::now();
+        let (claim, release) = origin_changes(&*self.origins.lock().await, live, now);
+        // The lock is taken per room, so a publisher's claim waits for one
+        // coordinator call at most; a claim made meanwhile keeps its room.
         for room in release {
+            let mut held = self.origins.lock().await;
+            if !held.get(&room).is_some_and(|at| past_grace(*at, now)) {
+                continue;
+            }
             match self.coordinator.release_room(&room, &node).await {
                 Ok(()) => {
                     held.remove(&room);
@@ -204,7 +216,12 @@ impl Agent {
             conflicts.retain(|r| live.contains(r));
         }
         for room in claim {
+            let mut held = self.origins.lock().await;
+            if held.contains_key(&room) {
+                continue;
+            }
             let claimed = self.claim(&room, &mut held).await;
+            drop(held);
             let Ok(mut conflicts) = self.conflicts.lock() else {
                 continue;
             };
