@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::Arc;
 use std::time::Instant;
 
 use str0m::Rtc;
@@ -13,6 +14,7 @@ use weir_protocol::{RoomId, SessionId};
 
 use crate::frame::MediaFrame;
 use crate::layers::LayerKey;
+use crate::packetize::Packetized;
 use crate::rebase::Rebase;
 use crate::sfu::Role;
 
@@ -56,6 +58,10 @@ pub(crate) struct Session {
     /// Subscriber: packets were written since it was last polled, which
     /// str0m sends once it is given a timeout.
     pub(crate) written: bool,
+    /// Subscriber: frames forwarded to it and not yet written, each with its
+    /// timeline's generation. They are written right before the session is
+    /// polled, so its state is read once per fan-out, not twice.
+    pub(crate) queued: Vec<(Arc<Packetized>, u64)>,
     /// Subscriber: the next RTP sequence number of its audio and its video
     /// (extended: the rollover counter lives above the low 16 bits).
     pub(crate) next_seq: [u64; 2],
@@ -105,6 +111,7 @@ impl Session {
             reported: (0, 0, 0),
             first_frame_sent: false,
             written: false,
+            queued: Vec::new(),
             vp8: Vp8Ids::default(),
             rebase_audio: Rebase::default(),
             rebase_video: Rebase::default(),

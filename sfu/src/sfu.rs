@@ -3,6 +3,7 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 // Every datagram and forwarded frame looks sessions up by id: foldhash is
@@ -967,14 +968,27 @@ impl Sfu {
         }
     }
 
-    /// Gives a viewer that was written packets since it was last polled a
-    /// timeout: str0m only sends written packets once time has passed over
-    /// them. Done right before the session's packets are taken, so a frame
-    /// is encrypted and sent in one go.
+    /// Writes the frames queued for a viewer, then gives a viewer that was
+    /// written packets since it was last polled a timeout: str0m only sends
+    /// written packets once time has passed over them. Done right before the
+    /// session's packets are taken, so a frame is written, encrypted and
+    /// sent in one go while the session's state is in the cache.
     fn stamp(&mut self, now: Instant, id: &SessionId) {
         let Some(s) = self.sessions.get_mut(id) else {
             return;
         };
+        let mut queued = std::mem::take(&mut s.queued);
+        for (packets, generation) in queued.drain(..) {
+            write_frame(
+                s,
+                now,
+                generation,
+                &packets,
+                &mut self.counters,
+                &mut self.out,
+            );
+        }
+        s.queued = queued;
         if std::mem::take(&mut s.written)
             && let Err(e) = s.rtc.handle_input(str0m::Input::Timeout(now))
         {
@@ -1192,6 +1206,7 @@ impl Sfu {
                 (0, false, packets)
             }
         };
+        let packets = Arc::new(packets);
         if new_layer {
             // Viewers capped at a layer that did not exist yet may now
             // move to it.
@@ -1268,17 +1283,8 @@ impl Sfu {
             }
             // Each layer has its own timeline: a switch rebases like a new publisher.
             let generation = r.generation * 16 + layer_index as u64;
-            if write_frame(
-                s,
-                now,
-                generation,
-                &packets,
-                room,
-                &mut self.counters,
-                &mut self.out,
-            ) {
-                self.dirty.push(s.id.clone());
-            }
+            s.queued.push((packets.clone(), generation));
+            self.dirty.push(s.id.clone());
         }
         wanted.dedup();
         for key in wanted {
@@ -1355,7 +1361,6 @@ impl Sfu {
                 now,
                 generation,
                 packets,
-                room,
                 &mut self.counters,
                 &mut self.out,
             );
@@ -1435,27 +1440,26 @@ impl Sfu {
     }
 }
 
-/// Writes one frame's packets to one viewer; returns whether anything was
-/// written.
+/// Writes one frame's packets to one viewer (nothing when it takes no
+/// media of that kind or codec).
 fn write_frame(
     s: &mut Session,
     now: Instant,
     generation: u64,
     packets: &Packetized,
-    room: &RoomId,
     counters: &mut Counters,
     out: &mut VecDeque<Output>,
-) -> bool {
+) {
     let frame = &packets.frame;
     let Some(last) = packets.payloads.len().checked_sub(1) else {
-        return false;
+        return;
     };
     let Some(mid) = s.out_mid(frame.kind) else {
-        return false;
+        return;
     };
     let Some((pt, clock)) = s.pt_for(mid, frame) else {
         counters.codec_mismatches += 1;
-        return false;
+        return;
     };
     let video = frame.kind == MediaKind::Video;
     let rebase = if video {
@@ -1473,7 +1477,7 @@ fn write_frame(
         .and_then(|(theirs, ours)| (theirs != ours).then_some(ours));
     let mut api = s.rtc.direct_api();
     let Some(stream) = api.stream_tx_by_mid(mid, None) else {
-        return false;
+        return;
     };
     let seq = &mut s.next_seq[usize::from(video)];
     for (i, payload) in packets.payloads.iter().enumerate() {
@@ -1512,9 +1516,8 @@ fn write_frame(
         s.first_frame_sent = true;
         out.push_back(Output::Event(Event::FirstFrame {
             session: s.id.clone(),
-            room: room.clone(),
+            room: s.room.clone(),
             after: now.saturating_duration_since(s.created),
         }));
     }
-    true
 }
