@@ -1491,9 +1491,10 @@ fn write_frame(
         .marker(video && i == last)
         .nackable(video);
         *seq += 1;
-        if i == 0
-            && let Some(t) = frame.capture_time
-        {
+        // On every packet of the frame, not only its first: the frame's
+        // packets then have headers of one length, and a viewer's copy of
+        // it leaves in one GSO send (equal segments), not two.
+        if let Some(t) = frame.capture_time {
             w = w.ext_vals(ExtensionValues {
                 abs_capture_time: Some(t),
                 ..Default::default()
