@@ -5,9 +5,11 @@
 //! CPU time per forwarded datagram, on one core.
 //!
 //! Datagrams come in bursts, as a video frame's packets do (every
-//! `--keyframe-every`th burst as large as a keyframe), and each destination
-//! gets a burst's datagrams back to back (what a shard sends a viewer), so
-//! GSO groups them as it does in the node.
+//! `--keyframe-every`th burst as large as a keyframe). The forwarder waits
+//! for a burst's last datagram, as a shard waits for a frame's, then sends
+//! each destination the whole burst back to back (what a shard sends a
+//! viewer), so GSO groups them as it does in the node, however the burst's
+//! datagrams happened to be woken for.
 //!
 //! It also gives the delay a forwarder with no per-viewer work at all
 //! cannot beat here: from when a burst was sent to when its first datagram
@@ -154,10 +156,18 @@ fn main() -> anyhow::Result<()> {
             let cpu0 = thread_cpu();
             let mut batch: Vec<Vec<u8>> = Vec::new();
             while !stop.load(Ordering::Relaxed) {
+                let mut complete = false;
                 io.poll(
                     Instant::now() + Duration::from_millis(50),
-                    &mut |_, data| batch.push(data.to_vec()),
+                    &mut |_, data| {
+                        // The burst is complete at its last datagram.
+                        complete |= data.len() < STAMP || data[8].wrapping_add(1) >= data[9];
+                        batch.push(data.to_vec());
+                    },
                 )?;
+                if !complete {
+                    continue;
+                }
                 for dest in &dests {
                     for d in &batch {
                         io.queue(*dest, d);
@@ -192,6 +202,7 @@ fn main() -> anyhow::Result<()> {
         };
         bursts = bursts.wrapping_add(1);
         payload[..8].copy_from_slice(&unix_ns(SystemTime::now()).to_be_bytes());
+        payload[9] = burst as u8;
         for i in 0..burst {
             payload[8] = i as u8;
             sender.send_to(&payload, fwd_addr)?;
@@ -246,8 +257,9 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// Bytes at the head of each datagram: the burst's send time (ns since the
-/// Unix epoch, big-endian) and the datagram's place in its burst.
-const STAMP: usize = 9;
+/// Unix epoch, big-endian), the datagram's place in its burst, and the
+/// burst's length.
+const STAMP: usize = 10;
 
 fn unix_ns(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
