@@ -26,6 +26,8 @@ use super::{BATCH, Backend, Io, MAX_DATAGRAM, MAX_GSO_BYTES, Waker, joins_gso};
 /// more kernel time than with 16, 4 or 1 (no difference among those); 16
 /// datagrams per round still drain a publisher's burst in a few rounds.
 const RECV_SLOTS: usize = 16;
+/// Rounds of receives one poll takes at most while datagrams keep coming.
+const RECV_ROUNDS: usize = 4;
 /// Send operations (single datagrams or GSO messages) in flight at most.
 const SEND_SLOTS: usize = 128;
 /// Room for one GSO message's UDP_SEGMENT control message (cmsghdr + u16,
@@ -199,6 +201,20 @@ impl UringIo {
 
     /// Handles every completion in the queue. Receives go to `on` when given,
     /// else they are kept for the next poll.
+    /// After a round that received, a few more: the receives just armed
+    /// again complete at once when datagrams are waiting, so a backlog
+    /// (what came in during a long fan-out) is taken in before the next
+    /// send, [`RECV_ROUNDS`] times the armed receives at most.
+    fn receive_more(&mut self, on: OnDatagram<'_>) -> io::Result<()> {
+        for _ in 1..RECV_ROUNDS {
+            if self.reap(Some(&mut *on))? == 0 {
+                break;
+            }
+            self.ring.submit()?;
+        }
+        Ok(())
+    }
+
     fn reap(&mut self, mut on: Option<OnDatagram<'_>>) -> io::Result<usize> {
         let mut received = 0;
         let done: Vec<(u64, i32)> = self
@@ -298,6 +314,7 @@ impl Io for UringIo {
         self.unsubmitted = 0;
         if had_ready || self.reap(Some(on))? > 0 {
             self.ring.submit()?;
+            self.receive_more(on)?;
             return Ok(());
         }
         let wait = deadline.saturating_duration_since(Instant::now());
@@ -316,8 +333,12 @@ impl Io for UringIo {
                     || e.raw_os_error() == Some(libc::EINTR) => {}
             Err(e) => return Err(e),
         }
-        self.reap(Some(on))?;
-        self.ring.submit()?;
+        if self.reap(Some(on))? > 0 {
+            self.ring.submit()?;
+            self.receive_more(on)?;
+        } else {
+            self.ring.submit()?;
+        }
         Ok(())
     }
 
