@@ -144,7 +144,11 @@ impl Net {
         let addr: SocketAddr = format!("127.0.0.1:{}", 20000 + self.peers.len())
             .parse()
             .unwrap();
-        let mut rtc = Rtc::builder().build(self.now);
+        // abs-capture-time, as the load test's peers offer it, so frames'
+        // capture times reach viewers here too.
+        let mut rtc = Rtc::builder()
+            .set_extension(7, str0m::rtp::Extension::AbsoluteCaptureTime)
+            .build(self.now);
         rtc.add_local_candidate(Candidate::host(addr, "udp").unwrap());
         let mut change = rtc.sdp_api();
         let audio = change.add_media(MediaKind::Audio, dir, None, None, None);

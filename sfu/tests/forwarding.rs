@@ -818,3 +818,78 @@ fn no_viewer_is_always_served_last() {
         assert!(firsts.contains(v), "{v} was never served first: {firsts:?}");
     }
 }
+
+#[test]
+fn a_frames_packets_to_a_viewer_are_equally_long_so_they_can_leave_in_one_gso_send() {
+    use std::sync::Arc;
+    use std::time::SystemTime;
+    use str0m::rtp::AbsCaptureTime;
+    use weir_sfu::{Codec, MediaFrame};
+
+    // A source with capture times (as SRT ingest and the load test give):
+    // the capture time must not make one packet of a frame longer than the
+    // others, or GSO (equal segments) cuts the viewer's copy in two.
+    fn frame(now: Instant, n: u64, keyframe: bool, len: usize) -> MediaFrame {
+        let mut au = Vec::new();
+        if keyframe {
+            au.extend_from_slice(&[0, 0, 0, 1, 0x67, 0x42, 0xc0, 0x1f, 0xda, 0x01, 0x40]);
+            au.extend_from_slice(&[0, 0, 0, 1, 0x68, 0xce, 0x3c, 0x80]);
+            au.extend_from_slice(&[0, 0, 0, 1, 0x65]);
+        } else {
+            au.extend_from_slice(&[0, 0, 0, 1, 0x41]);
+        }
+        au.extend(std::iter::repeat_n(0x5a, len));
+        MediaFrame {
+            kind: MediaKind::Video,
+            codec: Codec::H264,
+            params: None,
+            time: MediaTime::from_90khz(n * 3000),
+            network_time: now,
+            keyframe,
+            rid: None,
+            capture_time: Some(AbsCaptureTime {
+                capture_time: SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000 + n),
+                clock_offset: None,
+            }),
+            data: Arc::from(au),
+        }
+    }
+
+    let mut net = Net::new();
+    let (s, _) = net.subscribe("live");
+    let (source, _) = net.sfu.accept_source(room("live"), "streamer").unwrap();
+    let mut n = 0u64;
+    let end = net.now + Duration::from_secs(2);
+    net.run_until(end, |net| {
+        if !net.peers[s].connected {
+            return;
+        }
+        let f = frame(net.now, n, n.is_multiple_of(30), 600);
+        net.sfu.push_frame(net.now, &source, f).unwrap();
+        net.drain_sfu();
+        n += 1;
+    });
+    assert!(
+        net.video_received(s).len() > 10,
+        "the viewer plays before the frame under test"
+    );
+
+    net.wire.clear();
+    let f = frame(net.now, n, false, 4000);
+    net.sfu.push_frame(net.now, &source, f).unwrap();
+    net.drain_sfu();
+    let viewer = net.peers[s].addr;
+    // Media only (RTCP is far shorter than a full packet).
+    let lens: Vec<usize> = net
+        .wire
+        .iter()
+        .filter(|w| w.2 == viewer && w.3.len() > 200)
+        .map(|w| w.3.len())
+        .collect();
+    assert!(lens.len() >= 4, "4000 bytes in full packets: {lens:?}");
+    let (last, full) = lens.split_last().unwrap();
+    assert!(
+        full.iter().all(|l| *l == full[0]) && *last <= full[0],
+        "every packet but the last as long as the first: {lens:?}"
+    );
+}
