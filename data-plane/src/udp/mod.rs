@@ -348,4 +348,23 @@ mod tests {
         exercise(IoChoice::IoUring, false);
         exercise(IoChoice::IoUring, true);
     }
+
+    /// What piled up while a shard was busy (more than the receives it
+    /// keeps armed) is taken in by one poll, before the shard sends again.
+    #[test]
+    fn io_uring_takes_a_backlog_in_one_poll() {
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let io_addr = socket.local_addr().unwrap();
+        let (mut io, _waker) = open(socket, IoChoice::IoUring, true).unwrap();
+        let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+        for i in 0..40u8 {
+            peer.send_to(&[i; 100], io_addr).unwrap();
+        }
+        let mut got = Vec::new();
+        io.poll(Instant::now() + Duration::from_secs(2), &mut |_, data| {
+            got.push(data[0])
+        })
+        .unwrap();
+        assert_eq!(got, (0..40).collect::<Vec<u8>>(), "all 40, in order");
+    }
 }
