@@ -359,8 +359,9 @@ impl HeaderCounter {
             self.last_frame = Some(now);
             self.frames += 1;
         }
-        // A frame's capture time rides on one of its packets (str0m puts it
-        // on the first): its delay is counted once per RTP timestamp.
+        // A frame's capture time rides on its packets (Weir puts it on
+        // every one, others on the first): its delay is counted once per RTP
+        // timestamp, at the first packet that carries it.
         if let Some(capture) = h.capture_time
             && self.delay_ts != Some(h.ts)
         {

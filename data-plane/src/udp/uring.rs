@@ -23,8 +23,8 @@ use super::{BATCH, Backend, Io, MAX_DATAGRAM, MAX_GSO_BYTES, Waker, joins_gso};
 /// the socket's wait queue, which the kernel walks on every wakeup, and
 /// that includes each datagram this socket sends (its buffer space is given
 /// back). With 64, a node sending to 1,000 viewers spent about a sixth
-/// more kernel time than with 16, 4 or 1 (no difference among those); 16
-/// datagrams per round still drain a publisher's burst in a few rounds.
+/// more kernel time than with 16, 4 or 1 (no difference among those). A
+/// backlog bigger than that is taken in rounds ([`RECV_ROUNDS`]).
 const RECV_SLOTS: usize = 16;
 /// Rounds of receives one poll takes at most while datagrams keep coming.
 const RECV_ROUNDS: usize = 4;
@@ -199,12 +199,10 @@ impl UringIo {
         self.push(&entry)
     }
 
-    /// Handles every completion in the queue. Receives go to `on` when given,
-    /// else they are kept for the next poll.
     /// After a round that received, a few more: the receives just armed
     /// again complete at once when datagrams are waiting, so a backlog
     /// (what came in during a long fan-out) is taken in before the next
-    /// send, [`RECV_ROUNDS`] times the armed receives at most.
+    /// send; [`RECV_ROUNDS`] rounds in all at most.
     fn receive_more(&mut self, on: OnDatagram<'_>) -> io::Result<()> {
         for _ in 1..RECV_ROUNDS {
             if self.reap(Some(&mut *on))? == 0 {
@@ -215,6 +213,8 @@ impl UringIo {
         Ok(())
     }
 
+    /// Handles every completion in the queue. Receives go to `on` when given,
+    /// else they are kept for the next poll.
     fn reap(&mut self, mut on: Option<OnDatagram<'_>>) -> io::Result<usize> {
         let mut received = 0;
         let done: Vec<(u64, i32)> = self
