@@ -15,7 +15,9 @@
 # shards (the CPU column then sums every shard thread). GSO=false turns
 # GSO sends off in both the node (--udp-gso) and the raw forwarder, which
 # sends each destination bursts of as many datagrams as a video frame has
-# (what GSO groups), so both sides always use the same system calls.
+# (what GSO groups) and 50 audio datagrams a second one at a time, each
+# AUDIO_SIZE bytes (default: what the node sends for the load test's Opus
+# frames), so both sides always use the same system calls.
 # Delay is given twice, from the frame's capture time: to when a viewer read
 # the frame's first packet, and to when that packet reached the viewer's
 # socket (kernel receive timestamp, light viewers). The difference is time
@@ -36,6 +38,7 @@ DURATION=${DURATION:-20}      # seconds each viewer plays
 WINDOW=${WINDOW:-8}           # seconds of steady state sampled
 SHARDS=${SHARDS:-1}
 GSO=${GSO:-true}
+AUDIO_SIZE=${AUDIO_SIZE:-47} # bytes of the node's audio datagrams here (the load test sends 3-byte Opus frames)
 # Forwarding only: the WHIP room's HLS, ladder and snapshots (x264 on the
 # same cores) are measured in the ingest section. TRANSCODE=1 keeps them.
 MEDIA_FLAGS="--hls-segment 0 --ladder off --snapshot-interval 0"
@@ -103,10 +106,15 @@ for m in $VIEWERS; do
   read -r pps cpu per_core size <<<"$(awk -v d=$((d1-d0)) -v b=$((b1-b0)) -v c=$((c1-c0)) -v w="$WINDOW" -v t="$tck" \
     'BEGIN { pps=d/w; cpu=c/t/w; printf "%.0f %.2f %.0f %.0f\n", pps, cpu, (cpu>0?pps/cpu:0), (d>0?b/d:0) }')"
   per_viewer=$(( pps / m > 0 ? pps / m : 1 ))
-  # A 30 fps video frame's packets, beside ~50 audio packets/s.
-  burst=$(( per_viewer > 80 ? (per_viewer - 50 + 15) / 30 : 1 ))
+  # 50 audio datagrams/s (20 ms Opus frames), each sent on its own; the
+  # rest in bursts of a 30 fps video frame's packets, as long as the bytes
+  # the node sent say.
+  audio_pps=$(( per_viewer > 80 ? 50 : 0 ))
+  burst=$(( per_viewer > 80 ? (per_viewer - audio_pps + 15) / 30 : 1 ))
+  vsize=$(( (size * per_viewer - audio_pps * AUDIO_SIZE) / (per_viewer - audio_pps) ))
   # The clip's keyframe (every 60 frames) is about four delta frames.
-  raw=$("$FANOUT" --fanout "$m" --pps "$per_viewer" --burst "$burst" --size "$size" --seconds "$WINDOW" \
+  raw=$("$FANOUT" --fanout "$m" --pps "$per_viewer" --burst "$burst" --size "$vsize" --seconds "$WINDOW" \
+    --audio-pps "$audio_pps" --audio-size "$AUDIO_SIZE" \
     --keyframe-every 60 --keyframe-burst $(( burst * 4 > 64 ? 64 : burst * 4 )) --io "$IO" --gso "$GSO" --json)
   echo "$raw" >"$work/raw.json"
   python3 - "$work/lt.json" "$m" "$backend" "$pps" "$cpu" "$per_core" "$work/raw.json" "$GSO" "$drops" <<'PY'

@@ -9,14 +9,17 @@
 //! for a burst's last datagram, as a shard waits for a frame's, then sends
 //! each destination the whole burst back to back (what a shard sends a
 //! viewer), so GSO groups them as it does in the node, however the burst's
-//! datagrams happened to be woken for.
+//! datagrams happened to be woken for. With `--audio-pps`, that many of the
+//! datagrams are small and sent one at a time between the bursts, as a
+//! publisher's audio frames are: each is a send of its own, in the node
+//! and here.
 //!
 //! It also gives the delay a forwarder with no per-viewer work at all
 //! cannot beat here: from when a burst was sent to when its first datagram
 //! reached each destination's socket (kernel receive timestamps), as the
 //! load test's arrival delay counts a video frame.
 //!
-//! `udp_fanout --fanout 1000 --pps 200 --burst 5 --keyframe-every 60 --keyframe-burst 20 --size 1100 --seconds 10 --io auto`
+//! `udp_fanout --fanout 1000 --pps 206 --audio-pps 50 --audio-size 60 --burst 5 --keyframe-every 60 --keyframe-burst 20 --size 1150 --seconds 10 --io auto`
 
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
@@ -53,6 +56,13 @@ struct Args {
     /// Datagram size in bytes.
     #[arg(long, default_value_t = 1100)]
     size: usize,
+    /// Of --pps, audio datagrams: sent one at a time between the bursts, as
+    /// a publisher's 20 ms audio frames are (0: none).
+    #[arg(long, default_value_t = 0)]
+    audio_pps: u32,
+    /// Audio datagram size in bytes.
+    #[arg(long, default_value_t = 60)]
+    audio_size: usize,
     #[arg(long, default_value_t = 10)]
     seconds: u64,
     /// auto, io_uring or epoll.
@@ -93,9 +103,10 @@ fn main() -> anyhow::Result<()> {
         "--keyframe-burst 1..=64"
     );
     anyhow::ensure!(
-        args.size >= STAMP,
-        "--size at least {STAMP} (the send time and position ride in the datagram)"
+        args.size >= STAMP && args.audio_size >= STAMP && args.audio_size <= udp::MAX_DATAGRAM,
+        "--size and --audio-size at least {STAMP} (the send time and position ride in the datagram)"
     );
+    anyhow::ensure!(args.audio_pps < args.pps, "--audio-pps below --pps");
 
     // Sinks: one socket per destination, drained by one thread; each
     // datagram carries the time it reached its socket.
@@ -127,6 +138,7 @@ fn main() -> anyhow::Result<()> {
                         // counts a frame at its first packet.
                         if n >= STAMP
                             && buf[8] == 0
+                            && buf[10] == VIDEO
                             && let Some(arrived) = arrived
                         {
                             let sent = u64::from_be_bytes(buf[..8].try_into().unwrap_or_default());
@@ -185,15 +197,34 @@ fn main() -> anyhow::Result<()> {
     // its place in the burst.
     let sender = UdpSocket::bind("127.0.0.1:0")?;
     let mut payload = vec![0xabu8; args.size];
+    payload[10] = VIDEO;
+    let mut audio = vec![0xcdu8; args.audio_size];
+    (audio[8], audio[9], audio[10]) = (0, 1, AUDIO);
     let start = Instant::now();
-    let interval = Duration::from_secs(1) * args.burst / args.pps.max(1);
+    let interval = Duration::from_secs(1) * args.burst / (args.pps - args.audio_pps);
+    let audio_interval = (args.audio_pps > 0).then(|| Duration::from_secs(1) / args.audio_pps);
     let mut next = start;
+    let mut next_audio = start;
     let mut sent = 0u64;
     let mut bursts = 0u32;
     while start.elapsed() < Duration::from_secs(args.seconds) {
+        let due = if audio_interval.is_some() {
+            next.min(next_audio)
+        } else {
+            next
+        };
         let now = Instant::now();
-        if now < next {
-            std::thread::sleep(next - now);
+        if now < due {
+            std::thread::sleep(due - now);
+        }
+        if let Some(every) = audio_interval
+            && next_audio <= next
+        {
+            audio[..8].copy_from_slice(&unix_ns(SystemTime::now()).to_be_bytes());
+            sender.send_to(&audio, fwd_addr)?;
+            sent += 1;
+            next_audio += every;
+            continue;
         }
         let burst = if args.keyframe_every > 0 && bursts.is_multiple_of(args.keyframe_every) {
             keyframe_burst
@@ -229,6 +260,8 @@ fn main() -> anyhow::Result<()> {
         "burst": args.burst,
         "fanout": args.fanout,
         "size": args.size,
+        "audio_pps": args.audio_pps,
+        "audio_size": args.audio_size,
         "pps_in": args.pps,
         "sent_in": sent,
         "forwarded": out,
@@ -257,9 +290,11 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// Bytes at the head of each datagram: the burst's send time (ns since the
-/// Unix epoch, big-endian), the datagram's place in its burst, and the
-/// burst's length.
-const STAMP: usize = 10;
+/// Unix epoch, big-endian), the datagram's place in its burst, the burst's
+/// length, and its kind ([`VIDEO`] or [`AUDIO`]).
+const STAMP: usize = 11;
+const VIDEO: u8 = 0;
+const AUDIO: u8 = 1;
 
 fn unix_ns(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
