@@ -27,6 +27,9 @@ fn bad_flags_are_refused_naming_the_flag() {
         (&["--seconds", "0"], "--seconds"),
         (&["--keyframe-every", "x"], "--keyframe-every"),
         (&["--gso", "on"], "--gso"),
+        (&["--audio-pps", "200"], "--audio-pps"),
+        (&["--audio-size", "4"], "--audio-size"),
+        (&["--audio-size", "5000"], "--audio-size"),
     ] {
         let (ok, stderr) = run(args);
         assert!(!ok, "{args:?} was accepted");
