@@ -321,9 +321,6 @@ fn bad_input_is_refused_and_changes_nothing() {
 
 #[test]
 fn a_source_without_webrtc_reaches_viewers_and_follows_the_takeover_rule() {
-    use std::sync::Arc;
-    use weir_sfu::{Codec, MediaFrame};
-
     let mut net = Net::new();
     let (s, _) = net.subscribe("live");
     let (source, replaced) = net.sfu.accept_source(room("live"), "streamer").unwrap();
@@ -342,26 +339,12 @@ fn a_source_without_webrtc_reaches_viewers_and_follows_the_takeover_rule() {
             return;
         }
         let keyframe = frame_no.is_multiple_of(30);
-        let mut au = Vec::new();
-        if keyframe {
-            au.extend_from_slice(&[0, 0, 0, 1, 0x67, 0x42, 0xc0, 0x1f, 0xda, 0x01, 0x40]);
-            au.extend_from_slice(&[0, 0, 0, 1, 0x68, 0xce, 0x3c, 0x80]);
-            au.extend_from_slice(&[0, 0, 0, 1, 0x65]);
-        } else {
-            au.extend_from_slice(&[0, 0, 0, 1, 0x41]);
-        }
-        au.extend(std::iter::repeat_n(0x5a, if keyframe { 4000 } else { 600 }));
-        let frame = MediaFrame {
-            kind: MediaKind::Video,
-            codec: Codec::H264,
-            params: None,
-            time: MediaTime::from_90khz(frame_no * 3000),
-            network_time: net.now,
+        let frame = h264_frame(
+            net.now,
+            frame_no,
             keyframe,
-            rid: None,
-            capture_time: None,
-            data: Arc::from(au),
-        };
+            if keyframe { 4000 } else { 600 },
+        );
         net.sfu.push_frame(net.now, &source, frame).unwrap();
         net.drain_sfu();
         frame_no += 1;
@@ -386,6 +369,31 @@ fn a_source_without_webrtc_reaches_viewers_and_follows_the_takeover_rule() {
         net.sfu.close_session(&room("live"), &again),
         Ok(Role::Source)
     );
+}
+
+/// Frame `n` of a 30 fps H.264 source (Annex B): SPS, PPS and an IDR slice
+/// when `keyframe`, else a P slice; `len` filler bytes of slice data.
+fn h264_frame(now: Instant, n: u64, keyframe: bool, len: usize) -> weir_sfu::MediaFrame {
+    let mut au = Vec::new();
+    if keyframe {
+        au.extend_from_slice(&[0, 0, 0, 1, 0x67, 0x42, 0xc0, 0x1f, 0xda, 0x01, 0x40]);
+        au.extend_from_slice(&[0, 0, 0, 1, 0x68, 0xce, 0x3c, 0x80]);
+        au.extend_from_slice(&[0, 0, 0, 1, 0x65]);
+    } else {
+        au.extend_from_slice(&[0, 0, 0, 1, 0x41]);
+    }
+    au.extend(std::iter::repeat_n(0x5a, len));
+    weir_sfu::MediaFrame {
+        kind: MediaKind::Video,
+        codec: weir_sfu::Codec::H264,
+        params: None,
+        time: MediaTime::from_90khz(n * 3000),
+        network_time: now,
+        keyframe,
+        rid: None,
+        capture_time: None,
+        data: std::sync::Arc::from(au),
+    }
 }
 
 fn dummy_audio(now: Instant) -> weir_sfu::MediaFrame {
@@ -635,8 +643,7 @@ fn a_viewers_data_channel_carries_messages_both_ways_and_closes_with_the_session
 /// it back to the source at the next keyframe.
 #[test]
 fn a_sources_renditions_are_layers_a_viewer_can_cap() {
-    use std::sync::Arc;
-    use weir_sfu::{Codec, MediaFrame};
+    use weir_sfu::MediaFrame;
 
     let mut net = Net::new();
     let (free, free_id) = net.subscribe("show");
@@ -657,32 +664,15 @@ fn a_sources_renditions_are_layers_a_viewer_can_cap() {
         let keyframe = frame_no.is_multiple_of(30);
         // The source and one smaller rendition, keyframes aligned.
         for (rid, key_size, size) in [(None, 6000, 900), (Some("360p"), 1500, 200)] {
-            let mut au = Vec::new();
-            if keyframe {
-                au.extend_from_slice(&[0, 0, 0, 1, 0x67, 0x42, 0xc0, 0x1f, 0xda, 0x01, 0x40]);
-                au.extend_from_slice(&[0, 0, 0, 1, 0x68, 0xce, 0x3c, 0x80]);
-                au.extend_from_slice(&[0, 0, 0, 1, 0x65]);
-            } else {
-                au.extend_from_slice(&[0, 0, 0, 1, 0x41]);
-            }
-            au.extend(std::iter::repeat_n(
-                0x5a,
-                if keyframe { key_size } else { size },
-            ));
+            let len = if keyframe { key_size } else { size };
             let frame = MediaFrame {
-                kind: MediaKind::Video,
-                codec: Codec::H264,
-                params: None,
-                time: MediaTime::from_90khz(frame_no * 3000),
                 network_time: if rid.is_some() {
                     net.now - rendition_lag.get()
                 } else {
                     net.now
                 },
-                keyframe,
                 rid: rid.map(str0m::media::Rid::from),
-                capture_time: None,
-                data: Arc::from(au),
+                ..h264_frame(net.now, frame_no, keyframe, len)
             };
             net.sfu.push_frame(net.now, &source, frame).unwrap();
         }
@@ -821,37 +811,20 @@ fn no_viewer_is_always_served_last() {
 
 #[test]
 fn a_frames_packets_to_a_viewer_are_equally_long_so_they_can_leave_in_one_gso_send() {
-    use std::sync::Arc;
     use std::time::SystemTime;
     use str0m::rtp::AbsCaptureTime;
-    use weir_sfu::{Codec, MediaFrame};
+    use weir_sfu::MediaFrame;
 
     // A source with capture times (as SRT ingest and the load test give):
     // the capture time must not make one packet of a frame longer than the
     // others, or GSO (equal segments) cuts the viewer's copy in two.
     fn frame(now: Instant, n: u64, keyframe: bool, len: usize) -> MediaFrame {
-        let mut au = Vec::new();
-        if keyframe {
-            au.extend_from_slice(&[0, 0, 0, 1, 0x67, 0x42, 0xc0, 0x1f, 0xda, 0x01, 0x40]);
-            au.extend_from_slice(&[0, 0, 0, 1, 0x68, 0xce, 0x3c, 0x80]);
-            au.extend_from_slice(&[0, 0, 0, 1, 0x65]);
-        } else {
-            au.extend_from_slice(&[0, 0, 0, 1, 0x41]);
-        }
-        au.extend(std::iter::repeat_n(0x5a, len));
         MediaFrame {
-            kind: MediaKind::Video,
-            codec: Codec::H264,
-            params: None,
-            time: MediaTime::from_90khz(n * 3000),
-            network_time: now,
-            keyframe,
-            rid: None,
             capture_time: Some(AbsCaptureTime {
                 capture_time: SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000 + n),
                 clock_offset: None,
             }),
-            data: Arc::from(au),
+            ..h264_frame(now, n, keyframe, len)
         }
     }
 
