@@ -333,11 +333,10 @@ impl Io for UringIo {
                     || e.raw_os_error() == Some(libc::EINTR) => {}
             Err(e) => return Err(e),
         }
-        if self.reap(Some(on))? > 0 {
-            self.ring.submit()?;
+        let received = self.reap(Some(on))?;
+        self.ring.submit()?;
+        if received > 0 {
             self.receive_more(on)?;
-        } else {
-            self.ring.submit()?;
         }
         Ok(())
     }
